@@ -1,0 +1,1 @@
+"""fattn benchmarks: pytest-benchmark suites per package, a report CLI and the GPU run script."""

@@ -1,0 +1,120 @@
+"""Shared benchmark machinery: GPU-correct timing, peak memory, TFLOP/s, peers on disk.
+
+Every benchmark goes through `Measure.run`, so all suites time the same way:
+- the timed callable ends with `torch.cuda.synchronize()` (device work is asynchronous);
+- warm-up calls first absorb Triton JIT compilation and autotuning, and torch.compile;
+- peak memory is measured on its own call, above what was allocated before it;
+- `extra_info` carries op, impl, shape name, size, peak memory, TFLOP/s and GB/s, which the report
+  CLI (`python -m benchmarks.report`) turns into tables and plots.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["Measure", "peer_path", "gpu_slug", "sync"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def gpu_slug() -> str:
+    """A file-name-safe name of the GPU model, so baselines compare like with like."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name(0)
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
+
+
+def peer_path(name: str) -> Path | None:
+    """Where a peer implementation was exported for measuring beside fattn ($FATTN_PEERS or .peers/).
+
+    Peers are never committed: a benchmark that needs one skips when this returns None.
+    """
+    root = Path(os.environ.get("FATTN_PEERS", REPO / ".peers"))
+    path = root / name
+    return path if path.exists() else None
+
+
+@dataclass
+class Measure:
+    """Bound to one pytest-benchmark `benchmark` fixture; `run` measures one (op, impl, shape)."""
+
+    benchmark: Any
+    warmup: int = 3
+    rounds: int = 20
+
+    def run(
+        self,
+        fn: Callable[[], Any],
+        *,
+        op: str,
+        impl: str,
+        shape: str,
+        size: float | None = None,
+        flops: float | None = None,
+        bytes_moved: float | None = None,
+        **info: Any,
+    ) -> None:
+        """Time `fn` (a closure over prepared inputs) and record its metadata.
+
+        op: the operation compared ("msda fwd"); impl: "fattn" or a peer's name; shape: a named shape;
+        size: the x-axis for plots (e.g. N); flops / bytes_moved: per call, for TFLOP/s and GB/s.
+        """
+        from fattn.core import poisoning
+
+        with poisoning(False):  # NaN-filling outputs is for tests; it would cost time here
+            self._run(fn, op=op, impl=impl, shape=shape, size=size, flops=flops, bytes_moved=bytes_moved, **info)
+
+    def _run(self, fn: Callable[[], Any], *, op: str, impl: str, shape: str, size: float | None,
+             flops: float | None, bytes_moved: float | None, **info: Any) -> None:
+        bench = self.benchmark
+        bench.group = f"{op} | {shape}"
+        cuda = torch.cuda.is_available()
+        for _ in range(self.warmup):
+            fn()
+        sync()
+        peak_mb = None
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fn()
+            sync()
+            peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
+
+        def timed() -> None:
+            fn()
+            sync()
+
+        rounds = self.rounds if cuda else 1
+        bench.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1 if cuda else 0)
+        median = _median_seconds(bench)
+        bench.extra_info.update(
+            op=op, impl=impl, shape=shape, size=size, peak_mem_mb=peak_mb,
+            device=torch.cuda.get_device_name(0) if cuda else "cpu-interpreter",
+            **info,
+        )
+        if median and flops:
+            bench.extra_info["tflops"] = flops / median / 1e12
+        if median and bytes_moved:
+            bench.extra_info["gbps"] = bytes_moved / median / 1e9
+
+
+def _median_seconds(bench: Any) -> float | None:
+    stats = getattr(bench, "stats", None)
+    inner = getattr(stats, "stats", None)
+    data = getattr(inner, "data", None)
+    if data:
+        return statistics.median(data)
+    return None

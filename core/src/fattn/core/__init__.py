@@ -1,0 +1,41 @@
+"""fattn-core: Triton helpers, op registration, input checks and the test harness shared by fattn."""
+
+from fattn.core.alloc import empty, empty_like, poison_enabled, poisoning
+from fattn.core.checks import (
+    Reason,
+    choice_reasons,
+    gpu_arch_reasons,
+    head_dim_reasons,
+    int_reasons,
+    raise_if_unsupported,
+    same_device_reasons,
+    same_dtype_reasons,
+    shape_reasons,
+    tensor_reasons,
+)
+from fattn.core.ops import fused_op, register_autograd
+from fattn.core.runtime import device_summary, interpreter_enabled, kernel_device_reason
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "Reason",
+    "choice_reasons",
+    "device_summary",
+    "empty",
+    "empty_like",
+    "fused_op",
+    "gpu_arch_reasons",
+    "head_dim_reasons",
+    "int_reasons",
+    "interpreter_enabled",
+    "kernel_device_reason",
+    "poison_enabled",
+    "poisoning",
+    "raise_if_unsupported",
+    "register_autograd",
+    "same_device_reasons",
+    "same_dtype_reasons",
+    "shape_reasons",
+    "tensor_reasons",
+]

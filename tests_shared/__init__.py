@@ -1,0 +1,1 @@
+"""Test support shared by every fattn package's tests (not shipped in any distribution)."""
