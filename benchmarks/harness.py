@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Measure", "peer_path", "gpu_slug", "sync"]
+__all__ = ["Measure", "gpu_slug", "peer_path", "sync"]
 
 REPO = Path(__file__).resolve().parent.parent
 

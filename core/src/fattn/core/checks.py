@@ -12,21 +12,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-
 from fattn.core.runtime import kernel_device_reason
 
 __all__ = [
     "Reason",
+    "choice_reasons",
+    "dtype_name",
+    "gpu_arch_reasons",
+    "head_dim_reasons",
+    "int_reasons",
     "raise_if_unsupported",
-    "tensor_reasons",
-    "shape_reasons",
     "same_device_reasons",
     "same_dtype_reasons",
-    "int_reasons",
-    "choice_reasons",
-    "head_dim_reasons",
-    "gpu_arch_reasons",
-    "dtype_name",
+    "shape_reasons",
+    "tensor_reasons",
 ]
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["NAMESPACE", "fused_op", "register_autograd", "qualified_name"]
+__all__ = ["NAMESPACE", "fused_op", "qualified_name", "register_autograd"]
 
 NAMESPACE = "fattn"
 

@@ -13,9 +13,9 @@ import triton.language as tl
 
 __all__ = [
     "INTERPRET",
+    "device_summary",
     "interpreter_enabled",
     "kernel_device_reason",
-    "device_summary",
 ]
 
 

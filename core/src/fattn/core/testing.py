@@ -19,27 +19,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
 from fattn.core.checks import dtype_name
 from fattn.core.runtime import interpreter_enabled
 
 __all__ = [
-    "device",
-    "on_gpu",
-    "test_dtypes",
     "DTYPE_SHORT",
-    "case_id",
-    "cases",
-    "randn",
-    "rand",
-    "make_noncontiguous",
-    "error_floor",
     "Comparison",
     "assert_close",
-    "check_forward_backward",
-    "check_custom_op",
-    "compile_backend",
     "assert_deterministic",
+    "case_id",
+    "cases",
+    "check_custom_op",
+    "check_forward_backward",
+    "compile_backend",
+    "device",
+    "error_floor",
+    "make_noncontiguous",
+    "on_gpu",
+    "rand",
+    "randn",
+    "test_dtypes",
 ]
 
 DTYPE_SHORT = {

@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
 from fattn.core.runtime import INTERPRET
 
 __all__ = [
-    "LOG2E",
     "LN2",
-    "online_softmax_update",
-    "online_softmax_finalize",
-    "probs_from_lse",
-    "tile_range",
-    "offsets_2d",
-    "mask_2d",
+    "LOG2E",
     "bilinear_coords",
     "bilinear_corner",
     "interp_upcast",
+    "mask_2d",
+    "offsets_2d",
+    "online_softmax_finalize",
+    "online_softmax_update",
+    "probs_from_lse",
+    "tile_range",
 ]
 
 LOG2E = tl.constexpr(1.4426950408889634)

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Run the GPU test suite and the benchmarks from the source tree, in one call, with no installs.
+#
+#   bash benchmarks/gpu_run.sh                 # everything
+#   FATTN_PKGS="msda swba" bash benchmarks/gpu_run.sh
+#   FATTN_STEPS="tests sanitize bench" ...     # any of: env tests sanitize bench (default: env tests bench)
+#   FATTN_SANITIZE_K="not compile"             # pytest -k filter for the compute-sanitizer pass
+#   FATTN_BENCH_K=""                           # pytest -k filter for benchmarks
+#   FATTN_BENCH_COMPARE=1                      # fail on a >25% median regression against the stored
+#                                              # baseline of this GPU model (benchmarks/baselines/<gpu>)
+#   FATTN_BENCH_SAVE=baseline                  # store this run as that GPU model's baseline
+#
+# Logs and results go to $OUT (default ./bench-out): tests.log, sanitize.log, bench.log, bench.json,
+# report.txt, benchmarks.png. The last thing printed is a short table: tests per package and the
+# benchmark comparison.
+set -uo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+OUT="${OUT:-$REPO/bench-out}"
+mkdir -p "$OUT"
+PKGS="${FATTN_PKGS:-core deform msda swba rope2d fp8}"
+STEPS="${FATTN_STEPS:-env tests bench}"
+PY="${PYTHON:-python3}"
+
+SRC="$REPO/core/src"
+for p in deform msda swba rope2d fp8; do SRC="$SRC:$REPO/packages/$p/src"; done
+export PYTHONPATH="$SRC:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+unset TRITON_INTERPRET
+
+test_path() { if [ "$1" = core ]; then echo core/tests; else echo "packages/$1/tests"; fi; }
+has_step() { [[ " $STEPS " == *" $1 "* ]]; }
+
+declare -A RESULT
+SUMMARY="$OUT/summary.tmp"
+: >"$SUMMARY"
+
+if has_step env; then
+  {
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+    "$PY" -c 'import torch, triton, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "gpu", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))'
+  } 2>&1 | tee "$OUT/env.txt"
+fi
+
+if has_step tests; then
+  : >"$OUT/tests.log"
+  for p in $PKGS; do
+    echo "=== tests: $p" | tee -a "$OUT/tests.log"
+    start=$(date +%s)
+    "$PY" -m pytest "$(test_path "$p")" -q -rfE -p no:cacheprovider --durations=5 2>&1 | tee -a "$OUT/tests.log" >"$OUT/last.log"
+    rc=${PIPESTATUS[0]}
+    line=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/last.log" | tail -1)
+    echo "tests  $p  rc=$rc  $(( $(date +%s) - start ))s  $line" >>"$SUMMARY"
+  done
+fi
+
+if has_step sanitize; then
+  : >"$OUT/sanitize.log"
+  for p in $PKGS; do
+    echo "=== compute-sanitizer memcheck: $p" | tee -a "$OUT/sanitize.log"
+    start=$(date +%s)
+    compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
+      "$PY" -m pytest "$(test_path "$p")" -q -x -p no:cacheprovider -k "${FATTN_SANITIZE_K:-not compile}" \
+      >"$OUT/last.log" 2>&1
+    rc=$?
+    cat "$OUT/last.log" >>"$OUT/sanitize.log"
+    errors=$(grep -c "Invalid\|ERROR SUMMARY: [1-9]" "$OUT/last.log")
+    line=$(grep -E "(passed|failed|error)" "$OUT/last.log" | tail -1)
+    summ=$(grep "ERROR SUMMARY" "$OUT/last.log" | tail -1)
+    echo "memchk $p  rc=$rc  $(( $(date +%s) - start ))s  ${summ:-no summary}  $line  (error lines: $errors)" >>"$SUMMARY"
+  done
+fi
+
+if has_step bench; then
+  : >"$OUT/bench.log"
+  jsons=()
+  for p in $PKGS; do
+    [ "$p" = core ] && continue
+    [ -f "benchmarks/bench_$p.py" ] || continue
+    echo "=== bench: $p" | tee -a "$OUT/bench.log"
+    start=$(date +%s)
+    "$PY" -m pytest "benchmarks/bench_$p.py" -q -p no:cacheprovider -k "${FATTN_BENCH_K:-}" \
+      --benchmark-json="$OUT/bench-$p.json" --benchmark-columns=median,iqr,rounds \
+      --benchmark-storage="file://$REPO/benchmarks/baselines/$("$PY" -c 'from benchmarks.harness import gpu_slug; print(gpu_slug())')" \
+      ${FATTN_BENCH_COMPARE:+--benchmark-compare --benchmark-compare-fail=median:25%} \
+      ${FATTN_BENCH_SAVE:+--benchmark-save="$FATTN_BENCH_SAVE"} \
+      2>&1 | tee -a "$OUT/bench.log" >"$OUT/last.log"
+    rc=${PIPESTATUS[0]}
+    line=$(grep -E "(passed|failed|error|skipped)" "$OUT/last.log" | tail -1)
+    echo "bench  $p  rc=$rc  $(( $(date +%s) - start ))s  $line" >>"$SUMMARY"
+    jsons+=("$OUT/bench-$p.json")
+  done
+  if [ ${#jsons[@]} -gt 0 ]; then
+    "$PY" - "$OUT/bench.json" "${jsons[@]}" <<'EOF'
+import json, sys
+out, *paths = sys.argv[1:]
+merged = None
+for p in paths:
+    try:
+        d = json.load(open(p))
+    except (OSError, ValueError):
+        continue
+    if merged is None:
+        merged = d
+    else:
+        merged["benchmarks"] += d["benchmarks"]
+if merged is not None:
+    json.dump(merged, open(out, "w"), indent=1)
+EOF
+    rm -f "${jsons[@]}"
+    "$PY" -m benchmarks.report "$OUT/bench.json" --plots "$OUT" >"$OUT/report.txt" 2>&1
+  fi
+fi
+
+rm -f "$OUT/last.log"
+echo
+echo "================ fattn GPU run: $(head -2 "$OUT/env.txt" 2>/dev/null | tail -1)"
+[ -f "$OUT/report.txt" ] && cat "$OUT/report.txt"
+echo
+cat "$SUMMARY"
+rm -f "$SUMMARY"

@@ -1,0 +1,344 @@
+"""Custom ops `fattn::deform_fwd` / `fattn::deform_bwd`, their autograd, and the public function."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fattn.core import (
+    Reason,
+    choice_reasons,
+    empty,
+    fused_op,
+    head_dim_reasons,
+    int_reasons,
+    raise_if_unsupported,
+    register_autograd,
+    same_device_reasons,
+    same_dtype_reasons,
+    shape_reasons,
+    tensor_reasons,
+)
+
+from .kernels import _deform_bwd_dkdv_kernel, _deform_bwd_kernel, _deform_fwd_kernel
+
+__all__ = ["deform_attention", "deform_fwd", "deform_bwd", "not_supported_reasons"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_PADDING_MODES = ("zeros", "border")
+_MAX_HEAD_DIM = 256
+_BLOCK_E = 16  # samples per step of the deterministic dK / dV gather
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(x: torch.Tensor) -> tl.dtype:
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def _vis_arg(visibility: Optional[torch.Tensor], coords: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """uint8 view of the visibility mask and its strides (a dummy when there is none)."""
+    if visibility is None:
+        return coords, (0, 0, 0, 0)
+    vis = visibility.view(torch.uint8) if visibility.dtype == torch.bool else visibility
+    return vis, tuple(vis.stride())
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+def _fwd_fake(q, k, v, coords, visibility, width, height, scale, border, align_corners, deterministic):  # type: ignore[no-untyped-def]
+    B, S, H, Lq, D = q.shape
+    out = q.new_empty((B, S, H, Lq, D))
+    lse = q.new_empty((B, S, H, Lq), dtype=_acc_dtype(q))
+    return out, lse
+
+
+@fused_op("deform_fwd", fake=_fwd_fake)
+def deform_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    coords: torch.Tensor,
+    visibility: Optional[torch.Tensor],
+    width: int,
+    height: int,
+    scale: float,
+    border: bool,
+    align_corners: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw forward launch (inputs already validated). Returns out [B, S, H, Lq, D] (contiguous) and the
+    natural-log lse [B, S, H, Lq] (fp32; fp64 for fp64 inputs). `deterministic` only reaches the backward."""
+    B, S, H, Lq, D = q.shape
+    T, P = coords.shape[3], coords.shape[4]
+    out = empty((B, S, H, Lq, D), dtype=q.dtype, device=q.device)
+    lse = empty((B, S, H, Lq), dtype=_acc_dtype(q), device=q.device)
+    vis, vis_strides = _vis_arg(visibility, coords)
+
+    def grid(meta):  # type: ignore[no-untyped-def]
+        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * S * H)
+
+    _deform_fwd_kernel[grid](
+        q, k, v, coords, vis, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *coords.stride(), *vis_strides,
+        S, H, Lq, T, P, D, width, height, float(scale),
+        BLOCK_D=triton.next_power_of_2(D), ALIGN_CORNERS=align_corners, BORDER=border,
+        HAS_VIS=visibility is not None, ACC_DTYPE=_tl_acc(q),
+    )
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+def _bwd_fake(grad_out, q, k, v, coords, visibility, out, lse, width, height, scale, border, align_corners,  # type: ignore[no-untyped-def]
+              deterministic, need_dcoords):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), coords.new_empty(coords.shape))
+
+
+def _corner_entries(coords: torch.Tensor, width: int, height: int, border: bool, align_corners: bool,
+                    acc: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Every (query, view, point, corner) as a CSR list sorted by the pixel it touches, for the
+    deterministic dK / dV: (query row s*Lq+l [int32], key n [int32], weight, offsets [B*T*HW + 1])."""
+    B, S, Lq, T, P, _ = coords.shape
+    dev = coords.device
+    x = coords[..., 0].to(acc)
+    y = coords[..., 1].to(acc)
+    # The same mapping as fattn.core.triton_helpers.bilinear_coords (grid_sample's conventions).
+    if align_corners:
+        ix, iy = x * (width - 1), y * (height - 1)
+    else:
+        ix, iy = x * width - 0.5, y * height - 0.5
+    if border:
+        ix, iy = ix.clamp(0, width - 1), iy.clamp(0, height - 1)
+    else:
+        ix, iy = ix.clamp(-2, width + 1), iy.clamp(-2, height + 1)
+    x0, y0 = ix.floor(), iy.floor()
+    fx, fy = ix - x0, iy - y0
+    x0, y0 = x0.long(), y0.long()
+    b_idx = torch.arange(B, device=dev).view(B, 1, 1, 1, 1)
+    t_idx = torch.arange(T, device=dev).view(1, 1, 1, T, 1)
+    sentinel = B * T * width * height
+    keys, weights = [], []
+    for dy in (0, 1):
+        for dx in (0, 1):
+            xi, yi = x0 + dx, y0 + dy
+            valid = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
+            w = (fx if dx else 1 - fx) * (fy if dy else 1 - fy)
+            key = ((b_idx * T + t_idx) * height + yi) * width + xi
+            keys.append(torch.where(valid, key, sentinel))
+            weights.append(w)
+    key = torch.stack(keys, dim=-1).reshape(-1)  # [B, S, Lq, T, P, 4]
+    weight = torch.stack(weights, dim=-1).reshape(-1)
+    s_idx = torch.arange(S, device=dev, dtype=torch.int32).view(1, S, 1, 1, 1, 1)
+    l_idx = torch.arange(Lq, device=dev, dtype=torch.int32).view(1, 1, Lq, 1, 1, 1)
+    n_idx = torch.arange(T * P, device=dev, dtype=torch.int32).view(1, 1, 1, T, P, 1)
+    qrow = (s_idx * Lq + l_idx).expand(B, S, Lq, T, P, 4).reshape(-1)
+    n = n_idx.expand(B, S, Lq, T, P, 4).reshape(-1)
+    sorted_key, order = torch.sort(key, stable=True)
+    offsets = torch.searchsorted(sorted_key, torch.arange(sentinel + 1, device=dev, dtype=sorted_key.dtype))
+    return qrow[order].contiguous(), n[order].contiguous(), weight[order].contiguous(), offsets.contiguous()
+
+
+@fused_op("deform_bwd", fake=_bwd_fake)
+def deform_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    coords: torch.Tensor,
+    visibility: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    width: int,
+    height: int,
+    scale: float,
+    border: bool,
+    align_corners: bool,
+    deterministic: bool,
+    need_dcoords: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw backward launch. Returns (dq, dk, dv, dcoords), contiguous, in the inputs' dtypes."""
+    B, S, H, Lq, D = q.shape
+    T, P = coords.shape[3], coords.shape[4]
+    HW = width * height
+    acc = _acc_dtype(q)
+    dev = q.device
+    vis, vis_strides = _vis_arg(visibility, coords)
+    out = out.contiguous()
+    lse = lse.contiguous()
+    dq = empty(q.shape, dtype=q.dtype, device=dev)
+    if deterministic:
+        # Every output element is written exactly once: no zeroing, no atomics.
+        dk = empty(k.shape, dtype=k.dtype, device=dev)
+        dv = empty(v.shape, dtype=v.dtype, device=dev)
+        dc = empty((H if need_dcoords else 1, *coords.shape), dtype=acc, device=dev)
+        ds = empty((B, S, H, Lq, T * P), dtype=acc, device=dev)
+        pr = empty((B, S, H, Lq, T * P), dtype=acc, device=dev)
+        dk_acc, dv_acc, dc_stride_h = dk, dv, dc.stride(0)
+    else:
+        dk_acc = torch.zeros(k.shape, dtype=acc, device=dev)
+        dv_acc = torch.zeros(v.shape, dtype=acc, device=dev)
+        dc = torch.zeros((1, *coords.shape), dtype=acc, device=dev)
+        ds = pr = dc  # unused
+        dc_stride_h = 0
+
+    def grid(meta):  # type: ignore[no-untyped-def]
+        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * S * H)
+
+    block_d = triton.next_power_of_2(D)
+    _deform_bwd_kernel[grid](
+        q, k, v, coords, vis, out, grad_out, lse, dq, dk_acc, dv_acc, dc, ds, pr,
+        *q.stride(), *k.stride(), *v.stride(), *coords.stride(), *vis_strides, *grad_out.stride(),
+        dc_stride_h,
+        S, H, Lq, T, P, D, width, height, float(scale),
+        BLOCK_D=block_d, ALIGN_CORNERS=align_corners, BORDER=border, HAS_VIS=visibility is not None,
+        DETERMINISTIC=deterministic, NEED_DCOORDS=need_dcoords, ACC_DTYPE=_tl_acc(q),
+    )
+    if deterministic:
+        qrow, n, weight, offsets = _corner_entries(coords, width, height, border, align_corners, acc)
+        _deform_bwd_dkdv_kernel[(B * T * HW, H)](
+            q, grad_out, ds, pr, qrow, n, weight, offsets, dk, dv,
+            *q.stride(), *grad_out.stride(),
+            S, H, Lq, T, HW, T * P, D, float(scale),
+            BLOCK_D=block_d, BLOCK_E=_BLOCK_E, ACC_DTYPE=_tl_acc(q), num_warps=4,
+        )
+        dcoords = dc.sum(0) if need_dcoords else torch.zeros(coords.shape, dtype=acc, device=dev)
+    else:
+        dk, dv = dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+        dcoords = dc[0]
+    return dq, dk, dv, dcoords.to(coords.dtype)
+
+
+def _setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+    q, k, v, coords, visibility, width, height, scale, border, align_corners, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, coords, visibility, out, lse)
+    ctx.params = (width, height, scale, border, align_corners, deterministic)
+
+
+def _backward(ctx, grad_out, grad_lse):  # type: ignore[no-untyped-def]
+    q, k, v, coords, visibility, out, lse = ctx.saved_tensors
+    width, height, scale, border, align_corners, deterministic = ctx.params
+    dq, dk, dv, dcoords = deform_bwd(grad_out, q, k, v, coords, visibility, out, lse, width, height, scale, border,
+                                     align_corners, deterministic, bool(ctx.needs_input_grad[3]))
+    return dq, dk, dv, (dcoords if ctx.needs_input_grad[3] else None), None, None, None, None, None, None, None
+
+
+register_autograd(deform_fwd, setup_context=_setup_context, backward=_backward)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+def not_supported_reasons(
+    q: object,
+    k: object,
+    v: object,
+    coords: object,
+    width: object,
+    height: object,
+    *,
+    scale: object = None,
+    padding_mode: object = "zeros",
+    align_corners: object = True,
+    visibility: object = None,
+    deterministic: object = False,
+) -> list[Reason]:
+    """Everything wrong with these inputs (empty when `deform_attention` supports them)."""
+    reasons: list[Reason] = []
+    reasons += tensor_reasons("q", q, ndim=5, dtypes=_DTYPES)
+    reasons += tensor_reasons("k", k, ndim=5, dtypes=_DTYPES)
+    reasons += tensor_reasons("v", v, ndim=5, dtypes=_DTYPES)
+    reasons += tensor_reasons("coords", coords, ndim=6, dtypes=_DTYPES)
+    reasons += int_reasons("width", width, minimum=1)
+    reasons += int_reasons("height", height, minimum=1)
+    reasons += choice_reasons("padding_mode", padding_mode, _PADDING_MODES)
+    if not isinstance(align_corners, bool):
+        reasons.append(Reason(f"align_corners must be a bool, got {type(align_corners).__name__}", TypeError))
+    if not isinstance(deterministic, bool):
+        reasons.append(Reason(f"deterministic must be a bool, got {type(deterministic).__name__}", TypeError))
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        reasons.append(Reason(f"scale must be a finite float or None, got {scale!r}", TypeError))
+    if visibility is not None:
+        reasons += tensor_reasons("visibility", visibility, ndim=4, dtypes=(torch.bool,))
+    if reasons:
+        return reasons  # shapes below need well-formed tensors
+
+    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+    assert isinstance(coords, torch.Tensor) and isinstance(width, int) and isinstance(height, int)
+    B, S, H, Lq, D = q.shape
+    T = k.shape[1]
+    reasons += same_device_reasons(q=q, k=k, v=v, coords=coords, visibility=visibility)  # type: ignore[arg-type]
+    reasons += same_dtype_reasons(q=q, k=k, v=v)
+    if coords.dtype not in (q.dtype, torch.float32):
+        reasons.append(Reason(f"coords must be float32 or q's dtype ({q.dtype}), got {coords.dtype}", TypeError))
+    reasons += head_dim_reasons("q", D, maximum=_MAX_HEAD_DIM)
+    hw = width * height
+    reasons += shape_reasons("k", k, [B, None, H, hw, D], "[B, T, H, height*width, D] (q is [B, S, H, Lq, D])")
+    if k.shape[3] != hw:
+        reasons.append(Reason(f"k has {k.shape[3]} pixels per view (dim 3) but height*width = {height}*{width} = {hw}"))
+    reasons += shape_reasons("v", v, list(k.shape), "[B, T, H, height*width, D], the shape of k")
+    reasons += shape_reasons("coords", coords, [B, S, Lq, T, None, 2], "[B, S, Lq, T, P, 2] (x, y) in [0, 1]")
+    if coords.shape[4] < 1:
+        reasons.append(Reason("coords must have at least one sampling point (dim 4 = P >= 1)"))
+    if visibility is not None:
+        assert isinstance(visibility, torch.Tensor)
+        reasons += shape_reasons("visibility", visibility, [B, S, Lq, T], "[B, S, Lq, T]")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.numel() == 0:
+            reasons.append(Reason(f"{name} must not be empty, got shape {list(t.shape)}"))
+    return reasons
+
+
+def deform_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    coords: torch.Tensor,
+    width: int,
+    height: int,
+    *,
+    scale: float | None = None,
+    padding_mode: str = "zeros",
+    align_corners: bool = True,
+    visibility: torch.Tensor | None = None,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Multi-view deformable attention with bilinear sampling fused into flash attention.
+
+    Args:
+        q: [B, S, H, Lq, D] queries (S query groups of Lq queries each).
+        k, v: [B, T, H, height*width, D] keys and values: T views, each a row-major height x width map.
+        coords: [B, S, Lq, T, P, 2] sampling points (x, y) in [0, 1] per query, view and point, shared by
+            all heads; float32 or q's dtype. Differentiable.
+        width, height: the size of every view's map.
+        scale: softmax scale (default 1/sqrt(D)).
+        padding_mode: "zeros" (samples outside read zeros) or "border" (clamped), as in grid_sample.
+        align_corners: as in grid_sample: True maps x to pixel x*(width-1), False to x*width - 0.5.
+        visibility: optional bool [B, S, Lq, T]; False drops every point of that view from the query's
+            softmax. A query that sees no view outputs zeros.
+        deterministic: bit-identical gradients on every run (no atomics; slower backward). Also on
+            when `torch.use_deterministic_algorithms(True)` is set.
+
+    Returns:
+        [B, S, H, Lq, D] in q's dtype: softmax(scale * q . key_(t,p)) @ value_(t,p) over the T*P samples,
+        where key_(t,p) = grid_sample(k[:, t], 2 * coords[..., t, p, :] - 1) and likewise for v.
+
+    fp16, bf16, fp32 and fp64 inputs (q, k, v of one dtype); head dims 1..256; any strides.
+    """
+    raise_if_unsupported("deform_attention", not_supported_reasons(
+        q, k, v, coords, width, height, scale=scale, padding_mode=padding_mode, align_corners=align_corners,
+        visibility=visibility, deterministic=deterministic))
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+    out, _ = deform_fwd(q, k, v, coords, visibility, width, height, sm_scale, padding_mode == "border",
+                        align_corners, deterministic)
+    return out

@@ -1,0 +1,440 @@
+"""Triton kernels of fattn-fp8.
+
+Forward (`_attn_fwd_kernel`): flash attention in the style of Triton's 06-fused-attention tutorial.
+With FP8 inputs both products run on FP8 tensor cores: S = Q8 K8^T (fp32 accumulation) is scaled by
+the per-head descales, the online softmax runs in fp32, and P is quantized to e4m3 (times 2^8, so
+small probabilities stay normal numbers) for the FP8 product P8 V8. The same kernel, with FP8 off,
+is the full-precision forward that the backward pass recomputes (it writes the log-sum-exp and
+delta = rowsum(dO * O) instead of O).
+
+Quantization (`_quant_stats_kernel`, `_quant_finalize_kernel`, `_quant_apply_kernel`): amax per
+(batch, head), optionally after centring each channel on its mean over the tokens (used for K: it
+shifts every logit of a query row by the same amount, so the softmax is unchanged, and it removes
+the per-channel offsets that make outlier channels), in three deterministic passes.
+
+Backward (`_attn_bwd_dkdv_kernel`, `_attn_bwd_dq_kernel`): the flash-attention backward of the
+full-precision attention (straight-through over the quantization); one program per key block owns
+dK and dV for its KV head (it loops over every query head of its GQA group), one program per query
+block owns dQ: no atomics, deterministic.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fattn.core.runtime import INTERPRET, interpreter_enabled
+from fattn.core.triton_helpers import LOG2E, interp_upcast, online_softmax_finalize, online_softmax_update
+
+FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn
+# P in [0, 1] is stored in e4m3 times 2^8: exact (a power of two), and probabilities down to 2^-14
+# stay normal numbers instead of flushing into e4m3's subnormals (min normal 2^-6).
+P_SCALE = tl.constexpr(256.0)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _to_e4m3(x):
+    """fp32 -> float8_e4m3fn, round to nearest. |x| must be <= 448.
+
+    The Triton interpreter's fp32 -> fp8 cast loses the carry when rounding crosses a power of two
+    (127.3 -> 64); there we round to the e4m3 grid in fp32 first, so its cast is exact.
+    """
+    if INTERPRET:
+        ax = tl.abs(x)
+        e = tl.floor(tl.log2(tl.maximum(ax, 1e-30)))
+        e = tl.maximum(e, -6.0)  # subnormals share the exponent of the smallest normal
+        ulp = tl.exp2(e - 3.0)
+        x = tl.floor(x / ulp + 0.5) * ulp
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _load_tile(base, offs_n, n_limit, offs_d, stride_n, stride_d, MASK: tl.constexpr):
+    """[BLOCK, D] tile of rows offs_n (int64 offsets; rows >= n_limit read as 0 when MASK)."""
+    ptrs = base + offs_n.to(tl.int64)[:, None] * stride_n + offs_d[None, :] * stride_d
+    if MASK:
+        return tl.load(ptrs, mask=(offs_n < n_limit)[:, None], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _load_tile_t(base, offs_n, n_limit, offs_d, stride_n, stride_d, MASK: tl.constexpr):
+    """[D, BLOCK] (transposed) tile of rows offs_n."""
+    ptrs = base + offs_d[:, None] * stride_d + offs_n.to(tl.int64)[None, :] * stride_n
+    if MASK:
+        return tl.load(ptrs, mask=(offs_n < n_limit)[None, :], other=0.0)
+    return tl.load(ptrs)
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+               offs_m, offs_d, lo, hi, N_K, diag, qk_scale,
+               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, FP8: tl.constexpr):
+    """Key tiles [lo, hi): MASK says whether they need the bounds / causal mask."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_t = interp_upcast(_load_tile_t(k_base, offs_n, N_K, offs_d, stride_kn, stride_kd, MASK))
+        s = tl.dot(q, k_t) * qk_scale  # base-2 logits, fp32
+        if MASK:
+            keep = (offs_n < N_K)[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
+            s = tl.where(keep, s, float("-inf"))
+        m_i, l_i, p, alpha = online_softmax_update(m_i, l_i, s)
+        v = interp_upcast(_load_tile(v_base, offs_n, N_K, offs_d, stride_vn, stride_vd, MASK))
+        if FP8:
+            pv = tl.dot(_to_e4m3(p * P_SCALE), v)
+        elif v.dtype == tl.float32:
+            pv = tl.dot(p, v)
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+    return acc, m_i, l_i
+
+
+def _fwd_configs() -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (128, 128, 8, 3),
+            (128, 128, 8, 2),
+            (128, 64, 4, 3),
+            (128, 64, 8, 4),
+            (64, 128, 4, 3),
+            (64, 64, 4, 4),
+        ]
+    ]
+
+
+def _fwd_prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
+    """Drop configs whose pipelined K/V tiles exceed Hopper's 227 KB of shared memory, and
+    BLOCK_N < 32 for FP8 (the P @ V product needs a reduction of at least 32)."""
+    d = kwargs["HEAD_DIM"]
+    fp8 = kwargs["FP8"]
+    elem = 1 if fp8 else named_args["Q"].element_size()
+    out = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        smem = bm * d * elem + max(c.num_stages - 1, 1) * 2 * bn * d * elem
+        if smem <= 200 * 1024 and (not fp8 or bn >= 32):
+            out.append(c)
+    return out or configs[-1:]
+
+
+@triton.autotune(configs=_fwd_configs(), key=["N_Q", "N_K", "HEAD_DIM", "CAUSAL", "FP8", "BWD_PREP"],
+                 prune_configs_by={"early_config_prune": _fwd_prune})
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Q_descale, K_descale, V_descale, Out, Lse, DO, Delta,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    H, GROUP, N_Q, N_K, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, FP8: tl.constexpr, BWD_PREP: tl.constexpr,
+):
+    """One program: BLOCK_M queries of one (batch, head).
+
+    FP8: Q/K/V are e4m3 with fp32 descales per (batch, head); writes Out.
+    BWD_PREP (full precision): writes Lse [B*H, N_Q] (natural log) and Delta = rowsum(dO * O).
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    hkv_total = H // GROUP
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = interp_upcast(_load_tile(q_base, offs_m, N_Q, offs_d, stride_qn, stride_qd, True))
+
+    qk_scale = sm_scale * LOG2E
+    if FP8:
+        q_d = tl.load(Q_descale + pid_bh)
+        k_d = tl.load(K_descale + b * hkv_total + hk)
+        qk_scale = qk_scale * q_d * k_d
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # Causal with N_Q != N_K aligns the diagonal bottom right: query m sees keys n <= m + diag.
+    diag = N_K - N_Q
+    if CAUSAL:
+        hi = tl.minimum(N_K, pid_m * BLOCK_M + BLOCK_M + diag)
+        full_hi = tl.minimum(N_K, pid_m * BLOCK_M + diag + 1)
+    else:
+        hi = N_K
+        full_hi = N_K
+    hi = tl.maximum(hi, 0)
+    # Tiles below full_hi need no mask at all (inside the sequence and under the diagonal).
+    full_hi = (tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                               offs_m, offs_d, 0, full_hi, N_K, diag, qk_scale,
+                               BLOCK_N, CAUSAL, False, FP8)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                               offs_m, offs_d, full_hi, hi, N_K, diag, qk_scale,
+                               BLOCK_N, CAUSAL, True, FP8)
+    out, lse = online_softmax_finalize(acc, m_i, l_i)
+    row_ok = offs_m < N_Q
+    if FP8:
+        out = out * (tl.load(V_descale + b * hkv_total + hk) / P_SCALE)
+    if BWD_PREP:
+        do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
+                        offs_m, N_Q, offs_d, stride_don, stride_dod, True).to(tl.float32)
+        # delta is computed with O rounded to the input dtype, as the output the user saw
+        o_rounded = out.to(Q.dtype.element_ty).to(tl.float32)
+        delta = tl.sum(o_rounded * do, 1)
+        row = pid_bh.to(tl.int64) * N_Q + offs_m
+        tl.store(Lse + row, lse, mask=row_ok)
+        tl.store(Delta + row, delta, mask=row_ok)
+    else:
+        o_ptrs = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                  + offs_m.to(tl.int64)[:, None] * stride_on + offs_d[None, :] * stride_od)
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# quantization
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _quant_stats_kernel(X, ColSum, ColMax, ColMin, H, N, n_tiles,
+                        stride_xb, stride_xh, stride_xn, stride_xd,
+                        D: tl.constexpr, BLOCK_N: tl.constexpr, CENTER: tl.constexpr):
+    """Per (batch*head, token tile): per-channel max and min (and sum when CENTER) -> [BH, T, D]."""
+    pid_bh = tl.program_id(0)
+    t = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    x = _load_tile(base, offs_n, N, offs_d, stride_xn, stride_xd, True).to(tl.float32)
+    row_ok = (offs_n < N)[:, None]
+    out = (pid_bh.to(tl.int64) * n_tiles + t) * D + offs_d
+    tl.store(ColMax + out, tl.max(tl.where(row_ok, x, float("-inf")), 0))
+    tl.store(ColMin + out, tl.min(tl.where(row_ok, x, float("inf")), 0))
+    if CENTER:
+        tl.store(ColSum + out, tl.sum(x, 0))
+
+
+@triton.jit
+def _quant_finalize_kernel(ColSum, ColMax, ColMin, Mean, Descale, N, n_tiles,
+                           D: tl.constexpr, BLOCK_T: tl.constexpr, CENTER: tl.constexpr):
+    """Per batch*head: the channel means (when CENTER) and descale = amax / 448 of the (centred) values."""
+    pid_bh = tl.program_id(0)
+    offs_d = tl.arange(0, D)
+    base = pid_bh.to(tl.int64) * n_tiles * D
+    col_max = tl.full([D], float("-inf"), dtype=tl.float32)
+    col_min = tl.full([D], float("inf"), dtype=tl.float32)
+    col_sum = tl.zeros([D], dtype=tl.float32)
+    for t0 in range(0, n_tiles, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        ptrs = base + offs_t.to(tl.int64)[:, None] * D + offs_d[None, :]
+        ok = (offs_t < n_tiles)[:, None]
+        col_max = tl.maximum(col_max, tl.max(tl.load(ColMax + ptrs, mask=ok, other=float("-inf")), 0))
+        col_min = tl.minimum(col_min, tl.min(tl.load(ColMin + ptrs, mask=ok, other=float("inf")), 0))
+        if CENTER:
+            col_sum += tl.sum(tl.load(ColSum + ptrs, mask=ok, other=0.0), 0)
+    if CENTER:
+        mean = col_sum / N
+        tl.store(Mean + pid_bh.to(tl.int64) * D + offs_d, mean)
+        col_max = col_max - mean
+        col_min = col_min - mean
+    amax = tl.max(tl.maximum(tl.abs(col_max), tl.abs(col_min)), 0)
+    # An all-zero head quantizes to zeros whatever the scale; 1 keeps the division finite.
+    descale = tl.where(amax > 0.0, amax / FP8_MAX, 1.0)
+    tl.store(Descale + pid_bh, descale)
+
+
+@triton.jit
+def _quant_apply_kernel(X, Mean, Descale, Y, H, N,
+                        stride_xb, stride_xh, stride_xn, stride_xd,
+                        stride_yb, stride_yh, stride_yn, stride_yd,
+                        D: tl.constexpr, BLOCK_N: tl.constexpr, CENTER: tl.constexpr):
+    """Y = e4m3((X - mean) / descale), written through Y's strides (e.g. tokens-contiguous for V)."""
+    pid_bh = tl.program_id(0)
+    t = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    x = _load_tile(X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh,
+                   offs_n, N, offs_d, stride_xn, stride_xd, True).to(tl.float32)
+    if CENTER:
+        x = x - tl.load(Mean + pid_bh.to(tl.int64) * D + offs_d)[None, :]
+    inv = 1.0 / tl.load(Descale + pid_bh)
+    # Clamp: x * (448 / amax) can land a rounding step above 448, and the cast does not saturate.
+    y = tl.minimum(tl.maximum(x * inv, -FP8_MAX), FP8_MAX)
+    y_ptrs = (Y + b.to(tl.int64) * stride_yb + h.to(tl.int64) * stride_yh
+              + offs_n.to(tl.int64)[:, None] * stride_yn + offs_d[None, :] * stride_yd)
+    tl.store(y_ptrs, _to_e4m3(y), mask=(offs_n < N)[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# backward (full precision, straight-through)
+# --------------------------------------------------------------------------------------------
+def _bwd_configs(block_inner: str) -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    outer = "BLOCK_N" if block_inner == "BLOCK_M" else "BLOCK_M"
+    return [
+        triton.Config({outer: o, block_inner: i}, num_warps=w, num_stages=s)
+        for o, i, w, s in [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3)]
+    ]
+
+
+def _bwd_prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
+    d = kwargs["HEAD_DIM"]
+    elem = named_args["Q"].element_size()
+    out = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        # the resident tiles (two of the outer block) and the pipelined inner tiles
+        smem = (2 * max(bm, bn) + max(c.num_stages - 1, 1) * 2 * min(bm, bn)) * d * elem
+        if smem <= 200 * 1024 and (d <= 128 or max(bm, bn) <= 64 or elem == 2):
+            out.append(c)
+    return out or configs[-1:]
+
+
+@triton.autotune(configs=_bwd_configs("BLOCK_M"), key=["N_Q", "N_K", "HEAD_DIM", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": _bwd_prune})
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, GROUP, N_Q, N_K, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """One program: dK, dV of BLOCK_N keys of one (batch, KV head), summed over its GROUP query heads."""
+    pid_n = tl.program_id(0)
+    pid_bhk = tl.program_id(1)
+    hkv_total = H // GROUP
+    b = pid_bhk // hkv_total
+    hk = pid_bhk % hkv_total
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = interp_upcast(_load_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh,
+                                 offs_n, N_K, offs_d, stride_kn, stride_kd, True))
+    v = interp_upcast(_load_tile(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh,
+                                 offs_n, N_K, offs_d, stride_vn, stride_vd, True))
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * LOG2E
+    diag = N_K - N_Q
+    # Queries m see key n when n <= m + diag: the first query block that sees this key block.
+    lo = 0
+    if CAUSAL:
+        lo = (tl.maximum(pid_n * BLOCK_N - diag, 0) // BLOCK_M) * BLOCK_M
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        for start_m in range(lo, N_Q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < N_Q
+            q_t = interp_upcast(_load_tile_t(q_base, offs_m, N_Q, offs_d, stride_qn, stride_qd, True))
+            do = interp_upcast(_load_tile(do_base, offs_m, N_Q, offs_d, stride_don, stride_dod, True))
+            lse = tl.load(Lse + bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(Delta + bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=0.0)
+            # rows that saw no key (lse = -inf) get p = 0, not NaN
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+            s_t = tl.dot(k, q_t) * qk_scale  # [BLOCK_N, BLOCK_M]
+            keep = m_ok[None, :] & (offs_n < N_K)[:, None]
+            if CAUSAL:
+                keep = keep & (offs_n[:, None] <= offs_m[None, :] + diag)
+            p_t = tl.where(keep, tl.math.exp2(s_t - lse2[None, :]), 0.0)
+            if do.dtype == tl.float32:
+                dv += tl.dot(p_t, do)
+            else:
+                dv += tl.dot(p_t.to(do.dtype), do)
+            dp_t = tl.dot(v, tl.trans(do))
+            ds_t = p_t * (dp_t - delta[None, :])
+            if q_t.dtype == tl.float32:
+                dk += tl.dot(ds_t, tl.trans(q_t))
+            else:
+                dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t))
+    n_ok = (offs_n < N_K)[:, None]
+    dk_ptrs = (DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+               + offs_n.to(tl.int64)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
+    dv_ptrs = (DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
+               + offs_n.to(tl.int64)[:, None] * stride_dvn + offs_d[None, :] * stride_dvd)
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=n_ok)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok)
+
+
+@triton.autotune(configs=_bwd_configs("BLOCK_N"), key=["N_Q", "N_K", "HEAD_DIM", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": _bwd_prune})
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    H, GROUP, N_Q, N_K, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """One program: dQ of BLOCK_M queries of one (batch, head)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < N_Q
+    q = interp_upcast(_load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
+                                 offs_m, N_Q, offs_d, stride_qn, stride_qd, True))
+    do = interp_upcast(_load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
+                                  offs_m, N_Q, offs_d, stride_don, stride_dod, True))
+    lse = tl.load(Lse + pid_bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * LOG2E
+    diag = N_K - N_Q
+    hi = N_K
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(N_K, pid_m * BLOCK_M + BLOCK_M + diag), 0)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_t = interp_upcast(_load_tile_t(k_base, offs_n, N_K, offs_d, stride_kn, stride_kd, True))
+        v_t = interp_upcast(_load_tile_t(v_base, offs_n, N_K, offs_d, stride_vn, stride_vd, True))
+        s = tl.dot(q, k_t) * qk_scale
+        keep = m_ok[:, None] & (offs_n < N_K)[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
+        p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, v_t)
+        ds = p * (dp - delta[:, None])
+        if k_t.dtype == tl.float32:
+            dq += tl.dot(ds, tl.trans(k_t))
+        else:
+            dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t))
+    dq_ptrs = (DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+               + offs_m.to(tl.int64)[:, None] * stride_dqn + offs_d[None, :] * stride_dqd)
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])

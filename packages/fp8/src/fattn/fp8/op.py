@@ -1,0 +1,339 @@
+"""Custom ops `fattn::fp8_quantize`, `fattn::fp8_fwd`, `fattn::fp8_bwd`, and the public functions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from fattn.core import (
+    Reason,
+    choice_reasons,
+    empty,
+    fused_op,
+    gpu_arch_reasons,
+    head_dim_reasons,
+    raise_if_unsupported,
+    register_autograd,
+    same_device_reasons,
+    shape_reasons,
+    tensor_reasons,
+)
+from fattn.core.runtime import interpreter_enabled
+from fattn.fp8.kernels import (
+    _attn_bwd_dkdv_kernel,
+    _attn_bwd_dq_kernel,
+    _attn_fwd_kernel,
+    _quant_apply_kernel,
+    _quant_finalize_kernel,
+    _quant_stats_kernel,
+)
+
+__all__ = ["fp8_attention", "quantize", "not_supported_reasons", "fp8_fwd", "fp8_bwd", "fp8_quantize",
+           "FP8_DTYPE", "HEAD_DIMS", "FULL_PRECISION_DTYPES", "OUT_DTYPES"]
+
+FP8_DTYPE = torch.float8_e4m3fn
+FULL_PRECISION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+HEAD_DIMS = (32, 64, 128, 256)
+GRANULARITIES = ("head",)
+
+
+def _quant_block() -> int:
+    return 32 if interpreter_enabled() else 64
+
+
+# --------------------------------------------------------------------------------------------
+# quantization
+# --------------------------------------------------------------------------------------------
+def _quantize_launch(x: torch.Tensor, center: bool, tokens_contiguous: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x [B, H, N, D] -> (x8 [B, H, N, D] e4m3, descale [B, H] fp32, mean [B, H, D] fp32 or None)."""
+    b, h, n, d = x.shape
+    x8 = _alloc_fp8(x.shape, tokens_contiguous, x.device)
+    descale = empty([b, h], dtype=torch.float32, device=x.device)
+    block = _quant_block()
+    n_tiles = max(triton.cdiv(n, block), 1)
+    col_max = empty([b * h, n_tiles, d], dtype=torch.float32, device=x.device)
+    col_min = empty([b * h, n_tiles, d], dtype=torch.float32, device=x.device)
+    col_sum = empty([b * h, n_tiles, d], dtype=torch.float32, device=x.device) if center else col_max
+    mean = empty([b, h, d], dtype=torch.float32, device=x.device) if center else descale
+    if b * h == 0:
+        return x8, descale, (mean if center else None)
+    grid = (b * h, n_tiles)
+    _quant_stats_kernel[grid](x, col_sum, col_max, col_min, h, n, n_tiles, *x.stride(),
+                              D=d, BLOCK_N=block, CENTER=center, num_warps=4)
+    _quant_finalize_kernel[(b * h,)](col_sum, col_max, col_min, mean, descale, n, n_tiles,
+                                     D=d, BLOCK_T=8 if interpreter_enabled() else 32, CENTER=center, num_warps=4)
+    _quant_apply_kernel[grid](x, mean, descale, x8, h, n, *x.stride(), *x8.stride(),
+                              D=d, BLOCK_N=block, CENTER=center, num_warps=4)
+    return x8, descale, (mean if center else None)
+
+
+def _alloc_fp8(shape: torch.Size | list[int], tokens_contiguous: bool, device: torch.device,
+               fake: bool = False) -> torch.Tensor:
+    b, h, n, d = shape
+    alloc = (lambda s: torch.empty(s, dtype=FP8_DTYPE, device=device)) if fake else \
+        (lambda s: empty(s, dtype=FP8_DTYPE, device=device))
+    if tokens_contiguous:
+        # [B, H, D, N] storage seen as [B, H, N, D]: the layout the P @ V product wants for V.
+        return alloc([b, h, d, n]).transpose(2, 3)
+    return alloc([b, h, n, d])
+
+
+def _quantize_fake(x: torch.Tensor, tokens_contiguous: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, _, _ = x.shape
+    return _alloc_fp8(x.shape, tokens_contiguous, x.device, fake=True), x.new_empty([b, h], dtype=torch.float32)
+
+
+@fused_op("fp8_quantize", fake=_quantize_fake)
+def fp8_quantize(x: torch.Tensor, tokens_contiguous: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, H, N, D] -> (x8 [B, H, N, D] float8_e4m3fn, descale [B, H] fp32) with x ~= x8 * descale."""
+    x8, descale, _ = _quantize_launch(x, False, tokens_contiguous)
+    return x8, descale
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+def _fwd_launch(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_descale: torch.Tensor,
+                k_descale: torch.Tensor, v_descale: torch.Tensor, causal: bool, scale: float,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    b, h, n_q, d = q8.shape
+    h_kv, n_k = k8.shape[1], k8.shape[2]
+    out = empty([b, h, n_q, d], dtype=out_dtype, device=q8.device)
+    if out.numel() == 0:
+        return out
+
+    def grid(meta):  # type: ignore[no-untyped-def]
+        return (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
+
+    _attn_fwd_kernel[grid](
+        q8, k8, v8, q_descale, k_descale, v_descale, out, out, out, out,
+        *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(), *out.stride(),
+        h, h // h_kv, n_q, n_k, scale,
+        HEAD_DIM=d, CAUSAL=causal, FP8=True, BWD_PREP=False,
+    )
+    return out
+
+
+def _fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale: torch.Tensor | None,
+              k_descale: torch.Tensor | None, v_descale: torch.Tensor | None, causal: bool, scale: float,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    return q.new_empty(q.shape, dtype=out_dtype)
+
+
+@fused_op("fp8_fwd", fake=_fwd_fake)
+def fp8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale: torch.Tensor | None,
+            k_descale: torch.Tensor | None, v_descale: torch.Tensor | None, causal: bool, scale: float,
+            out_dtype: torch.dtype) -> torch.Tensor:
+    """FP8 attention. q [B, H, Nq, D], k, v [B, Hkv, Nk, D] -> out [B, H, Nq, D] of out_dtype.
+
+    e4m3 inputs come with descales ([B, H], [B, Hkv], [B, Hkv]); full-precision inputs are quantized
+    here (per batch and head; K centred per channel first, V written tokens-contiguous).
+    """
+    if q.dtype == FP8_DTYPE:
+        assert q_descale is not None and k_descale is not None and v_descale is not None
+        return _fwd_launch(q, k, v, q_descale.float().contiguous(), k_descale.float().contiguous(),
+                           v_descale.float().contiguous(), causal, scale, out_dtype)
+    q8, qd, _ = _quantize_launch(q, False, False)
+    k8, kd, _ = _quantize_launch(k, True, False)
+    v8, vd, _ = _quantize_launch(v, False, True)
+    return _fwd_launch(q8, k8, v8, qd, kd, vd, causal, scale, out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# backward: the full-precision flash backward (straight-through over the quantization)
+# --------------------------------------------------------------------------------------------
+def _bwd_fake(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        torch.empty_like(k, memory_format=torch.contiguous_format), \
+        torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+@fused_op("fp8_bwd", fake=_bwd_fake)
+def fp8_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of full-precision attention(q, k, v) for grad_out [B, H, Nq, D] -> (dq, dk, dv)."""
+    b, h, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    group = h // h_kv
+    dq = empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = empty(v.shape, dtype=v.dtype, device=v.device)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    grad_out = grad_out.to(q.dtype)
+    lse = empty([b * h, n_q], dtype=torch.float32, device=q.device)
+    delta = empty([b * h, n_q], dtype=torch.float32, device=q.device)
+    # Recompute the full-precision forward's log-sum-exp and delta = rowsum(dO * O).
+    _attn_fwd_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)](
+        q, k, v, lse, lse, lse, lse, lse, grad_out, delta,
+        *q.stride(), *k.stride(), *v.stride(), 0, 0, 0, 0, *grad_out.stride(),
+        h, group, n_q, n_k, scale,
+        HEAD_DIM=d, CAUSAL=causal, FP8=False, BWD_PREP=True,
+    )
+    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)](
+        q, k, v, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        h, group, n_q, n_k, scale,
+        HEAD_DIM=d, CAUSAL=causal,
+    )
+    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)](
+        q, k, v, grad_out, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+        h, group, n_q, n_k, scale,
+        HEAD_DIM=d, CAUSAL=causal,
+    )
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+    q, k, v, _, _, _, causal, scale, _ = inputs
+    ctx.causal = causal
+    ctx.scale = scale
+    ctx.fp8_inputs = q.dtype == FP8_DTYPE
+    ctx.save_for_backward(q, k, v)
+
+
+def _backward(ctx, grad_out):  # type: ignore[no-untyped-def]
+    if ctx.fp8_inputs:
+        raise RuntimeError(
+            "fp8_attention: no backward for float8_e4m3fn inputs (their quantization has no gradient); "
+            "pass fp16/bf16 q, k, v to train: the op quantizes them itself and its backward is the "
+            "full-precision attention gradient (straight-through)"
+        )
+    q, k, v = ctx.saved_tensors
+    dq, dk, dv = fp8_bwd(grad_out, q, k, v, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+register_autograd(fp8_fwd, setup_context=_setup_context, backward=_backward)
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+def _descale_reasons(name: str, t: object, expected: list[int], meaning: str) -> list[Reason]:
+    if t is None:
+        return [Reason(f"{name} is required when q, k, v are float8_e4m3fn (fp32 {meaning}, e.g. from "
+                       "fattn.fp8.quantize)")]
+    out = tensor_reasons(name, t, ndim=2, dtypes=(torch.float32,))
+    if out:
+        return out
+    assert isinstance(t, torch.Tensor)
+    return shape_reasons(name, t, expected, meaning)
+
+
+def _reasons(q: object, k: object, v: object, causal: object, scale: object, q_descale: object,
+             k_descale: object, v_descale: object, out_dtype: object) -> list[Reason]:
+    dtypes = (FP8_DTYPE, *FULL_PRECISION_DTYPES)
+    out: list[Reason] = []
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        out += tensor_reasons(name, t, ndim=4, dtypes=dtypes)
+    if out:
+        return out
+    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+    out += same_device_reasons(q=q, k=k, v=v, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
+    if not (q.dtype == k.dtype == v.dtype):
+        out.append(Reason(f"q, k, v must share one dtype: got q {q.dtype}, k {k.dtype}, v {v.dtype}", TypeError))
+    b, h, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    out += shape_reasons("k", k, [b, None, None, d], "[B, Hkv, Nk, D] with q's B and D")
+    out += shape_reasons("v", v, [b, h_kv, n_k, d], "[B, Hkv, Nk, D] like k")
+    if h_kv == 0 or h % h_kv:
+        out.append(Reason(f"the number of query heads H={h} must be a multiple of the KV heads Hkv={h_kv} (GQA)"))
+    out += head_dim_reasons("q", d, allowed=HEAD_DIMS)
+    if not isinstance(causal, bool):
+        out.append(Reason(f"causal must be a bool, got {type(causal).__name__}", TypeError))
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        out.append(Reason(f"scale must be a float or None, got {type(scale).__name__}", TypeError))
+    elif scale is not None and not (math.isfinite(scale) and scale > 0):
+        out.append(Reason(f"scale must be a finite positive number, got {scale}"))
+    if out_dtype is not None:
+        if not isinstance(out_dtype, torch.dtype):
+            out.append(Reason(f"out_dtype must be a torch.dtype or None, got {type(out_dtype).__name__}", TypeError))
+        else:
+            out += [Reason(r.message, TypeError) for r in choice_reasons("out_dtype", out_dtype, OUT_DTYPES)]
+    if q.dtype == FP8_DTYPE:
+        out += _descale_reasons("q_descale", q_descale, [b, h], "descales [B, H]")
+        out += _descale_reasons("k_descale", k_descale, [b, h_kv], "descales [B, Hkv]")
+        out += _descale_reasons("v_descale", v_descale, [b, h_kv], "descales [B, Hkv]")
+    else:
+        given = [n for n, t in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))
+                 if t is not None]
+        if given:
+            out.append(Reason(f"{', '.join(given)} must be None for {q.dtype} inputs (the op quantizes them "
+                              "itself); descales go with float8_e4m3fn q, k, v"))
+    out += gpu_arch_reasons(q, minimum=(8, 9), feature="FP8 tensor-core attention (fattn.fp8)")
+    return out
+
+
+def not_supported_reasons(q: object, k: object, v: object, *, causal: object = False, scale: object = None,
+                          q_descale: object = None, k_descale: object = None, v_descale: object = None,
+                          out_dtype: object = None) -> list[str]:
+    """Why `fp8_attention` would reject these arguments (empty when it accepts them)."""
+    return [r.message for r in _reasons(q, k, v, causal, scale, q_descale, k_descale, v_descale, out_dtype)]
+
+
+def fp8_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Attention softmax(q k^T * scale) v with both matrix products in FP8 (e4m3) on tensor cores.
+
+    Args:
+        q: [B, H, Nq, D] queries; k, v: [B, Hkv, Nk, D] keys and values, H a multiple of Hkv (GQA/MQA).
+            Either float8_e4m3fn with descales, or fp16/bf16/fp32, which the op quantizes itself with a
+            fused kernel (per batch and head; K centred per channel, which leaves the softmax unchanged).
+            D in 32, 64, 128, 256.
+        causal: mask keys after the query; with Nq != Nk the diagonal is aligned to the bottom right
+            (query i sees keys j <= i + Nk - Nq); a query that sees no key gets a zero output.
+        scale: softmax scale, default 1/sqrt(D).
+        q_descale: [B, H] fp32, k_descale, v_descale: [B, Hkv] fp32, only with e4m3 inputs:
+            logits = (q8 . k8) * q_descale * k_descale * scale; out = (P . v8) * v_descale.
+        out_dtype: bf16, fp16 or fp32; default bf16 for e4m3 inputs and the input dtype otherwise.
+
+    Returns:
+        [B, H, Nq, D] in out_dtype.
+
+    Gradients (fp16/bf16/fp32 inputs) are those of full-precision attention, computed by a flash
+    backward (straight-through over the quantization). e4m3 inputs have no backward.
+    V whose tokens are contiguous (`quantize(v, tokens_contiguous=True)`) is the fastest layout.
+    """
+    raise_if_unsupported("fp8_attention", _reasons(q, k, v, causal, scale, q_descale, k_descale, v_descale,
+                                                   out_dtype))
+    d = q.shape[-1]
+    scale = float(1.0 / math.sqrt(d) if scale is None else scale)
+    if out_dtype is None:
+        out_dtype = torch.bfloat16 if q.dtype == FP8_DTYPE else q.dtype
+    return fp8_fwd(q, k, v, q_descale, k_descale, v_descale, causal, scale, out_dtype)
+
+
+def quantize(x: torch.Tensor, *, granularity: str = "head",
+             tokens_contiguous: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize x [B, H, N, D] to float8_e4m3fn with one fp32 descale per (batch, head).
+
+    Returns (x8 [B, H, N, D] float8_e4m3fn, descale [B, H] fp32) with x ~= x8.float() * descale[..., None, None]
+    (descale = amax / 448). `tokens_contiguous=True` stores x8 with the token dimension contiguous
+    (a transposed view), the layout in which `fp8_attention` reads V fastest.
+    """
+    reasons = tensor_reasons("x", x, ndim=4, dtypes=FULL_PRECISION_DTYPES)
+    reasons += choice_reasons("granularity", granularity, GRANULARITIES)
+    if not reasons:
+        reasons += head_dim_reasons("x", x.shape[-1], allowed=HEAD_DIMS)
+    if not isinstance(tokens_contiguous, bool):
+        reasons.append(Reason(f"tokens_contiguous must be a bool, got {type(tokens_contiguous).__name__}",
+                              TypeError))
+    raise_if_unsupported("quantize", reasons)
+    return fp8_quantize(x, tokens_contiguous)

@@ -1,0 +1,71 @@
+"""Plain-PyTorch references for fattn-fp8 (run them in float64 for the truth).
+
+- `attention`: full-precision attention with fattn-fp8's semantics (GQA, bottom-right causal, rows
+  that see no key give 0).
+- `quantize_reference`: per-(batch, head) e4m3 quantization, as `fattn.fp8.quantize` does it.
+- `dequantized_inputs`: exactly the dequantized q, k, v the FP8 kernel consumes for full-precision
+  inputs (K centred per channel), so `attention(*dequantized_inputs(q, k, v))` isolates the error of
+  the kernel's own FP8 math (P's quantization) from the error of quantizing the inputs.
+- `fp8_attention_reference`: attention on e4m3 inputs with their descales.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["attention", "quantize_reference", "dequantized_inputs", "fp8_attention_reference"]
+
+FP8_MAX = 448.0
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v. q [B, H, Nq, D], k, v [B, Hkv, Nk, D] -> [B, H, Nq, D] (q's dtype)."""
+    b, h, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if h != h_kv:
+        k = k.repeat_interleave(h // h_kv, dim=1)
+        v = v.repeat_interleave(h // h_kv, dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if causal:
+        rows = torch.arange(n_q, device=q.device)[:, None]
+        cols = torch.arange(n_k, device=q.device)[None, :]
+        s = s.masked_fill(cols > rows + (n_k - n_q), float("-inf"))
+    # Rows without any visible key: softmax would be NaN; they give 0 (as FlashAttention does).
+    empty_row = torch.isinf(s).all(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(empty_row, 0.0), dim=-1).masked_fill(empty_row, 0.0)
+    return torch.matmul(p, v)
+
+
+def quantize_reference(x: torch.Tensor, *, center: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, H, N, D] -> (x8 e4m3, descale [B, H] fp32, mean [B, H, 1, D]) with x - mean ~= x8 * descale."""
+    xf = x.double()
+    mean = xf.mean(dim=2, keepdim=True) if center and x.shape[2] > 0 else torch.zeros_like(xf[:, :, :1])
+    xc = xf - mean
+    amax = xc.abs().amax(dim=(2, 3)).float() if x.shape[2] > 0 else torch.zeros(x.shape[:2], device=x.device)
+    descale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    x8 = (xc / descale.double()[:, :, None, None]).clamp(-FP8_MAX, FP8_MAX).float().to(torch.float8_e4m3fn)
+    return x8, descale, mean
+
+
+def dequantized_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float64 q, k, v the FP8 kernel works on for full-precision inputs (K centred per channel)."""
+    out = []
+    for x, center in ((q, False), (k, True), (v, False)):
+        x8, descale, _ = quantize_reference(x, center=center)
+        out.append(x8.double() * descale.double()[:, :, None, None])
+    return out[0], out[1], out[2]
+
+
+def fp8_attention_reference(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_descale: torch.Tensor,
+                            k_descale: torch.Tensor, v_descale: torch.Tensor, *, causal: bool = False,
+                            scale: float | None = None) -> torch.Tensor:
+    """float64 attention on the dequantized e4m3 inputs: q8 * q_descale etc. -> [B, H, Nq, D] float64."""
+    def deq(x8: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return x8.double() * s.double()[:, :, None, None]
+
+    return attention(deq(q8, q_descale), deq(k8, k_descale), deq(v8, v_descale), causal=causal, scale=scale)

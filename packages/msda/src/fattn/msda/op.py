@@ -1,0 +1,297 @@
+"""Custom ops `fattn::msda_fwd` / `fattn::msda_bwd`, their autograd, and the public function."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fattn.core import (
+    Reason,
+    choice_reasons,
+    empty,
+    fused_op,
+    head_dim_reasons,
+    raise_if_unsupported,
+    register_autograd,
+    same_device_reasons,
+    tensor_reasons,
+)
+from fattn.msda.kernels import msda_bwd_kernel, msda_fwd_kernel, msda_value_grad_kernel
+
+__all__ = ["ms_deform_attn", "msda_fwd", "msda_bwd", "not_supported_reasons", "MSDeformAttnFunction"]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+PADDING_MODES = ("zeros", "border")
+MAX_HEAD_DIM = 256
+MAX_GRID_YZ = 65535  # CUDA's limit on grid dims 1 and 2 (heads, batch)
+
+
+def _acc_dtype(value: torch.Tensor) -> tl.dtype:
+    return tl.float64 if value.dtype == torch.float64 else tl.float32
+
+
+def _lq_bucket(lq: int) -> int:
+    return triton.next_power_of_2(max(lq, 1))
+
+
+def _as_index(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.int64).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+def _fwd_fake(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+              sampling_locations: torch.Tensor, attention_weights: torch.Tensor, padding_mode: str,
+              align_corners: bool, deterministic: bool) -> torch.Tensor:
+    n, _, m, d = value.shape
+    return value.new_empty((n, sampling_locations.shape[1], m * d))
+
+
+@fused_op("msda_fwd", fake=_fwd_fake)
+def msda_fwd(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+             sampling_locations: torch.Tensor, attention_weights: torch.Tensor, padding_mode: str,
+             align_corners: bool, deterministic: bool) -> torch.Tensor:
+    """Forward launch. `deterministic` only matters to the backward; it rides along for autograd."""
+    n, _, m, d = value.shape
+    _, lq, _, levels, points, _ = sampling_locations.shape
+    out = empty((n, lq, m * d), dtype=value.dtype, device=value.device)
+    if out.numel() == 0:
+        return out
+    shapes, starts = _as_index(spatial_shapes), _as_index(level_start_index)
+    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_Q"]), m, n)  # noqa: E731
+    msda_fwd_kernel[grid](
+        value, shapes, starts, sampling_locations, attention_weights, out,
+        lq, m, d, levels, points, _lq_bucket(lq),
+        *value.stride(), *sampling_locations.stride(), *attention_weights.stride(),
+        ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=_acc_dtype(value),
+        BLOCK_D=triton.next_power_of_2(d),
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+def _bwd_fake(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.Tensor,
+              level_start_index: torch.Tensor, sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+              padding_mode: str, align_corners: bool,
+              deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape),
+            attention_weights.new_empty(attention_weights.shape))
+
+
+@fused_op("msda_bwd", fake=_bwd_fake)
+def msda_bwd(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.Tensor,
+             level_start_index: torch.Tensor, sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+             padding_mode: str, align_corners: bool,
+             deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward launch: (grad_value, grad_sampling_locations, grad_attention_weights)."""
+    n, s, m, d = value.shape
+    _, lq, _, levels, points, _ = sampling_locations.shape
+    dev = value.device
+    grad_loc = empty(sampling_locations.shape, dtype=sampling_locations.dtype, device=dev)
+    grad_attn = empty(attention_weights.shape, dtype=attention_weights.dtype, device=dev)
+    if n * lq * m == 0 or s == 0:
+        if grad_loc.numel():
+            grad_loc.zero_()
+            grad_attn.zero_()
+        return torch.zeros_like(value, memory_format=torch.contiguous_format), grad_loc, grad_attn
+
+    shapes, starts = _as_index(spatial_shapes), _as_index(level_start_index)
+    acc = _acc_dtype(value)
+    acc_torch = torch.float64 if value.dtype == torch.float64 else torch.float32
+    n_rows = n * m * s
+    # Deterministic mode: one (destination row, coefficient) pair per bilinear corner of every point.
+    n_corners = n * lq * m * levels * points * 4
+    index_dtype = torch.int32 if max(n_rows, n_corners) < 2**31 - 1 else torch.int64
+    if deterministic:
+        dest = empty((n_corners,), dtype=index_dtype, device=dev)
+        coef = empty((n_corners,), dtype=acc_torch, device=dev)
+        grad_value_buf = dest  # unused by the kernel in this mode
+    else:
+        # fp32 atomics are both faster and more accurate than half-precision ones; cast at the end.
+        dest = coef = None
+        grad_value_buf = torch.zeros(value.shape, dtype=acc_torch, device=dev)
+
+    gn, gq, gc = grad_out.stride()
+    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_Q"]), m, n)  # noqa: E731
+    msda_bwd_kernel[grid](
+        value, shapes, starts, sampling_locations, attention_weights, grad_out,
+        grad_value_buf, grad_loc, grad_attn, dest if deterministic else grad_loc,
+        coef if deterministic else grad_loc,
+        lq, m, d, levels, points, s, _lq_bucket(lq),
+        *value.stride(), *sampling_locations.stride(), *attention_weights.stride(),
+        gn, gq, gc,
+        ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=acc, DETERMINISTIC=deterministic,
+        BLOCK_D=triton.next_power_of_2(d),
+    )
+    if not deterministic:
+        grad_value = grad_value_buf if grad_value_buf.dtype == value.dtype else grad_value_buf.to(value.dtype)
+        return grad_value, grad_loc, grad_attn
+
+    # Turn the scatter into a gather: a stable sort groups each destination row's contributions in a
+    # fixed order, then one program sums BLOCK_R rows.
+    sorted_dest, order = torch.sort(dest, stable=True)
+    per_source = levels * points * 4
+    src = torch.div(order, per_source, rounding_mode="floor").to(index_dtype)
+    coef_sorted = coef.index_select(0, order)
+    row_start = torch.searchsorted(sorted_dest, torch.arange(n_rows + 1, device=dev, dtype=index_dtype))
+    grad_value = empty(value.shape, dtype=value.dtype, device=dev)
+    block_r = 16
+    msda_value_grad_kernel[(triton.cdiv(n_rows, block_r),)](
+        row_start, src, coef_sorted, grad_out, grad_value,
+        n_rows, lq, m, d, s, gn, gq, gc,
+        ACC=acc, BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(d), num_warps=4,
+    )
+    return grad_value, grad_loc, grad_attn
+
+
+def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, padding_mode, \
+        align_corners, deterministic = inputs
+    ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    ctx.padding_mode = padding_mode
+    ctx.align_corners = align_corners
+    ctx.deterministic = deterministic
+
+
+def _backward(ctx, grad_out):  # type: ignore[no-untyped-def]
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    grad_value, grad_loc, grad_attn = msda_bwd(
+        grad_out, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+        ctx.padding_mode, ctx.align_corners, ctx.deterministic)
+    return grad_value, None, None, grad_loc, grad_attn, None, None, None
+
+
+register_autograd(msda_fwd, setup_context=_setup_context, backward=_backward)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and the public function
+# --------------------------------------------------------------------------------------------
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def _reasons(value: object, spatial_shapes: object, level_start_index: object, sampling_locations: object,
+             attention_weights: object, padding_mode: object, align_corners: object,
+             deterministic: object, check_values: bool) -> list[Reason]:
+    out: list[Reason] = []
+    out += tensor_reasons("value", value, ndim=4, dtypes=FLOAT_DTYPES)
+    out += tensor_reasons("spatial_shapes", spatial_shapes, ndim=2, dtypes=INDEX_DTYPES)
+    out += tensor_reasons("level_start_index", level_start_index, ndim=1, dtypes=INDEX_DTYPES)
+    out += tensor_reasons("sampling_locations", sampling_locations, ndim=6, dtypes=FLOAT_DTYPES)
+    out += tensor_reasons("attention_weights", attention_weights, ndim=5, dtypes=FLOAT_DTYPES)
+    out += choice_reasons("padding_mode", padding_mode, PADDING_MODES)
+    for name, flag in (("align_corners", align_corners), ("deterministic", deterministic)):
+        if not isinstance(flag, bool):
+            out.append(Reason(f"{name} must be a bool, got {type(flag).__name__} {flag!r}", TypeError))
+    if out:  # the checks below read shapes that may not exist
+        return out
+    assert isinstance(value, torch.Tensor) and isinstance(spatial_shapes, torch.Tensor)
+    assert isinstance(level_start_index, torch.Tensor) and isinstance(sampling_locations, torch.Tensor)
+    assert isinstance(attention_weights, torch.Tensor)
+    out += same_device_reasons(value=value, spatial_shapes=spatial_shapes, level_start_index=level_start_index,
+                               sampling_locations=sampling_locations, attention_weights=attention_weights)
+    n, s, m, d = value.shape
+    levels = spatial_shapes.shape[0]
+    if spatial_shapes.shape[1] != 2 or levels < 1:
+        out.append(Reason(f"spatial_shapes must have shape [L, 2] (L >= 1 levels as (H, W)), "
+                          f"got {list(spatial_shapes.shape)}"))
+    if list(level_start_index.shape) != [levels]:
+        out.append(Reason(f"level_start_index must have shape [L] = [{levels}] (one start per level of "
+                          f"spatial_shapes), got {list(level_start_index.shape)}"))
+    loc_shape = list(sampling_locations.shape)
+    points = loc_shape[4]
+    expected_loc = [n, None, m, levels, None, 2]
+    if any(e is not None and e != a for e, a in zip(expected_loc, loc_shape)) or points < 1:
+        out.append(Reason(f"sampling_locations must have shape [N, Lq, M, L, P, 2] = [{n}, *, {m}, {levels}, *, 2] "
+                          f"(N, M from value, L from spatial_shapes, P >= 1), got {loc_shape}"))
+    elif list(attention_weights.shape) != loc_shape[:5]:
+        out.append(Reason(f"attention_weights must have shape [N, Lq, M, L, P] = {loc_shape[:5]} (from "
+                          f"sampling_locations), got {list(attention_weights.shape)}"))
+    out += head_dim_reasons("value", d, maximum=MAX_HEAD_DIM)
+    if n > MAX_GRID_YZ or m > MAX_GRID_YZ:
+        out.append(Reason(f"value: batch size and number of heads must be at most {MAX_GRID_YZ}, got N={n}, M={m}"))
+    if out or not check_values:
+        return out
+    # Value checks read two tiny tensors back to the host (skipped under torch.compile).
+    hw = spatial_shapes.detach().to("cpu", torch.int64)
+    starts = level_start_index.detach().to("cpu", torch.int64)
+    if bool((hw <= 0).any()):
+        out.append(Reason(f"spatial_shapes must hold positive (H, W) pairs, got {hw.tolist()}"))
+        return out
+    sizes = hw[:, 0] * hw[:, 1]
+    if int(sizes.sum()) != s:
+        out.append(Reason(f"spatial_shapes {hw.tolist()} cover sum(H * W) = {int(sizes.sum())} positions, "
+                          f"but value has S = {s} (value must be [N, S, M, D] with the levels concatenated)"))
+    expected_starts = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)[:-1]])
+    if not torch.equal(starts, expected_starts):
+        out.append(Reason(f"level_start_index must be the running sum of H * W of spatial_shapes, "
+                          f"{expected_starts.tolist()}, got {starts.tolist()}"))
+    return out
+
+
+def not_supported_reasons(value: object, spatial_shapes: object, level_start_index: object,
+                          sampling_locations: object, attention_weights: object, padding_mode: object = "zeros",
+                          align_corners: object = False, deterministic: object = False) -> list[str]:
+    """Why `ms_deform_attn` would refuse these inputs (readable strings); empty when they are fine."""
+    return [r.message for r in _reasons(value, spatial_shapes, level_start_index, sampling_locations,
+                                        attention_weights, padding_mode, align_corners, deterministic,
+                                        check_values=True)]
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    *,
+    padding_mode: str = "zeros",
+    align_corners: bool = False,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Multiscale deformable attention (Deformable DETR's `MSDeformAttnFunction`).
+
+    Args:
+        value: [N, S, M, D], the L feature levels flattened row-major and concatenated along S.
+            fp16, bf16, fp32 or fp64. D <= 256, any value (not only powers of two).
+        spatial_shapes: [L, 2] int64/int32, (H, W) of each level; sum(H * W) == S.
+        level_start_index: [L] int64/int32, offset of each level in S (0, H0*W0, ...).
+        sampling_locations: [N, Lq, M, L, P, 2] (x, y) in [0, 1], (0, 0) the top-left corner of the map.
+            Any floating dtype (need not match value); points may lie outside [0, 1].
+        attention_weights: [N, Lq, M, L, P], used as given (not normalized here). Any floating dtype.
+        padding_mode: "zeros" (samples outside read 0, as in Deformable DETR) or "border".
+        align_corners: grid_sample's flag; False (the default) matches Deformable DETR.
+        deterministic: the backward gives the same bits on every run (a sort-based value gradient,
+            slower than the default fp32-atomics one).
+
+    Returns:
+        [N, Lq, M * D] in value's dtype. Gradients flow to value, sampling_locations and
+        attention_weights, in their own dtypes.
+    """
+    raise_if_unsupported("ms_deform_attn", _reasons(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, padding_mode,
+        align_corners, deterministic, check_values=not _is_compiling()))
+    return msda_fwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                    padding_mode, align_corners, deterministic)
+
+
+class MSDeformAttnFunction:
+    """Drop-in for Deformable DETR's `MSDeformAttnFunction`: `MSDeformAttnFunction.apply(value,
+    spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step)`.
+
+    `im2col_step` is accepted and ignored: there is no batch-divisibility rule here.
+    """
+
+    @staticmethod
+    def apply(value: torch.Tensor, value_spatial_shapes: torch.Tensor, value_level_start_index: torch.Tensor,
+              sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+              im2col_step: int | None = None) -> torch.Tensor:
+        return ms_deform_attn(value, value_spatial_shapes, value_level_start_index, sampling_locations,
+                              attention_weights)

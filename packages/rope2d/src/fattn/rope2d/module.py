@@ -1,0 +1,84 @@
+"""`RoPE2dAttention`: a ViT attention block (qkv projection, 2D-RoPE attention, output projection)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fattn.rope2d.op import AXIS_ORDERS, PAIRINGS, axial_angles, rope2d_attention
+
+__all__ = ["RoPE2dAttention"]
+
+
+class RoPE2dAttention(nn.Module):
+    """Drop-in for timm's ViT `Attention` (same parameter names: `qkv`, `q_norm`, `k_norm`, `proj`) with
+    2D axial RoPE on the patch tokens.
+
+    forward(x [B, N, C], grid_size=(height, width) or None, angles=None) -> [B, N, C], where
+    N = n_prefix + height*width. Without grid_size the grid is taken as square; `angles`
+    ([height*width, head_dim/2]) overrides the axial table (DINOv3 / EVA-02 style tables, jitter).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, qk_norm: bool = False,
+                 proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, n_prefix: int = 1,
+                 pairing: str = "interleaved", base: float = 100.0, axis_order: str = "xy",
+                 norm_layer: type[nn.Module] = nn.LayerNorm) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
+        if attn_drop:
+            raise ValueError(f"attn_drop must be 0 (attention dropout is not fused), got {attn_drop}")
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+        if axis_order not in AXIS_ORDERS:
+            raise ValueError(f"axis_order must be one of {AXIS_ORDERS}, got {axis_order!r}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        if self.head_dim % 4:
+            raise ValueError(f"head dim dim/num_heads must be a multiple of 4 for 2D RoPE, got {self.head_dim}")
+        self.scale = self.head_dim ** -0.5
+        self.n_prefix, self.pairing, self.base, self.axis_order = n_prefix, pairing, base, axis_order
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @classmethod
+    def from_timm(cls, attn: nn.Module, *, n_prefix: int = 1, pairing: str = "interleaved", base: float = 100.0,
+                  axis_order: str = "xy") -> RoPE2dAttention:
+        """Build from a timm `Attention` module, sharing its weights (qkv, q_norm, k_norm, proj)."""
+        qkv: nn.Linear = attn.qkv  # type: ignore[assignment]
+        dim = qkv.in_features
+        new = cls(dim, attn.num_heads, qkv_bias=qkv.bias is not None, n_prefix=n_prefix,  # type: ignore[arg-type]
+                  pairing=pairing, base=base, axis_order=axis_order)
+        new.qkv = qkv
+        new.q_norm = getattr(attn, "q_norm", nn.Identity())
+        new.k_norm = getattr(attn, "k_norm", nn.Identity())
+        new.proj = attn.proj  # type: ignore[assignment]
+        new.proj_drop = getattr(attn, "proj_drop", nn.Identity())
+        new.scale = float(getattr(attn, "scale", new.scale))
+        return new
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
+                grid_size: tuple[int, int] | None = None, angles: torch.Tensor | None = None) -> torch.Tensor:
+        if attn_mask is not None:
+            raise ValueError("attn_mask is not supported by RoPE2dAttention (full attention only); pass None")
+        B, N, C = x.shape
+        if angles is None:
+            if grid_size is None:
+                side = math.isqrt(max(N - self.n_prefix, 0))
+                if side * side != N - self.n_prefix:
+                    raise ValueError(f"grid_size is required: N - n_prefix = {N} - {self.n_prefix} is not a square; "
+                                     "pass grid_size=(height, width)")
+                grid_size = (side, side)
+            angles = axial_angles(grid_size[0], grid_size[1], self.head_dim, base=self.base,
+                                  axis_order=self.axis_order, device=x.device)
+        # [B, N, 3, H, Dh] -> three [B, H, N, Dh] strided views: the kernel reads them in place.
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = rope2d_attention(q, k, v, angles, n_prefix=self.n_prefix, pairing=self.pairing, scale=self.scale)
+        out = out.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(out))

@@ -1,0 +1,456 @@
+"""Triton kernels of block sliding-window attention (forward, backward preprocess, dK/dV, dQ).
+
+Token t belongs to block t // block_size. A query in block i sees the keys of blocks j with
+i - window < j <= i. Queries are the last n_q of the n_k tokens (q_off = n_k - n_q; training has
+n_q == n_k, inference with a KV cache n_q < n_k).
+
+Every kernel visits only the tiles that intersect the window, in two kinds of loop (as in Triton's
+causal fused-attention tutorial): tiles where the block mask (or a ragged edge) cuts through are
+"masked"; interior tiles wholly visible to every row of the other side skip all mask arithmetic.
+For a query tile the visible keys are [lo, hi); the unmasked run [full_lo, full_hi) sits inside it,
+so the loops are [lo, full_lo) masked, [full_lo, full_hi) unmasked, [full_hi, hi) masked.
+
+The backward is deterministic (no atomics): one kernel per key tile accumulates dK and dV over the
+query tiles that see it (and over the query heads sharing a KV head in GQA/MQA); another per query
+tile accumulates dQ over its key tiles. A preprocess computes delta = rowsum(o * do) - dlse.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fattn.core.runtime import interpreter_enabled
+from fattn.core.triton_helpers import (
+    LOG2E,
+    interp_upcast,
+    offsets_2d,
+    online_softmax_finalize,
+    online_softmax_update,
+)
+
+__all__ = [
+    "swba_fwd_kernel",
+    "swba_bwd_preprocess_kernel",
+    "swba_bwd_dkdv_kernel",
+    "swba_bwd_dq_kernel",
+    "tile_bounds",
+]
+
+# Hopper shared memory per block is 227 KB; leave room for the compiler's own buffers.
+_SMEM_BUDGET = 200 * 1024
+
+
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+def _prune(configs, named_args, *, streamed_per_col: int, resident_per_row: int, **kwargs):  # type: ignore[no-untyped-def]
+    """Drop configs whose pipelined tiles cannot fit in shared memory (large head dims)."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    elem = named_args["Q"].element_size()
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        smem = (resident_per_row * bm + c.num_stages * streamed_per_col * bn) * block_d * elem
+        # The fp32 accumulators live in registers: cap them at ~128 fp32 registers a thread.
+        acc_regs = resident_per_row * bm * block_d // (32 * c.num_warps)
+        if smem <= _SMEM_BUDGET and acc_regs <= 128 * max(1, resident_per_row):
+            kept.append(c)
+    return kept or configs[-1:]
+
+
+def _prune_fwd(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
+    # resident: q and the output accumulator (BLOCK_M rows); streamed: k and v (BLOCK_N rows).
+    return _prune(configs, named_args, streamed_per_col=2, resident_per_row=1, **kwargs)
+
+
+def _prune_dkdv(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
+    # resident per key tile: k, v, dk, dv (BLOCK_N rows); streamed: q, do (BLOCK_M rows). Roles
+    # of M and N swap here, so the shared-memory estimate swaps them too.
+    swapped = [_config(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in configs]
+    kept = _prune(swapped, named_args, streamed_per_col=2, resident_per_row=2, **kwargs)
+    keep = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in kept}
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+
+
+def _prune_dq(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
+    # resident: q, do, dq (BLOCK_M rows); streamed: k, v.
+    return _prune(configs, named_args, streamed_per_col=2, resident_per_row=2, **kwargs)
+
+
+if interpreter_enabled():
+    # One small config of unequal tile sizes: fast on the CPU, and tiles of different sizes on the
+    # two sides exercise the range arithmetic.
+    FWD_CONFIGS = [_config(16, 32, 1, 1)]
+    DKDV_CONFIGS = [_config(32, 16, 1, 1)]
+    DQ_CONFIGS = [_config(16, 32, 1, 1)]
+else:
+    FWD_CONFIGS = [
+        _config(128, 64, 4, 3),
+        _config(128, 64, 8, 3),
+        _config(128, 128, 8, 3),
+        _config(64, 64, 4, 3),
+        _config(128, 32, 4, 3),
+        _config(64, 32, 4, 2),
+    ]
+    DKDV_CONFIGS = [
+        _config(32, 128, 4, 3),
+        _config(64, 128, 8, 3),
+        _config(64, 64, 4, 3),
+        _config(32, 64, 4, 2),
+        _config(16, 64, 4, 2),
+    ]
+    DQ_CONFIGS = [
+        _config(128, 32, 4, 3),
+        _config(128, 64, 8, 3),
+        _config(64, 64, 4, 3),
+        _config(64, 32, 4, 2),
+        _config(64, 16, 4, 2),
+    ]
+
+# Tuned per (bucketed) sequence lengths, window geometry and head dim; the length buckets keep a
+# growing KV cache from re-tuning on every decoding step.
+_KEY = ["q_bucket", "k_bucket", "block_size", "window", "HEAD_DIM"]
+
+
+@triton.jit
+def tile_bounds(first, last, block_size, window, n_other, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """The tiles of the other side that a run of positions [first, last] (one tile) must visit.
+
+    Forward/dQ (REVERSE=False): rows are queries at absolute positions first..last; returns key
+    bounds. dK/dV (REVERSE=True): rows are keys; returns query bounds in absolute positions.
+    Returns (lo, full_lo, full_hi, hi): lo aligned down to BLOCK; [full_lo, full_hi) is the
+    BLOCK-aligned run visible to every row (empty runs collapse onto hi); hi is not aligned
+    (the last tile may be ragged, and is then masked).
+    """
+    first_blk = first // block_size
+    last_blk = last // block_size
+    if REVERSE:
+        # Key blocks j are seen by query blocks i with j <= i < j + window.
+        lo = first_blk * block_size
+        hi = tl.minimum((last_blk + window) * block_size, n_other)
+        full_lo = last_blk * block_size
+        full_hi = tl.minimum((first_blk + window) * block_size, n_other)
+    else:
+        lo = tl.maximum(first_blk - window + 1, 0) * block_size
+        hi = tl.minimum((last_blk + 1) * block_size, n_other)
+        full_lo = tl.maximum(last_blk - window + 1, 0) * block_size
+        full_hi = tl.minimum((first_blk + 1) * block_size, n_other)
+    lo = (lo // BLOCK) * BLOCK
+    full_lo = tl.cdiv(full_lo, BLOCK) * BLOCK
+    full_hi = (full_hi // BLOCK) * BLOCK
+    empty = full_lo >= full_hi
+    full_lo = tl.where(empty, hi, full_lo)
+    full_hi = tl.where(empty, hi, full_hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _load_rows(base, start, n_rows, stride_row, stride_d,
+               BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """Rows [start, start + BLOCK_R) of a [n_rows, HEAD_DIM] matrix as a [BLOCK_R, BLOCK_D] tile, zero-padded.
+
+    A block pointer keeps only a scalar base and 64-bit strides live across the loop (a tensor of
+    pointers would hold BLOCK_R * BLOCK_D 64-bit addresses in registers), and only what can be out
+    of range is bounds-checked: nothing in interior tiles of a power-of-two head dim.
+    """
+    ptr = tl.make_block_ptr(base, (n_rows, HEAD_DIM), (stride_row, stride_d), (start, 0), (BLOCK_R, BLOCK_D), (1, 0))
+    if MASK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            return tl.load(ptr, boundary_check=(0,), padding_option="zero")
+        else:
+            return tl.load(ptr, boundary_check=(0, 1), padding_option="zero")
+    else:
+        if HEAD_DIM == BLOCK_D:
+            return tl.load(ptr)
+        else:
+            return tl.load(ptr, boundary_check=(1,), padding_option="zero")
+
+
+@triton.jit
+def _visible(q_blk, k_blk, window):
+    """[rows, cols] visibility of key blocks k_blk [cols] from query blocks q_blk [rows]."""
+    return (k_blk[None, :] <= q_blk[:, None]) & (k_blk[None, :] > q_blk[:, None] - window)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+               offs_d, start, end, n_k, block_size, window, qk_scale,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = interp_upcast(_load_rows(k_base, start_n, n_k, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                     MASKED))
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASKED:
+            vis = _visible(q_blk, offs_n // block_size, window) & (offs_n < n_k)[None, :]
+            s = tl.where(vis, s, float("-inf"))
+        m_i, l_i, p, alpha = online_softmax_update(m_i, l_i, s)
+        v = interp_upcast(_load_rows(v_base, start_n, n_k, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                     MASKED))
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_fwd})
+@triton.jit
+def swba_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    n_heads, kv_group, n_q, n_k, block_size, window, qk_scale, q_bucket, k_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(n_q, BLOCK_M), B * H). Writes O [B, H, n_q, D] and LSE [B, H, n_q] (fp32, natural log)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    hk = h // kv_group
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    q_off = n_k - n_q
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < n_q
+    io_mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = interp_upcast(tl.load(q_base + offsets_2d(offs_m, offs_d, stride_qn, stride_qd), mask=io_mask, other=0.0))
+    q_blk = (q_off + offs_m) // block_size
+
+    first = q_off + pid_m * BLOCK_M
+    last = q_off + tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_q) - 1
+    lo, full_lo, full_hi, hi = tile_bounds(first, last, block_size, window, n_k, BLOCK_N, False)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                               offs_d, lo, full_lo, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                               offs_d, full_lo, full_hi, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, False)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                               offs_d, full_hi, hi, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+    out, lse = online_softmax_finalize(acc, m_i, l_i)
+
+    o_base = O + b * stride_ob + h * stride_oh
+    tl.store(o_base + offsets_2d(offs_m, offs_d, stride_on, stride_od), out.to(O.dtype.element_ty), mask=io_mask)
+    tl.store(LSE + pid_bh.to(tl.int64) * n_q + offs_m, lse, mask=m_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def swba_bwd_preprocess_kernel(
+    O, DO, DLSE, DELTA,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    n_heads, n_q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    """delta = rowsum(o * do) - dlse, [B, H, n_q] fp32. Grid (cdiv(n_q, BLOCK_M), B * H).
+
+    Subtracting dlse folds the gradient of the returned log-sum-exp into the same formula:
+    d lse / d s = p, so ds = p * (dp - delta + dlse).
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < n_q
+    mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * stride_ob + h * stride_oh + offsets_2d(offs_m, offs_d, stride_on, stride_od), mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offsets_2d(offs_m, offs_d, stride_don, stride_dod),
+                 mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row = pid_bh.to(tl.int64) * n_q + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row, mask=m_mask, other=0.0)
+    tl.store(DELTA + row, delta, mask=m_mask)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, k_blk, q_base, do_base, lse_row, delta_row,
+                stride_qn, stride_qd, stride_don, stride_dod,
+                offs_d, start, end, n_q, q_off, block_size, window, qk_scale,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query tiles [start, end) (relative query indices)."""
+    for start_m in range(start, end, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < n_q
+        q = interp_upcast(_load_rows(q_base, start_m, n_q, stride_qn, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D,
+                                     MASKED))
+        if MASKED:
+            lse = tl.load(lse_row + offs_m, mask=m_mask, other=0.0)
+        else:
+            lse = tl.load(lse_row + offs_m)
+        # Transposed scores: rows are keys, columns queries, so dK/dV accumulate without a transpose.
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale
+        p_t = tl.math.exp2(s_t - (lse * LOG2E)[None, :])
+        if MASKED:
+            vis = _visible((q_off + offs_m) // block_size, k_blk, window)
+            p_t = tl.where(tl.trans(vis) & m_mask[None, :], p_t, 0.0)
+        do = interp_upcast(_load_rows(do_base, start_m, n_q, stride_don, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D,
+                                      MASKED))
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        if MASKED:
+            delta = tl.load(delta_row + offs_m, mask=m_mask, other=0.0)
+        else:
+            delta = tl.load(delta_row + offs_m)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.autotune(configs=DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_dkdv})
+@triton.jit
+def swba_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    n_heads, n_kv_heads, kv_group, n_q, n_k, block_size, window, scale, qk_scale, q_bucket, k_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(n_k, BLOCK_N), B * Hk). dK, dV of one key tile of one KV head, summed over the
+    query tiles that see it and over the kv_group query heads sharing the KV head (no atomics)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_kv_heads).to(tl.int64)
+    hk = (pid_bh % n_kv_heads).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n < n_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = interp_upcast(tl.load(K + b * stride_kb + hk * stride_kh + offsets_2d(offs_n, offs_d, stride_kn, stride_kd),
+                              mask=kv_mask, other=0.0))
+    v = interp_upcast(tl.load(V + b * stride_vb + hk * stride_vh + offsets_2d(offs_n, offs_d, stride_vn, stride_vd),
+                              mask=kv_mask, other=0.0))
+    # Padded keys (offs_n >= n_k) only feed their own (unstored) dK/dV rows: no key mask needed.
+    k_blk = offs_n // block_size
+
+    q_off = n_k - n_q
+    first = pid_n * BLOCK_N
+    last = tl.minimum(pid_n * BLOCK_N + BLOCK_N, n_k) - 1
+    lo, full_lo, full_hi, hi = tile_bounds(first, last, block_size, window, n_k, BLOCK_M, True)
+    # Absolute query positions -> query indices; tiles stay BLOCK_M-aligned in query indices.
+    lo = (tl.maximum(lo - q_off, 0) // BLOCK_M) * BLOCK_M
+    hi = tl.maximum(hi - q_off, 0)
+    full_lo = tl.minimum(tl.cdiv(tl.maximum(full_lo - q_off, 0), BLOCK_M) * BLOCK_M, hi)
+    full_hi = tl.maximum(tl.minimum((tl.maximum(full_hi - q_off, 0) // BLOCK_M) * BLOCK_M, hi), full_lo)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(0, kv_group):
+        h = hk * kv_group + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        row = (b * n_heads + h) * n_q
+        lse_row = LSE + row
+        delta_row = DELTA + row
+        dk, dv = _dkdv_tiles(dk, dv, k, v, k_blk, q_base, do_base, lse_row, delta_row,
+                             stride_qn, stride_qd, stride_don, stride_dod, offs_d, lo, full_lo,
+                             n_q, q_off, block_size, window, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, k_blk, q_base, do_base, lse_row, delta_row,
+                             stride_qn, stride_qd, stride_don, stride_dod, offs_d, full_lo, full_hi,
+                             n_q, q_off, block_size, window, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_D, False)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, k_blk, q_base, do_base, lse_row, delta_row,
+                             stride_qn, stride_qd, stride_don, stride_dod, offs_d, full_hi, hi,
+                             n_q, q_off, block_size, window, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+
+    dk *= scale
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + offsets_2d(offs_n, offs_d, stride_dkn, stride_dkd),
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + offsets_2d(offs_n, offs_d, stride_dvn, stride_dvd),
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+              offs_d, start, end, n_k, block_size, window, qk_scale,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = interp_upcast(_load_rows(k_base, start_n, n_k, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                     MASKED))
+        v = interp_upcast(_load_rows(v_base, start_n, n_k, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                     MASKED))
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            vis = _visible(q_blk, offs_n // block_size, window) & (offs_n < n_k)[None, :]
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.autotune(configs=DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_dq})
+@triton.jit
+def swba_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    n_heads, kv_group, n_q, n_k, block_size, window, scale, qk_scale, q_bucket, k_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(n_q, BLOCK_M), B * H). dQ of one query tile over its visible key tiles."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    hk = h // kv_group
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    q_off = n_k - n_q
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < n_q
+    io_mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = interp_upcast(tl.load(Q + b * stride_qb + h * stride_qh + offsets_2d(offs_m, offs_d, stride_qn, stride_qd),
+                              mask=io_mask, other=0.0))
+    do = interp_upcast(tl.load(DO + b * stride_dob + h * stride_doh + offsets_2d(offs_m, offs_d, stride_don, stride_dod),
+                               mask=io_mask, other=0.0))
+    row = pid_bh.to(tl.int64) * n_q + offs_m
+    # Padded rows get lse = +inf, so their probabilities are 0 even in unmasked tiles.
+    lse2 = tl.load(LSE + row, mask=m_mask, other=float("inf")) * LOG2E
+    delta = tl.load(DELTA + row, mask=m_mask, other=0.0)
+    q_blk = (q_off + offs_m) // block_size
+
+    first = q_off + pid_m * BLOCK_M
+    last = q_off + tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_q) - 1
+    lo, full_lo, full_hi, hi = tile_bounds(first, last, block_size, window, n_k, BLOCK_N, False)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = _dq_tiles(dq, q, do, lse2, delta, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                   offs_d, lo, full_lo, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+    dq = _dq_tiles(dq, q, do, lse2, delta, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                   offs_d, full_lo, full_hi, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, False)
+    dq = _dq_tiles(dq, q, do, lse2, delta, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                   offs_d, full_hi, hi, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+    dq *= scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offsets_2d(offs_m, offs_d, stride_dqn, stride_dqd),
+             dq.to(DQ.dtype.element_ty), mask=io_mask)
