@@ -118,8 +118,9 @@ def bilinear_coords(x, y, width, height, ALIGN_CORNERS: tl.constexpr, BORDER: tl
     Returns (x0, y0, fx, fy, dix_dx, diy_dy): the top-left corner (int32), the fractional offsets
     inside the cell, and d(pixel coordinate)/d(normalized coordinate), zero where BORDER clamped.
     """
-    wf = width.to(tl.float32)
-    hf = height.to(tl.float32)
+    # `* 1.0`, not `.to(tl.float32)`: Triton passes an int argument equal to 1 as a Python constant.
+    wf = width * 1.0
+    hf = height * 1.0
     if ALIGN_CORNERS:
         ix = x * (wf - 1.0)
         iy = y * (hf - 1.0)
