@@ -12,7 +12,7 @@ block of queries: the kernels gather the four corner rows of every sample straig
 (L2-resident for the feature-map sizes these models use) and never write a sampled tensor to memory.
 Keys are streamed in tiles of BLOCK_N samples with the online softmax of flash attention.
 
-Program grid: (query tiles, B * S * H). The backward recomputes samples and probabilities from the
+Program grid: query tiles x B * S * H, flattened. The backward recomputes samples and probabilities from the
 saved log-sum-exp; dK and dV are scattered with fp32 atomics (fast path) or, for bit-reproducible
 results, gathered per pixel from the probabilities and score gradients (`_deform_bwd_dkdv_kernel`).
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
 from fattn.core.runtime import interpreter_enabled
 from fattn.core.triton_helpers import (
     LOG2E,
@@ -33,50 +32,61 @@ from fattn.core.triton_helpers import (
 )
 
 # Elements of one [BLOCK_M, BLOCK_N, BLOCK_D] fp32 tile per thread that keep the kernels out of
-# register spills (the forward holds about four such tiles at once).
-_MAX_TILE_ELEMS_PER_THREAD = 32
+# register spills (the kernels keep one such tile, plus its pointers, live at a time).
+_MAX_TILE_ELEMS_PER_THREAD = 16
+# Autotuning candidates per shape: few, so the first call (compiles included) stays short.
+_MAX_CONFIGS = 2
+
+
+def _configs(table: list[tuple[int, int, int]]) -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 8, "BLOCK_N": 8}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=1) for bm, bn, w in table]
+
+
+# (BLOCK_M, BLOCK_N, num_warps), largest first; `_prune` keeps the largest that fits the head dim for
+# each warp count (a big 8-warp tile and a small 4-warp one with more programs per SM).
+# No software pipelining (num_stages=1): the loads are data-dependent gathers.
+_FWD_TABLE = [(16, 16, 8), (8, 16, 8), (4, 16, 8), (2, 16, 8), (2, 8, 8), (1, 8, 8),
+              (8, 8, 4), (4, 8, 4), (2, 8, 4), (4, 4, 4), (2, 4, 4), (1, 4, 4)]
+_BWD_TABLE = [(8, 8, 8), (4, 16, 8), (4, 8, 8), (2, 8, 8), (1, 8, 8),
+              (4, 8, 4), (4, 4, 4), (2, 8, 4), (2, 4, 4), (1, 4, 4)]
 
 
 def _fwd_configs() -> list[triton.Config]:
-    if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 8, "BLOCK_N": 8}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (16, 16, 4, 2), (32, 16, 8, 2), (16, 32, 8, 2), (64, 8, 8, 2),
-            (8, 16, 4, 2), (8, 8, 4, 2), (4, 16, 4, 2), (4, 8, 4, 2),
-        ]
-    ]
+    return _configs(_FWD_TABLE)
 
 
 def _bwd_configs() -> list[triton.Config]:
-    if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 8, "BLOCK_N": 8}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (16, 16, 8, 1), (32, 8, 8, 1), (16, 8, 4, 1), (8, 16, 4, 1), (8, 8, 4, 1), (4, 8, 4, 1),
-        ]
-    ]
+    return _configs(_BWD_TABLE)
 
 
-def _prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
-    """Keep the configs whose [BLOCK_M, BLOCK_N, BLOCK_D] tiles fit in registers, at most four of them
-    (first-call autotuning stays short), and tiles no larger than the problem."""
+def _prune_fwd(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
+    return _prune(configs, named_args, _MAX_TILE_ELEMS_PER_THREAD, **kwargs)
+
+
+def _prune_bwd(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
+    # The backward keeps six [BLOCK_M, BLOCK_N] accumulators besides its gathers: half the tile.
+    return _prune(configs, named_args, _MAX_TILE_ELEMS_PER_THREAD // 2, **kwargs)
+
+
+def _prune(configs, named_args, elems_per_thread, **kwargs):  # type: ignore[no-untyped-def]
+    """Keep the configs whose [BLOCK_M, BLOCK_N, BLOCK_D] tiles fit in registers and are no larger than
+    the problem; at most _MAX_CONFIGS of them (first-call autotuning stays short)."""
     if len(configs) == 1:
         return configs
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     n_keys = named_args["T"] * named_args["P"]
     lq = named_args["Lq"]
-    kept = []
+    kept: dict[int, triton.Config] = {}
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if bm * bn * block_d > _MAX_TILE_ELEMS_PER_THREAD * 32 * c.num_warps:
+        if bm * bn * block_d > elems_per_thread * 32 * c.num_warps:
             continue
         if bn > max(8, triton.next_power_of_2(n_keys)) or bm > max(4, triton.next_power_of_2(lq)):
             continue
-        kept.append(c)
-    return kept[:4] or configs[-1:]
+        kept.setdefault(c.num_warps, c)
+    return list(kept.values())[:_MAX_CONFIGS] or configs[-1:]
 
 
 @triton.jit
@@ -87,7 +97,7 @@ def _gather_rows(base, t_off, pix, stride_pix, offs_d, stride_d, mask):
 
 
 @triton.autotune(configs=_fwd_configs(), key=["Lq", "T", "P", "BLOCK_D", "ALIGN_CORNERS", "BORDER", "HAS_VIS"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _deform_fwd_kernel(
     Q, K, V, C, VIS, O, LSE,
@@ -100,8 +110,11 @@ def _deform_fwd_kernel(
     BLOCK_D: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, HAS_VIS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bsh = tl.program_id(1)
+    # A 1-D grid (query tiles fastest, so neighbouring programs share K/V maps in L2): grid dims 1-2
+    # would cap B * S * H at 65535.
+    n_tiles = tl.cdiv(Lq, BLOCK_M)
+    pid_m = tl.program_id(0) % n_tiles
+    pid_bsh = tl.program_id(0) // n_tiles
     h = pid_bsh % H
     s = (pid_bsh // H) % S
     b = (pid_bsh // H) // S
@@ -145,20 +158,25 @@ def _deform_fwd_kernel(
         x0, y0, fx, fy, _, _ = bilinear_coords(x, y, width, height, ALIGN_CORNERS, BORDER)
         kt_off = t.to(tl.int64) * stride_kt
         vt_off = t.to(tl.int64) * stride_vt
+        # Blend the four corners, then reduce once: FMAs are cheap, cross-thread reductions are not.
+        # K first, then V: one blended [BM, BN, BD] tile is live at a time.
         k_s = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
-        v_s = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
         for corner in tl.static_range(4):
             pix, valid, w, _, _ = bilinear_corner(x0, y0, fx, fy, width, height, corner % 2, corner // 2)
             mask3 = (live & valid)[:, :, None] & d_mask[None, None, :]
             kc = _gather_rows(k_base, kt_off, pix, stride_kp, offs_d, stride_kd, mask3).to(ACC_DTYPE)
             k_s += w.to(ACC_DTYPE)[:, :, None] * kc
-            vc = _gather_rows(v_base, vt_off, pix, stride_vp, offs_d, stride_vd, mask3).to(ACC_DTYPE)
-            v_s += w.to(ACC_DTYPE)[:, :, None] * vc
-
         scores = tl.sum(q[:, None, :] * k_s, 2)
+
         scores = tl.where(live, scores, float("-inf"))
         m_i, l_i, prob, alpha = online_softmax_update(m_i, l_i, scores)
-        acc = acc * alpha[:, None] + tl.sum(prob[:, :, None] * v_s, 1)
+        v_s = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+        for corner in tl.static_range(4):
+            pix, valid, w, _, _ = bilinear_corner(x0, y0, fx, fy, width, height, corner % 2, corner // 2)
+            mask3 = (live & valid)[:, :, None] & d_mask[None, None, :]
+            vc = _gather_rows(v_base, vt_off, pix, stride_vp, offs_d, stride_vd, mask3).to(ACC_DTYPE)
+            v_s += (prob * w)[:, :, None] * vc
+        acc = acc * alpha[:, None] + tl.sum(v_s, 1)
 
     out, lse = online_softmax_finalize(acc, m_i, l_i)
     # Output and lse are contiguous [B, S, H, Lq, (D)].
@@ -170,7 +188,7 @@ def _deform_fwd_kernel(
 
 @triton.autotune(configs=_bwd_configs(), key=["Lq", "T", "P", "BLOCK_D", "ALIGN_CORNERS", "BORDER", "HAS_VIS",
                                               "DETERMINISTIC", "NEED_DCOORDS"],
-                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["DK", "DV", "DC"])
+                 prune_configs_by={"early_config_prune": _prune_bwd}, reset_to_zero=["DK", "DV", "DC"])
 @triton.jit
 def _deform_bwd_kernel(
     Q, K, V, C, VIS, O, DO, LSE, DQ, DK, DV, DC, DS, PR,
@@ -193,8 +211,11 @@ def _deform_bwd_kernel(
     stored for `_deform_bwd_dkdv_kernel`, and each head's dcoords goes to its own slice of DC
     (stride_dch apart), summed over heads afterwards; no atomics.
     """
-    pid_m = tl.program_id(0)
-    pid_bsh = tl.program_id(1)
+    # A 1-D grid (query tiles fastest, so neighbouring programs share K/V maps in L2): grid dims 1-2
+    # would cap B * S * H at 65535.
+    n_tiles = tl.cdiv(Lq, BLOCK_M)
+    pid_m = tl.program_id(0) % n_tiles
+    pid_bsh = tl.program_id(0) // n_tiles
     h = pid_bsh % H
     s = (pid_bsh // H) % S
     b = (pid_bsh // H) // S
@@ -246,8 +267,8 @@ def _deform_bwd_kernel(
         x0, y0, fx, fy, dix_dx, diy_dy = bilinear_coords(x, y, width, height, ALIGN_CORNERS, BORDER)
         kt_off = t.to(tl.int64) * stride_kt
         vt_off = t.to(tl.int64) * stride_vt
-        # Pass 1: the sampled key (for dq) and, per corner, q.K and dO.V (scores, dp and dcoords).
-        k_s = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+        # Pass 1: per corner, q . K_c and dO . V_c give the scores, dO . v_sample and the dcoords terms;
+        # one [BM, BN, BD] tile is live at a time.
         qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
         dov = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
         qk_dx = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
@@ -258,22 +279,28 @@ def _deform_bwd_kernel(
             pix, valid, w, dw_dfx, dw_dfy = bilinear_corner(x0, y0, fx, fy, width, height, corner % 2, corner // 2)
             mask3 = (live & valid)[:, :, None] & d_mask[None, None, :]
             kc = _gather_rows(k_base, kt_off, pix, stride_kp, offs_d, stride_kd, mask3).to(ACC_DTYPE)
-            k_s += w.to(ACC_DTYPE)[:, :, None] * kc
+            qk_c = tl.sum(q[:, None, :] * kc, 2)
+            qk += w * qk_c
             vc = _gather_rows(v_base, vt_off, pix, stride_vp, offs_d, stride_vd, mask3).to(ACC_DTYPE)
             dov_c = tl.sum(do[:, None, :] * vc, 2)
             dov += w * dov_c
             if NEED_DCOORDS:
-                qk_c = tl.sum(q[:, None, :] * kc, 2)
                 qk_dx += dw_dfx * qk_c
                 qk_dy += dw_dfy * qk_c
                 dov_dx += dw_dfx * dov_c
                 dov_dy += dw_dfy * dov_c
-        qk = tl.sum(q[:, None, :] * k_s, 2)
 
         scores = tl.where(live, qk * (qk_scale * LOG2E), float("-inf"))
         prob = probs_from_lse(scores, lse)  # 0 where masked or the row saw nothing
         dz = prob * (dov - delta[:, None])  # dL/d(scaled score)
-        dq += tl.sum(dz[:, :, None] * k_s, 1)
+        # Pass 2: dq = sum_n dz_n k_n, reloading the corners (L1/L2 hits) rather than keeping k_n.
+        k_s = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+        for corner in tl.static_range(4):
+            pix, valid, w, _, _ = bilinear_corner(x0, y0, fx, fy, width, height, corner % 2, corner // 2)
+            mask3 = (live & valid)[:, :, None] & d_mask[None, None, :]
+            kc = _gather_rows(k_base, kt_off, pix, stride_kp, offs_d, stride_kd, mask3).to(ACC_DTYPE)
+            k_s += (dz * w)[:, :, None] * kc
+        dq += tl.sum(k_s, 1)
 
         if NEED_DCOORDS:
             dfx = dz * qk_scale * qk_dx + prob * dov_dx
@@ -291,18 +318,17 @@ def _deform_bwd_kernel(
             tl.store(DS + sp_ptrs, dz.to(DS.dtype.element_ty), mask=mn_mask)
             tl.store(PR + sp_ptrs, prob.to(PR.dtype.element_ty), mask=mn_mask)
         else:
-            # Pass 2: scatter w * dK_sample and w * dV_sample to the four corners.
-            dk_s = (dz * qk_scale)[:, :, None] * q[:, None, :]
-            dv_s = prob[:, :, None] * do[:, None, :]
+            # Pass 3: scatter w * dK_sample and w * dV_sample to the four corners.
             for corner in tl.static_range(4):
                 pix, valid, w, _, _ = bilinear_corner(x0, y0, fx, fy, width, height, corner % 2, corner // 2)
                 hit = live & valid & (prob > 0)
                 mask3 = hit[:, :, None] & d_mask[None, None, :]
                 rows = t.to(tl.int64)[None, :] * H * hw + pix.to(tl.int64)
                 ptrs = rows[:, :, None] * HEAD_DIM + offs_d[None, None, :]
-                wc = w.to(ACC_DTYPE)[:, :, None]
-                tl.atomic_add(dk_base + ptrs, (wc * dk_s).to(DK.dtype.element_ty), mask=mask3)
-                tl.atomic_add(dv_base + ptrs, (wc * dv_s).to(DV.dtype.element_ty), mask=mask3)
+                dk_c = (w * dz * qk_scale)[:, :, None] * q[:, None, :]
+                tl.atomic_add(dk_base + ptrs, dk_c.to(DK.dtype.element_ty), mask=mask3)
+                dv_c = (w * prob)[:, :, None] * do[:, None, :]
+                tl.atomic_add(dv_base + ptrs, dv_c.to(DV.dtype.element_ty), mask=mask3)
 
     dq = dq * qk_scale
     tl.store(DQ + row[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_mask)

@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
-
 from fattn.deform.op import deform_attention
+from torch import nn
 
 __all__ = ["MultiViewDeformableAttention"]
 

@@ -8,7 +8,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-
 from fattn.core import (
     Reason,
     choice_reasons,
@@ -31,7 +30,6 @@ __all__ = ["deform_attention", "deform_fwd", "deform_bwd", "not_supported_reason
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PADDING_MODES = ("zeros", "border")
 _MAX_HEAD_DIM = 256
-_BLOCK_E = 16  # samples per step of the deterministic dK / dV gather
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -83,7 +81,7 @@ def deform_fwd(
     vis, vis_strides = _vis_arg(visibility, coords)
 
     def grid(meta):  # type: ignore[no-untyped-def]
-        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * S * H)
+        return (triton.cdiv(Lq, meta["BLOCK_M"]) * B * S * H,)
 
     _deform_fwd_kernel[grid](
         q, k, v, coords, vis, out, lse,
@@ -191,7 +189,7 @@ def deform_bwd(
         dc_stride_h = 0
 
     def grid(meta):  # type: ignore[no-untyped-def]
-        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * S * H)
+        return (triton.cdiv(Lq, meta["BLOCK_M"]) * B * S * H,)
 
     block_d = triton.next_power_of_2(D)
     _deform_bwd_kernel[grid](
@@ -208,7 +206,7 @@ def deform_bwd(
             q, grad_out, ds, pr, qrow, n, weight, offsets, dk, dv,
             *q.stride(), *grad_out.stride(),
             S, H, Lq, T, HW, T * P, D, float(scale),
-            BLOCK_D=block_d, BLOCK_E=_BLOCK_E, ACC_DTYPE=_tl_acc(q), num_warps=4,
+            BLOCK_D=block_d, BLOCK_E=max(8, min(32, 4096 // block_d)), ACC_DTYPE=_tl_acc(q), num_warps=4,
         )
         dcoords = dc.sum(0) if need_dcoords else torch.zeros(coords.shape, dtype=acc, device=dev)
     else:

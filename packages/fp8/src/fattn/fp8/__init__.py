@@ -8,9 +8,16 @@
 
 from fattn.fp8 import reference
 from fattn.fp8.module import FP8Attention
-from fattn.fp8.op import FP8_DTYPE, HEAD_DIMS, fp8_attention, not_supported_reasons, quantize
+from fattn.fp8.op import (
+    FP8_DTYPE,
+    HEAD_DIMS,
+    fp8_attention,
+    not_supported_reasons,
+    quantize,
+    scaled_dot_product_attention,
+)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = ["FP8Attention", "FP8_DTYPE", "HEAD_DIMS", "fp8_attention", "not_supported_reasons", "quantize",
-           "reference", "__version__"]
+           "reference", "scaled_dot_product_attention", "__version__"]

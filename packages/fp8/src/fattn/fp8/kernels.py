@@ -7,10 +7,12 @@ small probabilities stay normal numbers) for the FP8 product P8 V8. The same ker
 is the full-precision forward that the backward pass recomputes (it writes the log-sum-exp and
 delta = rowsum(dO * O) instead of O).
 
-Quantization (`_quant_stats_kernel`, `_quant_finalize_kernel`, `_quant_apply_kernel`): amax per
+Full-precision Q is quantized inside the forward kernel, one scale per query row (no extra pass).
+K and V (`_quant_stats_kernel`, `_quant_finalize_kernel`, `_quant_apply_kernel`): amax per
 (batch, head), optionally after centring each channel on its mean over the tokens (used for K: it
 shifts every logit of a query row by the same amount, so the softmax is unchanged, and it removes
-the per-channel offsets that make outlier channels), in three deterministic passes.
+the per-channel offsets that make outlier channels), in three deterministic launches that each
+handle K and V together (grid axis 2 picks the tensor).
 
 Backward (`_attn_bwd_dkdv_kernel`, `_attn_bwd_dq_kernel`): the flash-attention backward of the
 full-precision attention (straight-through over the quantization); one program per key block owns
@@ -22,14 +24,13 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
 from fattn.core.runtime import INTERPRET, interpreter_enabled
-from fattn.core.triton_helpers import LOG2E, interp_upcast, online_softmax_finalize, online_softmax_update
+from fattn.core.triton_helpers import LOG2E, interp_upcast, online_softmax_finalize
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn
-# P in [0, 1] is stored in e4m3 times 2^8: exact (a power of two), and probabilities down to 2^-14
-# stay normal numbers instead of flushing into e4m3's subnormals (min normal 2^-6).
-P_SCALE = tl.constexpr(256.0)
+# P in [0, 1] is stored in e4m3 times 2^8 (at most 256 < 448): exact (a power of two), and
+# probabilities down to 2^-14 stay normal numbers instead of flushing into e4m3's subnormals.
+P_SCALE_LOG2 = tl.constexpr(8.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,20 +77,32 @@ def _load_tile_t(base, offs_n, n_limit, offs_d, stride_n, stride_d, MASK: tl.con
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                offs_m, offs_d, lo, hi, N_K, diag, qk_scale,
                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, FP8: tl.constexpr):
-    """Key tiles [lo, hi): MASK says whether they need the bounds / causal mask."""
+    """Key tiles [lo, hi): MASK says whether they need the bounds / causal mask.
+
+    m_i is the running max of the base-2 logits. With FP8, p and l_i carry a factor 2^8 (P_SCALE_LOG2)
+    that the final acc / l_i cancels: it is folded into the exponent, so it costs nothing.
+    """
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_t = interp_upcast(_load_tile_t(k_base, offs_n, N_K, offs_d, stride_kn, stride_kd, MASK))
-        s = tl.dot(q, k_t) * qk_scale  # base-2 logits, fp32
+        s = tl.dot(q, k_t)  # raw logits, fp32; qk_scale [BLOCK_M] > 0 is applied inside the exp2 below
         if MASK:
             keep = (offs_n < N_K)[None, :]
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
             s = tl.where(keep, s, float("-inf"))
-        m_i, l_i, p, alpha = online_softmax_update(m_i, l_i, s)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        # rows that have seen only masked keys keep m_new = -inf: subtract 0 there (no -inf - -inf)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_ref)
+        if FP8:
+            m_ref = m_ref - P_SCALE_LOG2
+        p = tl.math.exp2(s * qk_scale[:, None] - m_ref[:, None])  # one FMA and one exp2 per logit
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
         v = interp_upcast(_load_tile(v_base, offs_n, N_K, offs_d, stride_vn, stride_vd, MASK))
         if FP8:
-            pv = tl.dot(_to_e4m3(p * P_SCALE), v)
+            pv = tl.dot(_to_e4m3(p), v)
         elif v.dtype == tl.float32:
             pv = tl.dot(p, v)
         else:
@@ -98,38 +111,52 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
     return acc, m_i, l_i
 
 
+# What is left when every tuned config is pruned (fp32 at D = 256): unpipelined 32 x 32 tiles.
+_SMALLEST = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+
+
+def seq_bucket(n: int) -> int:
+    """Autotuning key of a sequence length: the next power of two, so that inputs whose lengths
+    vary (multi-scale detection, video clips) reuse a tuned config instead of re-tuning per length.
+    The kernels receive it as the unused arguments Q_BUCKET and K_BUCKET."""
+    return triton.next_power_of_2(max(n, 1))
+
+
 def _fwd_configs() -> list[triton.Config]:
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        # 8 warps: with 4, the 128-row fp32 accumulator and logits spill at D >= 64 (ptxas, sm_90)
         for bm, bn, w, s in [
             (128, 128, 8, 3),
             (128, 128, 8, 2),
-            (128, 64, 4, 3),
+            (128, 64, 8, 3),
             (128, 64, 8, 4),
-            (64, 128, 4, 3),
-            (64, 64, 4, 4),
+            (64, 64, 8, 3),
+            (64, 128, 8, 3),
+            (64, 32, 8, 3),
         ]
     ]
 
 
 def _fwd_prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
-    """Drop configs whose pipelined K/V tiles exceed Hopper's 227 KB of shared memory, and
-    BLOCK_N < 32 for FP8 (the P @ V product needs a reduction of at least 32)."""
+    """Drop configs whose pipelined K/V tiles exceed Hopper's 227 KB of shared memory, BLOCK_N < 32
+    for FP8 (the P @ V product needs a reduction of at least 32), and tiles over 64 at D = 256
+    (they spill registers, ptxas sm_90)."""
     d = kwargs["HEAD_DIM"]
     fp8 = kwargs["FP8"]
     elem = 1 if fp8 else named_args["Q"].element_size()
     out = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        smem = bm * d * elem + max(c.num_stages - 1, 1) * 2 * bn * d * elem
-        if smem <= 200 * 1024 and (not fp8 or bn >= 32):
+        smem = bm * d * elem + c.num_stages * 2 * bn * d * elem  # Q, then K and V per pipeline stage
+        if smem <= 220 * 1024 and (not fp8 or bn >= 32) and (d < 256 or (bm <= 64 and bn <= 64)):
             out.append(c)
-    return out or configs[-1:]
+    return out or [_SMALLEST]
 
 
-@triton.autotune(configs=_fwd_configs(), key=["N_Q", "N_K", "HEAD_DIM", "CAUSAL", "FP8", "BWD_PREP"],
+@triton.autotune(configs=_fwd_configs(), key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "FP8", "BWD_PREP"],
                  prune_configs_by={"early_config_prune": _fwd_prune})
 @triton.jit
 def _attn_fwd_kernel(
@@ -139,16 +166,20 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_dob, stride_doh, stride_don, stride_dod,
-    H, GROUP, N_Q, N_K, sm_scale,
+    H, GROUP, N_Q, N_K, sm_scale, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, FP8: tl.constexpr, BWD_PREP: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one (batch, head).
 
-    FP8: Q/K/V are e4m3 with fp32 descales per (batch, head); writes Out.
+    FP8: K/V are e4m3 with fp32 descales per (batch, head), Q too, or Q is full precision and
+    quantized per row here; writes Out.
     BWD_PREP (full precision): writes Lse [B*H, N_Q] (natural log) and Delta = rowsum(dO * O).
     """
     pid_m = tl.program_id(0)
+    if CAUSAL:
+        # the last query blocks see the most keys: start them first, so the short ones fill the tail
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -162,11 +193,21 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q = interp_upcast(_load_tile(q_base, offs_m, N_Q, offs_d, stride_qn, stride_qd, True))
 
-    qk_scale = sm_scale * LOG2E
+    # qk_scale: per query row, base 2; the logits are dot(q, k) * qk_scale
+    qk_scale = tl.full([BLOCK_M], sm_scale * LOG2E, dtype=tl.float32)
     if FP8:
-        q_d = tl.load(Q_descale + pid_bh)
-        k_d = tl.load(K_descale + b * hkv_total + hk)
-        qk_scale = qk_scale * q_d * k_d
+        if Q.dtype.element_ty == tl.float8e4nv:
+            q_d = tl.load(Q_descale + pid_bh)
+        else:
+            # Full-precision Q is quantized here, one scale per query row (amax over D): no extra
+            # pass over Q, and a finer scale than one per head.
+            q_f = q.to(tl.float32)
+            amax = tl.max(tl.abs(q_f), 1)
+            q_d = tl.where(amax > 0.0, amax / FP8_MAX, 1.0)
+            q_inv = 1.0 / q_d
+            # clamp: the scaled amax can land a rounding step above 448, and the cast does not saturate
+            q = _to_e4m3(tl.minimum(tl.maximum(q_f * q_inv[:, None], -FP8_MAX), FP8_MAX))
+        qk_scale = qk_scale * q_d * tl.load(K_descale + b * hkv_total + hk)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -192,13 +233,12 @@ def _attn_fwd_kernel(
     out, lse = online_softmax_finalize(acc, m_i, l_i)
     row_ok = offs_m < N_Q
     if FP8:
-        out = out * (tl.load(V_descale + b * hkv_total + hk) / P_SCALE)
+        out = out * tl.load(V_descale + b * hkv_total + hk)
     if BWD_PREP:
         do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
                         offs_m, N_Q, offs_d, stride_don, stride_dod, True).to(tl.float32)
-        # delta is computed with O rounded to the input dtype, as the output the user saw
-        o_rounded = out.to(Q.dtype.element_ty).to(tl.float32)
-        delta = tl.sum(o_rounded * do, 1)
+        # delta from the fp32 O of the full-precision attention (the gradient being computed is its)
+        delta = tl.sum(out * do, 1)
         row = pid_bh.to(tl.int64) * N_Q + offs_m
         tl.store(Lse + row, lse, mask=row_ok)
         tl.store(Delta + row, delta, mask=row_ok)
@@ -212,33 +252,51 @@ def _attn_fwd_kernel(
 # quantization
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _quant_stats_kernel(X, ColSum, ColMax, ColMin, H, N, n_tiles,
-                        stride_xb, stride_xh, stride_xn, stride_xd,
-                        D: tl.constexpr, BLOCK_N: tl.constexpr, CENTER: tl.constexpr):
-    """Per (batch*head, token tile): per-channel max and min (and sum when CENTER) -> [BH, T, D]."""
+def _pick(which, a, b):
+    """a for tensor 0 (K), b for tensor 1 (V): one launch quantizes both."""
+    if which == 0:
+        r = a
+    else:
+        r = b
+    return r
+
+
+@triton.jit
+def _quant_stats_kernel(X0, X1, ColSum, ColMax, ColMin, H, N, n_tiles,
+                        stride_x0b, stride_x0h, stride_x0n, stride_x0d,
+                        stride_x1b, stride_x1h, stride_x1n, stride_x1d,
+                        D: tl.constexpr, BLOCK_N: tl.constexpr, CENTER0: tl.constexpr):
+    """Per (batch*head, token tile, tensor): per-channel max, min (and sum when CENTER0) -> [2, BH, T, D]."""
     pid_bh = tl.program_id(0)
     t = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    which = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    base = _pick(which, X0 + b * stride_x0b + h * stride_x0h, X1 + b * stride_x1b + h * stride_x1h)
+    stride_n = _pick(which, stride_x0n, stride_x1n)
+    stride_d = _pick(which, stride_x0d, stride_x1d)
     offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
-    x = _load_tile(base, offs_n, N, offs_d, stride_xn, stride_xd, True).to(tl.float32)
+    x = _load_tile(base, offs_n, N, offs_d, stride_n, stride_d, True).to(tl.float32)
     row_ok = (offs_n < N)[:, None]
-    out = (pid_bh.to(tl.int64) * n_tiles + t) * D + offs_d
+    slot = which.to(tl.int64) * tl.num_programs(0) + pid_bh
+    out = (slot * n_tiles + t) * D + offs_d
     tl.store(ColMax + out, tl.max(tl.where(row_ok, x, float("-inf")), 0))
     tl.store(ColMin + out, tl.min(tl.where(row_ok, x, float("inf")), 0))
-    if CENTER:
+    if CENTER0:
         tl.store(ColSum + out, tl.sum(x, 0))
 
 
 @triton.jit
 def _quant_finalize_kernel(ColSum, ColMax, ColMin, Mean, Descale, N, n_tiles,
-                           D: tl.constexpr, BLOCK_T: tl.constexpr, CENTER: tl.constexpr):
-    """Per batch*head: the channel means (when CENTER) and descale = amax / 448 of the (centred) values."""
+                           D: tl.constexpr, BLOCK_T: tl.constexpr, CENTER0: tl.constexpr):
+    """Per (batch*head, tensor): the channel means (tensor 0 when CENTER0; zeros for tensor 1) and
+    descale = amax / 448 of the (centred) values -> Mean [2, BH, D], Descale [2, BH]."""
     pid_bh = tl.program_id(0)
+    which = tl.program_id(1)
+    slot = which.to(tl.int64) * tl.num_programs(0) + pid_bh
     offs_d = tl.arange(0, D)
-    base = pid_bh.to(tl.int64) * n_tiles * D
+    base = slot * n_tiles * D
     col_max = tl.full([D], float("-inf"), dtype=tl.float32)
     col_min = tl.full([D], float("inf"), dtype=tl.float32)
     col_sum = tl.zeros([D], dtype=tl.float32)
@@ -248,41 +306,58 @@ def _quant_finalize_kernel(ColSum, ColMax, ColMin, Mean, Descale, N, n_tiles,
         ok = (offs_t < n_tiles)[:, None]
         col_max = tl.maximum(col_max, tl.max(tl.load(ColMax + ptrs, mask=ok, other=float("-inf")), 0))
         col_min = tl.minimum(col_min, tl.min(tl.load(ColMin + ptrs, mask=ok, other=float("inf")), 0))
-        if CENTER:
+        if CENTER0:
             col_sum += tl.sum(tl.load(ColSum + ptrs, mask=ok, other=0.0), 0)
-    if CENTER:
-        mean = col_sum / N
-        tl.store(Mean + pid_bh.to(tl.int64) * D + offs_d, mean)
+    if CENTER0:
+        mean = tl.where(which == 0, col_sum / N, 0.0)
+        tl.store(Mean + slot * D + offs_d, mean)
         col_max = col_max - mean
         col_min = col_min - mean
     amax = tl.max(tl.maximum(tl.abs(col_max), tl.abs(col_min)), 0)
     # An all-zero head quantizes to zeros whatever the scale; 1 keeps the division finite.
     descale = tl.where(amax > 0.0, amax / FP8_MAX, 1.0)
-    tl.store(Descale + pid_bh, descale)
+    tl.store(Descale + slot, descale)
 
 
 @triton.jit
-def _quant_apply_kernel(X, Mean, Descale, Y, H, N,
-                        stride_xb, stride_xh, stride_xn, stride_xd,
-                        stride_yb, stride_yh, stride_yn, stride_yd,
-                        D: tl.constexpr, BLOCK_N: tl.constexpr, CENTER: tl.constexpr):
+def _quant_apply_tile(x_base, stride_xn, stride_xd, y_base, stride_yn, stride_yd, mean_ptr, descale_ptr,
+                      offs_n, N, D: tl.constexpr, CENTER0: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    x = _load_tile(x_base, offs_n, N, offs_d, stride_xn, stride_xd, True).to(tl.float32)
+    if CENTER0:
+        x = x - tl.load(mean_ptr + offs_d)[None, :]
+    inv = 1.0 / tl.load(descale_ptr)
+    # Clamp: x * (448 / amax) can land a rounding step above 448, and the cast does not saturate.
+    y = tl.minimum(tl.maximum(x * inv, -FP8_MAX), FP8_MAX)
+    y_ptrs = y_base + offs_n.to(tl.int64)[:, None] * stride_yn + offs_d[None, :] * stride_yd
+    tl.store(y_ptrs, _to_e4m3(y), mask=(offs_n < N)[:, None])
+
+
+@triton.jit
+def _quant_apply_kernel(X0, X1, Mean, Descale, Y0, Y1, H, N,
+                        stride_x0b, stride_x0h, stride_x0n, stride_x0d,
+                        stride_x1b, stride_x1h, stride_x1n, stride_x1d,
+                        stride_y0b, stride_y0h, stride_y0n, stride_y0d,
+                        stride_y1b, stride_y1h, stride_y1n, stride_y1d,
+                        D: tl.constexpr, BLOCK_N: tl.constexpr, CENTER0: tl.constexpr):
     """Y = e4m3((X - mean) / descale), written through Y's strides (e.g. tokens-contiguous for V)."""
     pid_bh = tl.program_id(0)
     t = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    which = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    slot = which.to(tl.int64) * tl.num_programs(0) + pid_bh
     offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    x = _load_tile(X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh,
-                   offs_n, N, offs_d, stride_xn, stride_xd, True).to(tl.float32)
-    if CENTER:
-        x = x - tl.load(Mean + pid_bh.to(tl.int64) * D + offs_d)[None, :]
-    inv = 1.0 / tl.load(Descale + pid_bh)
-    # Clamp: x * (448 / amax) can land a rounding step above 448, and the cast does not saturate.
-    y = tl.minimum(tl.maximum(x * inv, -FP8_MAX), FP8_MAX)
-    y_ptrs = (Y + b.to(tl.int64) * stride_yb + h.to(tl.int64) * stride_yh
-              + offs_n.to(tl.int64)[:, None] * stride_yn + offs_d[None, :] * stride_yd)
-    tl.store(y_ptrs, _to_e4m3(y), mask=(offs_n < N)[:, None])
+    # Two code paths rather than picked strides, so that each store keeps its known unit stride
+    # (coalesced, vectorized stores also for the tokens-contiguous V layout).
+    if which == 0:
+        _quant_apply_tile(X0 + b * stride_x0b + h * stride_x0h, stride_x0n, stride_x0d,
+                          Y0 + b * stride_y0b + h * stride_y0h, stride_y0n, stride_y0d,
+                          Mean + slot * D, Descale + slot, offs_n, N, D, CENTER0)
+    else:
+        _quant_apply_tile(X1 + b * stride_x1b + h * stride_x1h, stride_x1n, stride_x1d,
+                          Y1 + b * stride_y1b + h * stride_y1h, stride_y1n, stride_y1d,
+                          Mean + slot * D, Descale + slot, offs_n, N, D, CENTER0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +369,10 @@ def _bwd_configs(block_inner: str) -> list[triton.Config]:
     outer = "BLOCK_N" if block_inner == "BLOCK_M" else "BLOCK_M"
     return [
         triton.Config({outer: o, block_inner: i}, num_warps=w, num_stages=s)
-        for o, i, w, s in [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3)]
+        # (outer, inner, warps, stages). dK/dV keep two fp32 accumulators: an inner block of 64 spills
+        # at D >= 64 (ptxas, sm_90), so they stream 32 queries at a time.
+        for o, i, w, s in ([(128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 8, 3)] if block_inner == "BLOCK_M"
+                           else [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 3)])
     ]
 
 
@@ -304,14 +382,14 @@ def _bwd_prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
     out = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        # the resident tiles (two of the outer block) and the pipelined inner tiles
-        smem = (2 * max(bm, bn) + max(c.num_stages - 1, 1) * 2 * min(bm, bn)) * d * elem
-        if smem <= 200 * 1024 and (d <= 128 or max(bm, bn) <= 64 or elem == 2):
+        # the resident tiles (two of the outer block) and the pipelined inner tiles (two per stage)
+        smem = (2 * max(bm, bn) + c.num_stages * 2 * min(bm, bn)) * d * elem
+        if smem <= 220 * 1024 and (d < 256 or max(bm, bn) <= 64):
             out.append(c)
-    return out or configs[-1:]
+    return out or [_SMALLEST]
 
 
-@triton.autotune(configs=_bwd_configs("BLOCK_M"), key=["N_Q", "N_K", "HEAD_DIM", "CAUSAL"],
+@triton.autotune(configs=_bwd_configs("BLOCK_M"), key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL"],
                  prune_configs_by={"early_config_prune": _bwd_prune})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -322,7 +400,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, GROUP, N_Q, N_K, sm_scale,
+    H, GROUP, N_Q, N_K, sm_scale, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
 ):
     """One program: dK, dV of BLOCK_N keys of one (batch, KV head), summed over its GROUP query heads."""
@@ -383,7 +461,7 @@ def _attn_bwd_dkdv_kernel(
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok)
 
 
-@triton.autotune(configs=_bwd_configs("BLOCK_N"), key=["N_Q", "N_K", "HEAD_DIM", "CAUSAL"],
+@triton.autotune(configs=_bwd_configs("BLOCK_N"), key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL"],
                  prune_configs_by={"early_config_prune": _bwd_prune})
 @triton.jit
 def _attn_bwd_dq_kernel(
@@ -393,7 +471,7 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    H, GROUP, N_Q, N_K, sm_scale,
+    H, GROUP, N_Q, N_K, sm_scale, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
 ):
     """One program: dQ of BLOCK_M queries of one (batch, head)."""

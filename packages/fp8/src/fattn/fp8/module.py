@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from fattn.fp8.op import fp8_attention
+from torch import nn
 
 __all__ = ["FP8Attention"]
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import torch
 import triton
-
 from fattn.core import (
     Reason,
     choice_reasons,
@@ -28,9 +30,10 @@ from fattn.fp8.kernels import (
     _quant_apply_kernel,
     _quant_finalize_kernel,
     _quant_stats_kernel,
+    seq_bucket,
 )
 
-__all__ = ["fp8_attention", "quantize", "not_supported_reasons", "fp8_fwd", "fp8_bwd", "fp8_quantize",
+__all__ = ["fp8_attention", "quantize", "not_supported_reasons", "scaled_dot_product_attention", "fp8_fwd", "fp8_bwd", "fp8_quantize",
            "FP8_DTYPE", "HEAD_DIMS", "FULL_PRECISION_DTYPES", "OUT_DTYPES"]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -47,28 +50,42 @@ def _quant_block() -> int:
 # --------------------------------------------------------------------------------------------
 # quantization
 # --------------------------------------------------------------------------------------------
-def _quantize_launch(x: torch.Tensor, center: bool, tokens_contiguous: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """x [B, H, N, D] -> (x8 [B, H, N, D] e4m3, descale [B, H] fp32, mean [B, H, D] fp32 or None)."""
-    b, h, n, d = x.shape
-    x8 = _alloc_fp8(x.shape, tokens_contiguous, x.device)
-    descale = empty([b, h], dtype=torch.float32, device=x.device)
-    block = _quant_block()
-    n_tiles = max(triton.cdiv(n, block), 1)
-    col_max = empty([b * h, n_tiles, d], dtype=torch.float32, device=x.device)
-    col_min = empty([b * h, n_tiles, d], dtype=torch.float32, device=x.device)
-    col_sum = empty([b * h, n_tiles, d], dtype=torch.float32, device=x.device) if center else col_max
-    mean = empty([b, h, d], dtype=torch.float32, device=x.device) if center else descale
+def _quantize_launch(x0: torch.Tensor, x1: torch.Tensor | None, center0: bool, tokens_contiguous0: bool,
+                     tokens_contiguous1: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                                 torch.Tensor | None]:
+    """Quantize x0 (and x1, same shape, e.g. K and V) [B, H, N, D], in one launch per pass.
+
+    Returns (x0_8, descale0 [B, H], x1_8 or None, descale1 or None); x0 is centred per channel first
+    when center0 (x0 - mean ~= x0_8 * descale0).
+    """
+    b, h, n, d = x0.shape
+    count = 1 if x1 is None else 2
+    x1_in = x0 if x1 is None else x1
+    y0 = _alloc_fp8(x0.shape, tokens_contiguous0, x0.device)
+    y1 = _alloc_fp8(x0.shape, tokens_contiguous1, x0.device) if x1 is not None else y0
+    descale = empty([count, b, h], dtype=torch.float32, device=x0.device)
+    results = (y0, descale[0], y1 if x1 is not None else None, descale[1] if x1 is not None else None)
     if b * h == 0:
-        return x8, descale, (mean if center else None)
-    grid = (b * h, n_tiles)
-    _quant_stats_kernel[grid](x, col_sum, col_max, col_min, h, n, n_tiles, *x.stride(),
-                              D=d, BLOCK_N=block, CENTER=center, num_warps=4)
-    _quant_finalize_kernel[(b * h,)](col_sum, col_max, col_min, mean, descale, n, n_tiles,
-                                     D=d, BLOCK_T=8 if interpreter_enabled() else 32, CENTER=center, num_warps=4)
-    _quant_apply_kernel[grid](x, mean, descale, x8, h, n, *x.stride(), *x8.stride(),
-                              D=d, BLOCK_N=block, CENTER=center, num_warps=4)
-    return x8, descale, (mean if center else None)
+        return results
+    if n == 0:  # no tokens: nothing to quantize; a unit scale keeps descale finite
+        descale.fill_(1.0)
+        return results
+    block = _quant_block()
+    n_tiles = triton.cdiv(n, block)
+    col_max = empty([count, b * h, n_tiles, d], dtype=torch.float32, device=x0.device)
+    col_min = empty([count, b * h, n_tiles, d], dtype=torch.float32, device=x0.device)
+    col_sum = empty([count, b * h, n_tiles, d], dtype=torch.float32, device=x0.device) if center0 else col_max
+    mean = empty([count, b * h, d], dtype=torch.float32, device=x0.device) if center0 else descale
+    _quant_stats_kernel[(b * h, n_tiles, count)](
+        x0, x1_in, col_sum, col_max, col_min, h, n, n_tiles, *x0.stride(), *x1_in.stride(),
+        D=d, BLOCK_N=block, CENTER0=center0, num_warps=4)
+    _quant_finalize_kernel[(b * h, count)](
+        col_sum, col_max, col_min, mean, descale, n, n_tiles,
+        D=d, BLOCK_T=8 if interpreter_enabled() else 32, CENTER0=center0, num_warps=4)
+    _quant_apply_kernel[(b * h, n_tiles, count)](
+        x0, x1_in, mean, descale, y0, y1, h, n, *x0.stride(), *x1_in.stride(), *y0.stride(), *y1.stride(),
+        D=d, BLOCK_N=block, CENTER0=center0, num_warps=4)
+    return results
 
 
 def _alloc_fp8(shape: torch.Size | list[int], tokens_contiguous: bool, device: torch.device,
@@ -90,8 +107,34 @@ def _quantize_fake(x: torch.Tensor, tokens_contiguous: bool) -> tuple[torch.Tens
 @fused_op("fp8_quantize", fake=_quantize_fake)
 def fp8_quantize(x: torch.Tensor, tokens_contiguous: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, H, N, D] -> (x8 [B, H, N, D] float8_e4m3fn, descale [B, H] fp32) with x ~= x8 * descale."""
-    x8, descale, _ = _quantize_launch(x, False, tokens_contiguous)
+    x8, descale, _, _ = _quantize_launch(x, None, False, tokens_contiguous)
     return x8, descale
+
+
+# --------------------------------------------------------------------------------------------
+# launching autotuned kernels, or one given config (tests run every config this way)
+# --------------------------------------------------------------------------------------------
+_forced_configs: dict[str, triton.Config] = {}
+
+
+@contextlib.contextmanager
+def forced_configs(**configs: triton.Config) -> Iterator[None]:
+    """Inside the block, launch `fwd`, `bwd_prep`, `dkdv`, `dq` with the given configs instead of autotuning."""
+    previous = dict(_forced_configs)
+    _forced_configs.update(configs)
+    try:
+        yield
+    finally:
+        _forced_configs.clear()
+        _forced_configs.update(previous)
+
+
+def _launch(name: str, kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
+    config = _forced_configs.get(name)
+    if config is None:
+        kernel[grid](*args, **kwargs)
+    else:
+        kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,38 +152,40 @@ def _fwd_launch(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_descale:
     def grid(meta):  # type: ignore[no-untyped-def]
         return (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
 
-    _attn_fwd_kernel[grid](
+    _launch(
+        "fwd", _attn_fwd_kernel, grid,
         q8, k8, v8, q_descale, k_descale, v_descale, out, out, out, out,
         *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(), *out.stride(),
-        h, h // h_kv, n_q, n_k, scale,
+        h, h // h_kv, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k),
         HEAD_DIM=d, CAUSAL=causal, FP8=True, BWD_PREP=False,
     )
     return out
 
 
-def _fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale: torch.Tensor | None,
-              k_descale: torch.Tensor | None, v_descale: torch.Tensor | None, causal: bool, scale: float,
+def _fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale: Optional[torch.Tensor],
+              k_descale: Optional[torch.Tensor], v_descale: Optional[torch.Tensor], causal: bool, scale: float,
               out_dtype: torch.dtype) -> torch.Tensor:
     return q.new_empty(q.shape, dtype=out_dtype)
 
 
 @fused_op("fp8_fwd", fake=_fwd_fake)
-def fp8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale: torch.Tensor | None,
-            k_descale: torch.Tensor | None, v_descale: torch.Tensor | None, causal: bool, scale: float,
+def fp8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale: Optional[torch.Tensor],
+            k_descale: Optional[torch.Tensor], v_descale: Optional[torch.Tensor], causal: bool, scale: float,
             out_dtype: torch.dtype) -> torch.Tensor:
     """FP8 attention. q [B, H, Nq, D], k, v [B, Hkv, Nk, D] -> out [B, H, Nq, D] of out_dtype.
 
     e4m3 inputs come with descales ([B, H], [B, Hkv], [B, Hkv]); full-precision inputs are quantized
-    here (per batch and head; K centred per channel first, V written tokens-contiguous).
+    here: K and V per (batch, head) (K centred per channel first, V written tokens-contiguous), Q per
+    row inside the attention kernel.
     """
     if q.dtype == FP8_DTYPE:
         assert q_descale is not None and k_descale is not None and v_descale is not None
         return _fwd_launch(q, k, v, q_descale.float().contiguous(), k_descale.float().contiguous(),
                            v_descale.float().contiguous(), causal, scale, out_dtype)
-    q8, qd, _ = _quantize_launch(q, False, False)
-    k8, kd, _ = _quantize_launch(k, True, False)
-    v8, vd, _ = _quantize_launch(v, False, True)
-    return _fwd_launch(q8, k8, v8, qd, kd, vd, causal, scale, out_dtype)
+    # Q is quantized inside the attention kernel (per row); K and V here, per (batch, head).
+    k8, kd, v8, vd = _quantize_launch(k, v, True, False, True)
+    assert v8 is not None and vd is not None
+    return _fwd_launch(q, k8, v8, kd, kd, vd, causal, scale, out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,22 +214,25 @@ def fp8_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     lse = empty([b * h, n_q], dtype=torch.float32, device=q.device)
     delta = empty([b * h, n_q], dtype=torch.float32, device=q.device)
     # Recompute the full-precision forward's log-sum-exp and delta = rowsum(dO * O).
-    _attn_fwd_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)](
+    _launch(
+        "bwd_prep", _attn_fwd_kernel, lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h),
         q, k, v, lse, lse, lse, lse, lse, grad_out, delta,
         *q.stride(), *k.stride(), *v.stride(), 0, 0, 0, 0, *grad_out.stride(),
-        h, group, n_q, n_k, scale,
+        h, group, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k),
         HEAD_DIM=d, CAUSAL=causal, FP8=False, BWD_PREP=True,
     )
-    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)](
+    _launch(
+        "dkdv", _attn_bwd_dkdv_kernel, lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv),
         q, k, v, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        h, group, n_q, n_k, scale,
+        h, group, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k),
         HEAD_DIM=d, CAUSAL=causal,
     )
-    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)](
+    _launch(
+        "dq", _attn_bwd_dq_kernel, lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h),
         q, k, v, grad_out, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-        h, group, n_q, n_k, scale,
+        h, group, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k),
         HEAD_DIM=d, CAUSAL=causal,
     )
     return dq, dk, dv
@@ -337,3 +385,31 @@ def quantize(x: torch.Tensor, *, granularity: str = "head",
                               TypeError))
     raise_if_unsupported("quantize", reasons)
     return fp8_quantize(x, tokens_contiguous)
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Drop-in for `torch.nn.functional.scaled_dot_product_attention` on [B, H, N, D] inputs, with
+    both products in FP8 (see `fp8_attention`). `attn_mask` and `dropout_p > 0` are not supported
+    (a ValueError says so); GQA (Hkv dividing H) needs `enable_gqa=True`, as in PyTorch.
+    Causal with Nq != Nk aligns the diagonal bottom right (PyTorch's `is_causal` aligns it top left).
+    """
+    reasons: list[Reason] = []
+    if attn_mask is not None:
+        reasons.append(Reason("attn_mask is not supported by fattn.fp8 (use is_causal=True for a causal mask)"))
+    if dropout_p != 0.0:
+        reasons.append(Reason(f"dropout_p must be 0.0 (no attention dropout in fattn.fp8), got {dropout_p}"))
+    if (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and query.dim() == key.dim() == 4
+            and query.shape[1] != key.shape[1] and not enable_gqa):
+        reasons.append(Reason(f"query has {query.shape[1]} heads and key {key.shape[1]}: pass enable_gqa=True "
+                              "for grouped-query attention"))
+    raise_if_unsupported("scaled_dot_product_attention", reasons)
+    return fp8_attention(query, key, value, causal=is_causal, scale=scale)

@@ -4,7 +4,7 @@
   that see no key give 0).
 - `quantize_reference`: per-(batch, head) e4m3 quantization, as `fattn.fp8.quantize` does it.
 - `dequantized_inputs`: exactly the dequantized q, k, v the FP8 kernel consumes for full-precision
-  inputs (K centred per channel), so `attention(*dequantized_inputs(q, k, v))` isolates the error of
+  inputs (Q per row, K centred per channel and V per head), so `attention(*dequantized_inputs(q, k, v))` isolates the error of
   the kernel's own FP8 math (P's quantization) from the error of quantizing the inputs.
 - `fp8_attention_reference`: attention on e4m3 inputs with their descales.
 """
@@ -53,9 +53,15 @@ def quantize_reference(x: torch.Tensor, *, center: bool = False) -> tuple[torch.
 
 def dequantized_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The float64 q, k, v the FP8 kernel works on for full-precision inputs (K centred per channel)."""
-    out = []
-    for x, center in ((q, False), (k, True), (v, False)):
+    """The float64 q, k, v the FP8 kernel works on for full-precision inputs: Q quantized per row, K
+    centred per channel then quantized per (batch, head), V per (batch, head)."""
+    # Q: one scale per query row (amax over D), as the attention kernel quantizes it
+    qf = q.double()
+    amax = qf.abs().amax(dim=-1, keepdim=True).float()
+    q_descale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q8 = (qf / q_descale.double()).clamp(-FP8_MAX, FP8_MAX).float().to(torch.float8_e4m3fn)
+    out = [q8.double() * q_descale.double()]
+    for x, center in ((k, True), (v, False)):
         x8, descale, _ = quantize_reference(x, center=center)
         out.append(x8.double() * descale.double()[:, :, None, None])
     return out[0], out[1], out[2]

@@ -20,9 +20,11 @@ Backward:
 
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
-
 from fattn.core.runtime import interpreter_enabled
 from fattn.core.triton_helpers import bilinear_coords, bilinear_corner, interp_upcast
 
@@ -41,28 +43,48 @@ def _configs(block_qs: list[int], warps: list[int], stages: list[int]) -> list[t
     ]
 
 
+def _small_search() -> bool:
+    """FATTN_MSDA_AUTOTUNE=0 (set by this package's tests) trims the search to a few tilings, so a GPU
+    test run does not spend minutes compiling configs for every new shape."""
+    return os.environ.get("FATTN_MSDA_AUTOTUNE", "1") == "0"
+
+
 def fwd_configs() -> list[triton.Config]:
     """The forward's autotuning space: one small config under the interpreter (fast CPU tests)."""
     if interpreter_enabled():
         return [triton.Config({"BLOCK_Q": 32}, num_warps=4, num_stages=1)]
-    return _configs([16, 32, 64, 128], [4, 8], [1, 2])
+    if _small_search():
+        return [triton.Config({"BLOCK_Q": 16}, num_warps=4, num_stages=1),
+                triton.Config({"BLOCK_Q": 64}, num_warps=8, num_stages=3),
+                triton.Config({"BLOCK_Q": 8}, num_warps=8, num_stages=1)]  # large head dims
+    return _configs([16, 32, 64], [4, 8], [1, 3]) + _configs([8], [4, 8], [1])
 
 
 def bwd_configs() -> list[triton.Config]:
     if interpreter_enabled():
         return [triton.Config({"BLOCK_Q": 32}, num_warps=4, num_stages=1)]
-    return _configs([16, 32, 64], [4, 8], [1, 2])
+    if _small_search():
+        return [triton.Config({"BLOCK_Q": 16}, num_warps=4, num_stages=1),
+                triton.Config({"BLOCK_Q": 64}, num_warps=8, num_stages=1),
+                triton.Config({"BLOCK_Q": 8}, num_warps=8, num_stages=1)]
+    return _configs([16, 32, 64], [4, 8], [1]) + _configs([8], [4, 8], [1])
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles that would exhaust registers (more than 16 fp32 accumulator elements per thread:
-    the gathers need many warps in flight, so occupancy matters more than tile size) or leave most
-    of the GPU idle on small problems (few queries: small BLOCK_Q gives more programs)."""
+    """Drop tiles that would exhaust registers (more than 8 fp32 accumulator elements per thread:
+    the gathers need many warps in flight, so occupancy matters more than tile size; sm_90 compiles
+    of BLOCK_Q 128 x D 32 on 8 warps take 166 registers) or leave most of the GPU idle on small
+    problems (few queries: a small BLOCK_Q gives more programs)."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 32))
     lq = named_args.get("Lq", 1 << 20)
-    kept = [c for c in configs
-            if c.kwargs["BLOCK_Q"] * block_d <= 16 * 32 * c.num_warps and c.kwargs["BLOCK_Q"] <= max(16, 2 * lq)]
-    return kept or configs[:1]
+    value = named_args.get("value_ptr")
+    per_thread = 4 if getattr(value, "dtype", None) == torch.float64 else 8  # fp64 takes 2 registers
+
+    def elements(c: triton.Config) -> float:
+        return c.kwargs["BLOCK_Q"] * block_d / (32 * c.num_warps)
+
+    kept = [c for c in configs if elements(c) <= per_thread and c.kwargs["BLOCK_Q"] <= max(16, 2 * lq)]
+    return kept or [min(configs, key=elements)]
 
 
 # Autotuning is keyed on a power-of-two bucket of the query count, not on the count itself, so a
@@ -72,6 +94,8 @@ _KEY = ["LQ_BUCKET", "M", "BLOCK_D", "L", "P", "ALIGN_CORNERS", "BORDER"]
 
 @triton.jit
 def _sample_location(loc_ptr, loc_base, q, q_mask, stride_lq, stride_lc, ACC: tl.constexpr):
+    """(x, y) of one point for BLOCK_Q queries. (Two loads: a paired load + tl.split trips a layout
+    bug of Triton 3.6's RemoveLayoutConversions pass in the backward kernel.)"""
     x = tl.load(loc_ptr + loc_base + q * stride_lq, mask=q_mask, other=0.0)
     y = tl.load(loc_ptr + loc_base + q * stride_lq + stride_lc, mask=q_mask, other=0.0)
     return interp_upcast(x).to(ACC), interp_upcast(y).to(ACC)
@@ -81,11 +105,11 @@ def _sample_location(loc_ptr, loc_base, q, q_mask, stride_lq, stride_lc, ACC: tl
 @triton.jit
 def msda_fwd_kernel(
     value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
-    Lq, M, D, L, P, LQ_BUCKET,
+    Lq, M, D, L, LQ_BUCKET,
     stride_vn, stride_vs, stride_vm, stride_vd,
     stride_ln, stride_lq, stride_lm, stride_ll, stride_lp, stride_lc,
     stride_an, stride_aq, stride_am, stride_al, stride_ap,
-    ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr,
+    P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
@@ -110,7 +134,7 @@ def msda_fwd_kernel(
         width = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
         start = tl.load(starts_ptr + lvl)
         value_lvl = value_head + start * stride_vs
-        for pt in range(P):
+        for pt in tl.static_range(P):  # unrolled: all points' gathers in flight together
             x, y = _sample_location(loc_ptr, loc_head + lvl * stride_ll + pt * stride_lp, q64, q_mask,
                                     stride_lq, stride_lc, ACC)
             a = tl.load(attn_ptr + attn_head + lvl * stride_al + pt * stride_ap + q64 * stride_aq,
@@ -134,12 +158,12 @@ def msda_fwd_kernel(
 def msda_bwd_kernel(
     value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
     grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr,
-    Lq, M, D, L, P, S, LQ_BUCKET,
+    Lq, M, D, L, S, LQ_BUCKET,
     stride_vn, stride_vs, stride_vm, stride_vd,
     stride_ln, stride_lq, stride_lm, stride_ll, stride_lp, stride_lc,
     stride_an, stride_aq, stride_am, stride_al, stride_ap,
     stride_gn, stride_gq, stride_gc,
-    ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr, DETERMINISTIC: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Gradients of one (batch, head, query block).
@@ -154,58 +178,65 @@ def msda_bwd_kernel(
     n = tl.program_id(2).to(tl.int64)
     N = tl.num_programs(2)
 
-    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    # Per-query values are [BLOCK_Q, 1] columns rather than 1-D vectors: one layout family for the
+    # whole kernel (1-D vectors mixed with row reductions of fp32 tiles trip Triton 3.6's
+    # RemoveLayoutConversions pass).
+    q = (pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q))[:, None]
     q_mask = q < Lq
     q64 = q.to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < D
-    qd_mask = q_mask[:, None] & d_mask[None, :]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    qd_mask = q_mask & (d < D)
 
     value_head = value_ptr + n * stride_vn + m * stride_vm
-    d_offs = d[None, :].to(tl.int64) * stride_vd
+    d_offs = d.to(tl.int64) * stride_vd
     loc_head = n * stride_ln + m * stride_lm
     attn_head = n * stride_an + m * stride_am
     # The output gradient of these queries, kept in registers for every point.
-    g_offs = n * stride_gn + q64[:, None] * stride_gq + (m * D + d[None, :]).to(tl.int64) * stride_gc
+    g_offs = n * stride_gn + q64 * stride_gq + (m * D + d).to(tl.int64) * stride_gc
     g = interp_upcast(tl.load(grad_out_ptr + g_offs, mask=qd_mask, other=0.0)).to(ACC)
     # Contiguous [N, Lq, M, L, P] index of point (lvl, pt) = base + lvl * P + pt.
     point_base = ((n * Lq + q64) * M + m) * (L * P)
-    grad_value_head = grad_value_ptr + (n * S * M + m) * D + d[None, :]
+    grad_value_head = grad_value_ptr + (n * S * M + m) * D + d
 
     for lvl in range(L):
         height = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
         width = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
         start = tl.load(starts_ptr + lvl)
         value_lvl = value_head + start * stride_vs
-        for pt in range(P):
+        for pt in tl.static_range(P):
             x, y = _sample_location(loc_ptr, loc_head + lvl * stride_ll + pt * stride_lp, q64, q_mask,
                                     stride_lq, stride_lc, ACC)
             a = tl.load(attn_ptr + attn_head + lvl * stride_al + pt * stride_ap + q64 * stride_aq,
                         mask=q_mask, other=0.0)
             a = interp_upcast(a).to(ACC)
             x0, y0, fx, fy, dix_dx, diy_dy = bilinear_coords(x, y, width, height, ALIGN_CORNERS, BORDER)
-            grad_a = tl.zeros([BLOCK_Q], dtype=ACC)
-            grad_fx = tl.zeros([BLOCK_Q], dtype=ACC)
-            grad_fy = tl.zeros([BLOCK_Q], dtype=ACC)
+            # The bilinear sample and its derivatives along fx and fy, all D channels; each gradient
+            # below is then one reduction against g (3 per point, not 3 per corner).
+            sample = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
+            sample_dfx = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
+            sample_dfy = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
             point = point_base + lvl * P + pt
             for corner in tl.static_range(4):
                 pix, valid, w, dw_dfx, dw_dfy = bilinear_corner(x0, y0, fx, fy, width, height,
                                                                 corner % 2, corner // 2)
                 pix64 = pix.to(tl.int64)
-                corner_mask = qd_mask & valid[:, None]
-                v = tl.load(value_lvl + pix64[:, None] * stride_vs + d_offs, mask=corner_mask, other=0.0)
-                g_dot_v = tl.sum(g * interp_upcast(v).to(ACC), 1)
-                grad_a += w * g_dot_v
-                grad_fx += dw_dfx * g_dot_v
-                grad_fy += dw_dfy * g_dot_v
+                corner_mask = qd_mask & valid
+                v = tl.load(value_lvl + pix64 * stride_vs + d_offs, mask=corner_mask, other=0.0)
+                v = interp_upcast(v).to(ACC)
+                sample += w * v
+                sample_dfx += dw_dfx * v
+                sample_dfy += dw_dfy * v
                 if DETERMINISTIC:
                     dest = tl.where(valid, (n * M + m) * S + start + pix64, N * M * S)
                     tl.store(dest_ptr + point * 4 + corner, dest.to(dest_ptr.dtype.element_ty), mask=q_mask)
                     tl.store(coef_ptr + point * 4 + corner, a * w, mask=q_mask)
                 else:
-                    contrib = (a * w)[:, None] * g
-                    tl.atomic_add(grad_value_head + (start + pix64)[:, None] * (M * D),
+                    contrib = (a * w) * g
+                    tl.atomic_add(grad_value_head + (start + pix64) * (M * D),
                                   contrib.to(grad_value_ptr.dtype.element_ty), mask=corner_mask, sem="relaxed")
+            grad_a = tl.sum(g * sample, 1, keep_dims=True)
+            grad_fx = tl.sum(g * sample_dfx, 1, keep_dims=True)
+            grad_fy = tl.sum(g * sample_dfy, 1, keep_dims=True)
             tl.store(grad_attn_ptr + point, grad_a.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)
             tl.store(grad_loc_ptr + point * 2, (a * grad_fx * dix_dx).to(grad_loc_ptr.dtype.element_ty),
                      mask=q_mask)

@@ -6,9 +6,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from fattn.msda.op import ms_deform_attn
+from torch import nn
 
 __all__ = ["MSDeformAttn"]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from fattn.core import (
     Reason,
     choice_reasons,
@@ -61,12 +60,12 @@ def msda_fwd(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_inde
     if out.numel() == 0:
         return out
     shapes, starts = _as_index(spatial_shapes), _as_index(level_start_index)
-    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_Q"]), m, n)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_Q"]), m, n)
     msda_fwd_kernel[grid](
         value, shapes, starts, sampling_locations, attention_weights, out,
-        lq, m, d, levels, points, _lq_bucket(lq),
+        lq, m, d, levels, _lq_bucket(lq),
         *value.stride(), *sampling_locations.stride(), *attention_weights.stride(),
-        ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=_acc_dtype(value),
+        P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=_acc_dtype(value),
         BLOCK_D=triton.next_power_of_2(d),
     )
     return out
@@ -117,15 +116,15 @@ def msda_bwd(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.
         grad_value_buf = torch.zeros(value.shape, dtype=acc_torch, device=dev)
 
     gn, gq, gc = grad_out.stride()
-    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_Q"]), m, n)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_Q"]), m, n)
     msda_bwd_kernel[grid](
         value, shapes, starts, sampling_locations, attention_weights, grad_out,
         grad_value_buf, grad_loc, grad_attn, dest if deterministic else grad_loc,
         coef if deterministic else grad_loc,
-        lq, m, d, levels, points, s, _lq_bucket(lq),
+        lq, m, d, levels, s, _lq_bucket(lq),
         *value.stride(), *sampling_locations.stride(), *attention_weights.stride(),
         gn, gq, gc,
-        ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=acc, DETERMINISTIC=deterministic,
+        P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=acc, DETERMINISTIC=deterministic,
         BLOCK_D=triton.next_power_of_2(d),
     )
     if not deterministic:
@@ -182,8 +181,9 @@ def _reasons(value: object, spatial_shapes: object, level_start_index: object, s
              deterministic: object, check_values: bool) -> list[Reason]:
     out: list[Reason] = []
     out += tensor_reasons("value", value, ndim=4, dtypes=FLOAT_DTYPES)
-    out += tensor_reasons("spatial_shapes", spatial_shapes, ndim=2, dtypes=INDEX_DTYPES)
-    out += tensor_reasons("level_start_index", level_start_index, ndim=1, dtypes=INDEX_DTYPES)
+    # Index tensors: their device is checked against value's below (one message for mixed devices).
+    out += tensor_reasons("spatial_shapes", spatial_shapes, ndim=2, dtypes=INDEX_DTYPES, kernel_device=False)
+    out += tensor_reasons("level_start_index", level_start_index, ndim=1, dtypes=INDEX_DTYPES, kernel_device=False)
     out += tensor_reasons("sampling_locations", sampling_locations, ndim=6, dtypes=FLOAT_DTYPES)
     out += tensor_reasons("attention_weights", attention_weights, ndim=5, dtypes=FLOAT_DTYPES)
     out += choice_reasons("padding_mode", padding_mode, PADDING_MODES)

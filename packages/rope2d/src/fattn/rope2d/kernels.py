@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from fattn.core.runtime import interpreter_enabled
 from fattn.core.triton_helpers import (
     LOG2E,
@@ -42,74 +41,146 @@ def pair_block(head_dim: int) -> int:
 # --------------------------------------------------------------------------------------------
 # Autotuning: one small config under the interpreter, a handful of Hopper-friendly ones on a GPU.
 # --------------------------------------------------------------------------------------------
-def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+def _configs(table: dict[int, list[tuple[int, int, int, int]]]) -> list[triton.Config]:
+    """Union of the per-head-dim-class tiles; `_prune` keeps the class's own."""
+    seen = dict.fromkeys(t for tiles in table.values() for t in tiles)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in seen]
 
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pair-block width BLOCK_DH (16/32: D <= 64; 64: D <= 128;
+# 128: D <= 256), chosen from sm_90 compiles (tests/_compile_check.py prints registers, spills and
+# shared memory). For dkdv, the BLOCK_N tile is the program's own and BLOCK_M the streamed one.
+_FWD_TILES = {
+    32: [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3)],
+    64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3)],
+    128: [(64, 32, 8, 2), (32, 32, 4, 2)],
+}
+_DKDV_TILES = {
+    32: [(64, 64, 8, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 64, 8, 2), (64, 128, 8, 2)],
+    64: [(32, 64, 8, 2), (64, 64, 8, 2)],
+    128: [(32, 32, 8, 1), (16, 32, 4, 2)],  # D > 128 spills registers in every tile tried
+}
+_DQ_TILES = {
+    32: [(64, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3)],
+    64: [(64, 32, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+    128: [(32, 32, 8, 1), (64, 16, 8, 1)],  # (spills too)
+}
+_INTERPRETER_TILES = {c: [(16, 16, 1, 1)] for c in (32, 64, 128)}  # one small config: fast CPU tests
 
 if interpreter_enabled():
-    _FWD_CONFIGS = _configs([(16, 16, 1, 1)])
-    _BWD_CONFIGS = _configs([(16, 16, 1, 1)])
-else:
-    _FWD_CONFIGS = _configs([
-        (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-        (128, 32, 4, 4), (64, 128, 4, 3), (64, 32, 4, 4),
-    ])
-    _BWD_CONFIGS = _configs([
-        (64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 64, 4, 3), (64, 32, 4, 4), (32, 32, 4, 2),
-    ])
+    _FWD_TILES = _DKDV_TILES = _DQ_TILES = _INTERPRETER_TILES
+_FWD_CONFIGS = _configs(_FWD_TILES)
+_DKDV_CONFIGS = _configs(_DKDV_TILES)
+_DQ_CONFIGS = _configs(_DQ_TILES)
 
 
-def _prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
-    """Large head dims: keep the tiles that fit registers and shared memory; short sequences: drop
-    tiles far longer than the sequence (they would only compute padding)."""
-    block_dh = kwargs.get("BLOCK_DH", named_args.get("BLOCK_DH"))
-    n = named_args["N"]
-    kept = []
-    for c in configs:
-        m, nb = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if block_dh >= 128 and m * nb > 64 * 64:
-            continue
-        if block_dh >= 64 and m * nb > 128 * 64:
-            continue
-        if n <= 64 and max(m, nb) > 64:
-            continue
-        kept.append(c)
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+def _head_dim_class(block_dh: int) -> int:
+    return 32 if block_dh <= 32 else block_dh
+
+
+def _pruner(table: dict[int, list[tuple[int, int, int, int]]]):  # type: ignore[no-untyped-def]
+    def prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
+        """Keep the tiles of this head-dim class; for short sequences drop tiles far longer than N."""
+        block_dh = kwargs.get("BLOCK_DH", named_args.get("BLOCK_DH"))
+        n = named_args["N"]
+        wanted = set(table[_head_dim_class(block_dh)])
+        kept = [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        short = [c for c in kept if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(64, n)]
+        return short or kept
+
+    return prune
 
 
 # --------------------------------------------------------------------------------------------
-# Rotation helpers
+# Tile helpers. Big offsets (batch, head, tile start) are int64 scalars folded into the base
+# pointer; offsets inside a tile stay int32, which keeps address math and registers small.
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _pair_columns(pairs, DH: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Channel index of the a and b element of each pair."""
-    if INTERLEAVED:
-        return 2 * pairs, 2 * pairs + 1
+def _load_cos_sin(cos_ptr, sin_ptr, start, n_tokens, n_prefix,
+                  BLOCK: tl.constexpr, DH: tl.constexpr, BLOCK_DH: tl.constexpr):
+    """[BLOCK, BLOCK_DH] fp32 cos and sin of the pair angles of tokens start..start+BLOCK; identity
+    (cos 1, sin 0) for prefix tokens and padding."""
+    rows = tl.arange(0, BLOCK)
+    pairs = tl.arange(0, BLOCK_DH)
+    tokens = start + rows
+    row_ok = (tokens >= n_prefix) & (tokens < n_tokens)
+    if DH == BLOCK_DH:
+        mask = row_ok[:, None]
     else:
-        return pairs, pairs + DH
-
-
-@triton.jit
-def _load_cos_sin(cos_ptr, sin_ptr, tokens, n_tokens, n_prefix, pairs, DH: tl.constexpr):
-    """[BLOCK, BLOCK_DH] fp32 cos and sin of each token's pair angles; identity for prefix tokens
-    and padding (cos 1, sin 0)."""
-    patch = tokens - n_prefix
-    mask = ((patch >= 0) & (tokens < n_tokens))[:, None] & (pairs < DH)[None, :]
-    offs = patch.to(tl.int64)[:, None] * DH + pairs[None, :]
-    cos = tl.load(cos_ptr + offs, mask=mask, other=1.0)
-    sin = tl.load(sin_ptr + offs, mask=mask, other=0.0)
+        mask = row_ok[:, None] & (pairs < DH)[None, :]
+    shift = tl.cast(start - n_prefix, tl.int64) * DH  # negative for prefix rows, which are masked
+    local = rows[:, None] * DH + pairs[None, :]
+    cos = tl.load(cos_ptr + shift + local, mask=mask, other=1.0)
+    sin = tl.load(sin_ptr + shift + local, mask=mask, other=0.0)
     return cos, sin
 
 
 @triton.jit
-def _load_halves(base, tokens, n_tokens, stride_n, stride_d, pairs, DH: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """The a and b halves of a [BLOCK, D] tile, zero-padded, in their storage dtype."""
-    col_a, col_b = _pair_columns(pairs, DH, INTERLEAVED)
-    row = tokens.to(tl.int64)[:, None] * stride_n
-    mask = (tokens < n_tokens)[:, None] & (pairs < DH)[None, :]
-    x_a = tl.load(base + row + col_a.to(tl.int64)[None, :] * stride_d, mask=mask, other=0.0)
-    x_b = tl.load(base + row + col_b.to(tl.int64)[None, :] * stride_d, mask=mask, other=0.0)
+def _load_halves(base, start, n_tokens, stride_n, stride_d, BLOCK: tl.constexpr, D: tl.constexpr,
+                 DH: tl.constexpr, BLOCK_DH: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """The a and b halves ([BLOCK, BLOCK_DH] each, zero-padded, storage dtype) of rows
+    start..start+BLOCK of a [N, D] slab. Interleaved pairs load the full rows (vectorized) and split."""
+    rows = tl.arange(0, BLOCK)
+    row_ok = (start + rows) < n_tokens
+    base = base + tl.cast(start, tl.int64) * stride_n
+    if INTERLEAVED:
+        cols = tl.arange(0, 2 * BLOCK_DH)
+        if D == 2 * BLOCK_DH:
+            mask = row_ok[:, None]
+        else:
+            mask = row_ok[:, None] & (cols < D)[None, :]
+        x = tl.load(base + rows[:, None] * stride_n + cols[None, :] * stride_d, mask=mask, other=0.0)
+        x_a, x_b = tl.split(tl.reshape(x, [BLOCK, BLOCK_DH, 2]))
+    else:
+        pairs = tl.arange(0, BLOCK_DH)
+        if DH == BLOCK_DH:
+            mask = row_ok[:, None]
+        else:
+            mask = row_ok[:, None] & (pairs < DH)[None, :]
+        offs = rows[:, None] * stride_n + pairs[None, :] * stride_d
+        x_a = tl.load(base + offs, mask=mask, other=0.0)
+        x_b = tl.load(base + DH * stride_d + offs, mask=mask, other=0.0)
     return x_a, x_b
+
+
+@triton.jit
+def _load_rows(base, start, n_tokens, stride_n, stride_d, BLOCK: tl.constexpr, D: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Rows start..start+BLOCK of a [N, D] slab as a [BLOCK, BLOCK_D] tile (v, do), zero-padded."""
+    rows = tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = (start + rows) < n_tokens
+    if D == BLOCK_D:
+        mask = row_ok[:, None]
+    else:
+        mask = row_ok[:, None] & (cols < D)[None, :]
+    base = base + tl.cast(start, tl.int64) * stride_n
+    return tl.load(base + rows[:, None] * stride_n + cols[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(base, start, n_tokens, y, BLOCK: tl.constexpr, ROW: tl.constexpr, COLS: tl.constexpr,
+                BLOCK_COLS: tl.constexpr):
+    """Store a [BLOCK, BLOCK_COLS] tile (COLS of its columns) into rows start.. of a contiguous slab
+    with ROW elements per row."""
+    rows = tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK_COLS)
+    mask = ((start + rows) < n_tokens)[:, None] & (cols < COLS)[None, :]
+    base = base + tl.cast(start, tl.int64) * ROW
+    tl.store(base + rows[:, None] * ROW + cols[None, :], y.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_halves(base, start, n_tokens, y_a, y_b, BLOCK: tl.constexpr, D: tl.constexpr, DH: tl.constexpr,
+                  BLOCK_DH: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Store the a and b halves back into their channels of a contiguous [N, D] slab."""
+    if INTERLEAVED:
+        y = tl.reshape(tl.join(y_a, y_b), [BLOCK, 2 * BLOCK_DH])
+        _store_rows(base, start, n_tokens, y, BLOCK, D, D, 2 * BLOCK_DH)
+    else:
+        _store_rows(base, start, n_tokens, y_a, BLOCK, D, DH, BLOCK_DH)
+        _store_rows(base + DH, start, n_tokens, y_b, BLOCK, D, DH, BLOCK_DH)
 
 
 @triton.jit
@@ -127,20 +198,24 @@ def _rotate_back(g_a, g_b, cos, sin):
 
 
 @triton.jit
-def _store_halves(base, tokens, n_tokens, stride_n, pairs, y_a, y_b, DH: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Store the a and b halves into a contiguous [N, D] slab (unit channel stride)."""
-    col_a, col_b = _pair_columns(pairs, DH, INTERLEAVED)
-    row = tokens.to(tl.int64)[:, None] * stride_n
-    mask = (tokens < n_tokens)[:, None] & (pairs < DH)[None, :]
-    ty = base.dtype.element_ty
-    tl.store(base + row + col_a[None, :], y_a.to(ty), mask=mask)
-    tl.store(base + row + col_b[None, :], y_b.to(ty), mask=mask)
+def _load_rotated(base, cos_ptr, sin_ptr, start, n_tokens, n_prefix, stride_n, stride_d, scale,
+                  BLOCK: tl.constexpr, D: tl.constexpr, DH: tl.constexpr, BLOCK_DH: tl.constexpr,
+                  INTERLEAVED: tl.constexpr):
+    """Rotated (and scaled) a/b halves of a q or k tile, rounded to the storage dtype for tensor cores,
+    plus the tile's cos/sin (reused to rotate gradients back)."""
+    cos, sin = _load_cos_sin(cos_ptr, sin_ptr, start, n_tokens, n_prefix, BLOCK, DH, BLOCK_DH)
+    x_a, x_b = _load_halves(base, start, n_tokens, stride_n, stride_d, BLOCK, D, DH, BLOCK_DH, INTERLEAVED)
+    r_a, r_b = _rotate(x_a, x_b, cos, sin)
+    dtype = base.dtype.element_ty
+    r_a = interp_upcast((r_a * scale).to(dtype))
+    r_b = interp_upcast((r_b * scale).to(dtype))
+    return r_a, r_b, cos, sin
 
 
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_FWD_CONFIGS, key=["N", "BLOCK_DH", "BLOCK_D"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_FWD_CONFIGS, key=["N", "BLOCK_DH", "INTERLEAVED"], prune_configs_by={"early_config_prune": _pruner(_FWD_TILES)})
 @triton.jit
 def _rope2d_fwd_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr,
@@ -152,7 +227,7 @@ def _rope2d_fwd_kernel(
     INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -160,40 +235,26 @@ def _rope2d_fwd_kernel(
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.arange(0, BLOCK_DH)
-    dims = tl.arange(0, BLOCK_D)
-    dtype = q_ptr.dtype.element_ty
-
-    # Prologue: rotate this q tile once, and fold softmax scale and log2(e) in before the cast.
-    cos, sin = _load_cos_sin(cos_ptr, sin_ptr, rows, N, n_prefix, pairs, DH)
-    q_a, q_b = _load_halves(q_base, rows, N, stride_qn, stride_qd, pairs, DH, INTERLEAVED)
-    q_a, q_b = _rotate(q_a, q_b, cos, sin)
-    q_a = interp_upcast((q_a * qk_scale).to(dtype))
-    q_b = interp_upcast((q_b * qk_scale).to(dtype))
+    # Prologue: rotate this q tile once, with softmax scale and log2(e) folded in before rounding.
+    q_a, q_b, _qcos, _qsin = _load_rotated(q_base, cos_ptr, sin_ptr, start_m, N, n_prefix, stride_qn, stride_qd, qk_scale,
+                                           BLOCK_M, D, DH, BLOCK_DH, INTERLEAVED)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        kcos, ksin = _load_cos_sin(cos_ptr, sin_ptr, cols, N, n_prefix, pairs, DH)
-        k_a, k_b = _load_halves(k_base, cols, N, stride_kn, stride_kd, pairs, DH, INTERLEAVED)
-        k_a, k_b = _rotate(k_a, k_b, kcos, ksin)
-        k_a = interp_upcast(k_a.to(dtype))
-        k_b = interp_upcast(k_b.to(dtype))
-        scores = tl.dot(q_a, tl.trans(k_a)) + tl.dot(q_b, tl.trans(k_b))
-        scores = tl.where((cols < N)[None, :], scores, float("-inf"))
+        k_a, k_b, _, _ = _load_rotated(k_base, cos_ptr, sin_ptr, start_n, N, n_prefix, stride_kn, stride_kd, 1.0,
+                                       BLOCK_N, D, DH, BLOCK_DH, INTERLEAVED)
+        scores = tl.dot(q_b, tl.trans(k_b), tl.dot(q_a, tl.trans(k_a)))
+        scores = tl.where((start_n + tl.arange(0, BLOCK_N) < N)[None, :], scores, float("-inf"))
         m_i, l_i, p, alpha = online_softmax_update(m_i, l_i, scores)
-        v_offs = cols.to(tl.int64)[:, None] * stride_vn + dims.to(tl.int64)[None, :] * stride_vd
-        v = tl.load(v_base + v_offs, mask=(cols < N)[:, None] & (dims < D)[None, :], other=0.0)
-        v = interp_upcast(v)
+        v = interp_upcast(_load_rows(v_base, start_n, N, stride_vn, stride_vd, BLOCK_N, D, BLOCK_D))
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
     out, lse = online_softmax_finalize(acc, m_i, l_i)
-    # o and lse are contiguous [B, H, N, D] / [B, H, N]
-    o_offs = (pid_bh.to(tl.int64) * N + rows.to(tl.int64))[:, None] * D + dims[None, :]
-    tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=(rows < N)[:, None] & (dims < D)[None, :])
+    # o [B, H, N, D] and lse [B, H, N] are contiguous
+    _store_rows(o_ptr + pid_bh.to(tl.int64) * N * D, start_m, N, out, BLOCK_M, D, D, BLOCK_D)
+    rows = start_m + tl.arange(0, BLOCK_M)
     tl.store(lse_ptr + pid_bh.to(tl.int64) * N + rows, lse, mask=rows < N)
 
 
@@ -204,23 +265,18 @@ def _rope2d_fwd_kernel(
 def _bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, stride_dob, stride_doh, stride_don, stride_dod, H, N,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(o * do), the softmax-backward correction term, [B, H, N] fp32."""
-    pid_m = tl.program_id(0)
+    start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    mask = (rows < N)[:, None] & (dims < D)[None, :]
-    o_offs = (pid_bh.to(tl.int64) * N + rows.to(tl.int64))[:, None] * D + dims[None, :]
-    o = tl.load(o_ptr + o_offs, mask=mask, other=0.0)
-    do_offs = b * stride_dob + h * stride_doh + rows.to(tl.int64)[:, None] * stride_don \
-        + dims.to(tl.int64)[None, :] * stride_dod
-    do = tl.load(do_ptr + do_offs, mask=mask, other=0.0)
+    o = _load_rows(o_ptr + pid_bh.to(tl.int64) * N * D, start_m, N, D, 1, BLOCK_M, D, BLOCK_D)
+    do = _load_rows(do_ptr + b * stride_dob + h * stride_doh, start_m, N, stride_don, stride_dod, BLOCK_M, D, BLOCK_D)
     delta = tl.sum(interp_upcast(o).to(tl.float32) * interp_upcast(do).to(tl.float32), axis=1)
+    rows = start_m + tl.arange(0, BLOCK_M)
     tl.store(delta_ptr + pid_bh.to(tl.int64) * N + rows, delta, mask=rows < N)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["N", "BLOCK_DH", "BLOCK_D"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_DKDV_CONFIGS, key=["N", "BLOCK_DH", "INTERLEAVED"], prune_configs_by={"early_config_prune": _pruner(_DKDV_TILES)})
 @triton.jit
 def _rope2d_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
@@ -234,7 +290,7 @@ def _rope2d_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (k tile, batch*head): dk and dv of the tile, summed over all q tiles."""
-    pid_n = tl.program_id(0)
+    start_n = tl.program_id(0) * BLOCK_N
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -243,53 +299,46 @@ def _rope2d_bwd_dkdv_kernel(
     v_base = v_ptr + b * stride_vb + h * stride_vh
     do_base = do_ptr + b * stride_dob + h * stride_doh
     row_base = pid_bh.to(tl.int64) * N  # lse, delta: [B, H, N]
-
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    pairs = tl.arange(0, BLOCK_DH)
-    dims = tl.arange(0, BLOCK_D)
-    dtype = q_ptr.dtype.element_ty
     qk_scale = sm_scale * LOG2E
+    col_ok = (start_n + tl.arange(0, BLOCK_N)) < N
 
-    kcos, ksin = _load_cos_sin(cos_ptr, sin_ptr, cols, N, n_prefix, pairs, DH)
-    k_a, k_b = _load_halves(k_base, cols, N, stride_kn, stride_kd, pairs, DH, INTERLEAVED)
-    k_a, k_b = _rotate(k_a, k_b, kcos, ksin)
-    k_a = interp_upcast(k_a.to(dtype))
-    k_b = interp_upcast(k_b.to(dtype))
-    v_offs = cols.to(tl.int64)[:, None] * stride_vn + dims.to(tl.int64)[None, :] * stride_vd
-    v = interp_upcast(tl.load(v_base + v_offs, mask=(cols < N)[:, None] & (dims < D)[None, :], other=0.0))
+    k_a, k_b, _kcos, _ksin = _load_rotated(k_base, cos_ptr, sin_ptr, start_n, N, n_prefix, stride_kn, stride_kd, 1.0,
+                                           BLOCK_N, D, DH, BLOCK_DH, INTERLEAVED)
+    v = interp_upcast(_load_rows(v_base, start_n, N, stride_vn, stride_vd, BLOCK_N, D, BLOCK_D))
 
     dk_a = tl.zeros([BLOCK_N, BLOCK_DH], tl.float32)
     dk_b = tl.zeros([BLOCK_N, BLOCK_DH], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, N, BLOCK_M):
+        q_a, q_b, _, _ = _load_rotated(q_base, cos_ptr, sin_ptr, start_m, N, n_prefix, stride_qn, stride_qd, 1.0,
+                                       BLOCK_M, D, DH, BLOCK_DH, INTERLEAVED)
+        do = interp_upcast(_load_rows(do_base, start_m, N, stride_don, stride_dod, BLOCK_M, D, BLOCK_D))
         rows = start_m + tl.arange(0, BLOCK_M)
-        cos, sin = _load_cos_sin(cos_ptr, sin_ptr, rows, N, n_prefix, pairs, DH)
-        q_a, q_b = _load_halves(q_base, rows, N, stride_qn, stride_qd, pairs, DH, INTERLEAVED)
-        q_a, q_b = _rotate(q_a, q_b, cos, sin)
-        q_a = interp_upcast(q_a.to(dtype))
-        q_b = interp_upcast(q_b.to(dtype))
-        do_offs = rows.to(tl.int64)[:, None] * stride_don + dims.to(tl.int64)[None, :] * stride_dod
-        do = interp_upcast(tl.load(do_base + do_offs, mask=(rows < N)[:, None] & (dims < D)[None, :], other=0.0))
         lse = tl.load(lse_ptr + row_base + rows, mask=rows < N, other=float("-inf"))
         delta = tl.load(delta_ptr + row_base + rows, mask=rows < N, other=0.0)
 
-        scores = (tl.dot(q_a, tl.trans(k_a)) + tl.dot(q_b, tl.trans(k_b))) * qk_scale  # [BM, BN]
-        scores = tl.where((cols < N)[None, :], scores, float("-inf"))
-        p = probs_from_lse(scores, lse)  # padded rows have lse = -inf -> p = 0
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = (p * (dp - delta[:, None])).to(dtype)
-        dk_a += tl.dot(tl.trans(ds), q_a)
-        dk_b += tl.dot(tl.trans(ds), q_b)
+        # Transposed scores [BN, BM], as in FlashAttention-2's dk/dv pass: p^T and ds^T then come out
+        # of the accumulator already in the layout of a left tensor-core operand (no transpose).
+        scores_t = tl.dot(k_b, tl.trans(q_b), tl.dot(k_a, tl.trans(q_a))) * qk_scale
+        lse2 = lse * LOG2E
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # padded q rows -> p = 0
+        p_t = tl.math.exp2(scores_t - lse2[None, :])
+        p_t = tl.where(col_ok[:, None], p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q_a.dtype)
+        dk_a += tl.dot(ds_t, q_a)
+        dk_b += tl.dot(ds_t, q_b)
 
+    # cos/sin are reloaded (from L2) rather than kept live across the loop: registers are the limit here
+    kcos, ksin = _load_cos_sin(cos_ptr, sin_ptr, start_n, N, n_prefix, BLOCK_N, DH, BLOCK_DH)
     dk_a, dk_b = _rotate_back(dk_a * sm_scale, dk_b * sm_scale, kcos, ksin)
     slab = pid_bh.to(tl.int64) * N * D  # dk, dv are contiguous [B, H, N, D]
-    _store_halves(dk_ptr + slab, cols, N, D, pairs, dk_a, dk_b, DH, INTERLEAVED)
-    dv_offs = cols.to(tl.int64)[:, None] * D + dims[None, :]
-    tl.store(dv_ptr + slab + dv_offs, dv.to(dv_ptr.dtype.element_ty), mask=(cols < N)[:, None] & (dims < D)[None, :])
+    _store_halves(dk_ptr + slab, start_n, N, dk_a, dk_b, BLOCK_N, D, DH, BLOCK_DH, INTERLEAVED)
+    _store_rows(dv_ptr + slab, start_n, N, dv, BLOCK_N, D, D, BLOCK_D)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["N", "BLOCK_DH", "BLOCK_D"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_DQ_CONFIGS, key=["N", "BLOCK_DH", "INTERLEAVED"], prune_configs_by={"early_config_prune": _pruner(_DQ_TILES)})
 @triton.jit
 def _rope2d_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
@@ -303,7 +352,7 @@ def _rope2d_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (q tile, batch*head): dq of the tile, summed over all k tiles."""
-    pid_m = tl.program_id(0)
+    start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -312,46 +361,32 @@ def _rope2d_bwd_dq_kernel(
     v_base = v_ptr + b * stride_vb + h * stride_vh
     do_base = do_ptr + b * stride_dob + h * stride_doh
     row_base = pid_bh.to(tl.int64) * N
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.arange(0, BLOCK_DH)
-    dims = tl.arange(0, BLOCK_D)
-    dtype = q_ptr.dtype.element_ty
     qk_scale = sm_scale * LOG2E
 
-    cos, sin = _load_cos_sin(cos_ptr, sin_ptr, rows, N, n_prefix, pairs, DH)
-    q_a, q_b = _load_halves(q_base, rows, N, stride_qn, stride_qd, pairs, DH, INTERLEAVED)
-    q_a, q_b = _rotate(q_a, q_b, cos, sin)
-    q_a = interp_upcast(q_a.to(dtype))
-    q_b = interp_upcast(q_b.to(dtype))
-    do_offs = rows.to(tl.int64)[:, None] * stride_don + dims.to(tl.int64)[None, :] * stride_dod
-    do = interp_upcast(tl.load(do_base + do_offs, mask=(rows < N)[:, None] & (dims < D)[None, :], other=0.0))
+    q_a, q_b, _qcos, _qsin = _load_rotated(q_base, cos_ptr, sin_ptr, start_m, N, n_prefix, stride_qn, stride_qd, 1.0,
+                                       BLOCK_M, D, DH, BLOCK_DH, INTERLEAVED)
+    do = interp_upcast(_load_rows(do_base, start_m, N, stride_don, stride_dod, BLOCK_M, D, BLOCK_D))
+    rows = start_m + tl.arange(0, BLOCK_M)
     lse = tl.load(lse_ptr + row_base + rows, mask=rows < N, other=float("-inf"))
     delta = tl.load(delta_ptr + row_base + rows, mask=rows < N, other=0.0)
 
     dq_a = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
     dq_b = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
     for start_n in range(0, N, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        kcos, ksin = _load_cos_sin(cos_ptr, sin_ptr, cols, N, n_prefix, pairs, DH)
-        k_a, k_b = _load_halves(k_base, cols, N, stride_kn, stride_kd, pairs, DH, INTERLEAVED)
-        k_a, k_b = _rotate(k_a, k_b, kcos, ksin)
-        k_a = interp_upcast(k_a.to(dtype))
-        k_b = interp_upcast(k_b.to(dtype))
-        v_offs = cols.to(tl.int64)[:, None] * stride_vn + dims.to(tl.int64)[None, :] * stride_vd
-        v = interp_upcast(tl.load(v_base + v_offs, mask=(cols < N)[:, None] & (dims < D)[None, :], other=0.0))
-
-        scores = (tl.dot(q_a, tl.trans(k_a)) + tl.dot(q_b, tl.trans(k_b))) * qk_scale
-        scores = tl.where((cols < N)[None, :], scores, float("-inf"))
+        k_a, k_b, _, _ = _load_rotated(k_base, cos_ptr, sin_ptr, start_n, N, n_prefix, stride_kn, stride_kd, 1.0,
+                                       BLOCK_N, D, DH, BLOCK_DH, INTERLEAVED)
+        v = interp_upcast(_load_rows(v_base, start_n, N, stride_vn, stride_vd, BLOCK_N, D, BLOCK_D))
+        scores = (tl.dot(q_b, tl.trans(k_b), tl.dot(q_a, tl.trans(k_a)))) * qk_scale
+        scores = tl.where((start_n + tl.arange(0, BLOCK_N) < N)[None, :], scores, float("-inf"))
         p = probs_from_lse(scores, lse)
         dp = tl.dot(do, tl.trans(v))
-        ds = (p * (dp - delta[:, None])).to(dtype)
+        ds = (p * (dp - delta[:, None])).to(k_a.dtype)
         dq_a += tl.dot(ds, k_a)
         dq_b += tl.dot(ds, k_b)
 
+    cos, sin = _load_cos_sin(cos_ptr, sin_ptr, start_m, N, n_prefix, BLOCK_M, DH, BLOCK_DH)
     dq_a, dq_b = _rotate_back(dq_a * sm_scale, dq_b * sm_scale, cos, sin)
-    slab = pid_bh.to(tl.int64) * N * D
-    _store_halves(dq_ptr + slab, rows, N, D, pairs, dq_a, dq_b, DH, INTERLEAVED)
+    _store_halves(dq_ptr + pid_bh.to(tl.int64) * N * D, start_m, N, dq_a, dq_b, BLOCK_M, D, DH, BLOCK_DH, INTERLEAVED)
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,7 +396,7 @@ def _meta(head_dim: int, pairing: str) -> dict[str, int | bool]:
     return {
         "D": head_dim,
         "DH": head_dim // 2,
-        "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
+        "BLOCK_D": 2 * pair_block(head_dim),
         "BLOCK_DH": pair_block(head_dim),
         "INTERLEAVED": pairing == "interleaved",
     }
@@ -371,7 +406,7 @@ def rope2d_fwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
                       out: torch.Tensor, lse: torch.Tensor, n_prefix: int, pairing: str, scale: float) -> None:
     """out: contiguous [B, H, N, D]; lse: contiguous [B, H, N] fp32; cos/sin: contiguous [HW, D/2] fp32."""
     B, H, N, D = q.shape
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
     _rope2d_fwd_kernel[grid](
         q, k, v, cos, sin, out, lse,
         *q.stride(), *k.stride(), *v.stride(),
@@ -393,11 +428,11 @@ def rope2d_bwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
         D=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_block,
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    grid_n = lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * H)  # noqa: E731
+    grid_n = lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * H)
     _rope2d_bwd_dkdv_kernel[grid_n](
         q, k, v, cos, sin, grad_out, lse, delta, dk, dv, *strides, H, N, n_prefix, scale, **meta,
     )
-    grid_m = lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)  # noqa: E731
+    grid_m = lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)
     _rope2d_bwd_dq_kernel[grid_m](
         q, k, v, cos, sin, grad_out, lse, delta, dq, *strides, H, N, n_prefix, scale, **meta,
     )

@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
-
 from fattn.rope2d.op import AXIS_ORDERS, PAIRINGS, axial_angles, rope2d_attention
+from torch import nn
 
 __all__ = ["RoPE2dAttention"]
 
@@ -43,8 +42,11 @@ class RoPE2dAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.norm: nn.Module = nn.Identity()  # timm's optional scale_norm before the projection
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
+        # angle tables per (grid, device), so eager calls do not rebuild them in every layer and step
+        self._angles_cache: dict[tuple[int, int, str], torch.Tensor] = {}
 
     @classmethod
     def from_timm(cls, attn: nn.Module, *, n_prefix: int = 1, pairing: str = "interleaved", base: float = 100.0,
@@ -57,10 +59,23 @@ class RoPE2dAttention(nn.Module):
         new.qkv = qkv
         new.q_norm = getattr(attn, "q_norm", nn.Identity())
         new.k_norm = getattr(attn, "k_norm", nn.Identity())
+        new.norm = getattr(attn, "norm", nn.Identity())
         new.proj = attn.proj  # type: ignore[assignment]
         new.proj_drop = getattr(attn, "proj_drop", nn.Identity())
         new.scale = float(getattr(attn, "scale", new.scale))
         return new
+
+    def _axial_angles(self, grid_size: tuple[int, int], dev: torch.device) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # traced once and folded into the graph: no cache needed
+            return axial_angles(grid_size[0], grid_size[1], self.head_dim, base=self.base,
+                                axis_order=self.axis_order, device=dev)
+        key = (int(grid_size[0]), int(grid_size[1]), str(dev))
+        table = self._angles_cache.get(key)
+        if table is None:
+            table = axial_angles(key[0], key[1], self.head_dim, base=self.base, axis_order=self.axis_order,
+                                 device=dev)
+            self._angles_cache[key] = table
+        return table
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
                 grid_size: tuple[int, int] | None = None, angles: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,11 +89,10 @@ class RoPE2dAttention(nn.Module):
                     raise ValueError(f"grid_size is required: N - n_prefix = {N} - {self.n_prefix} is not a square; "
                                      "pass grid_size=(height, width)")
                 grid_size = (side, side)
-            angles = axial_angles(grid_size[0], grid_size[1], self.head_dim, base=self.base,
-                                  axis_order=self.axis_order, device=x.device)
+            angles = self._axial_angles(grid_size, x.device)
         # [B, N, 3, H, Dh] -> three [B, H, N, Dh] strided views: the kernel reads them in place.
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         out = rope2d_attention(q, k, v, angles, n_prefix=self.n_prefix, pairing=self.pairing, scale=self.scale)
         out = out.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(self.proj(self.norm(out)))

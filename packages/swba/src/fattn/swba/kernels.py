@@ -8,7 +8,9 @@ Every kernel visits only the tiles that intersect the window, in two kinds of lo
 causal fused-attention tutorial): tiles where the block mask (or a ragged edge) cuts through are
 "masked"; interior tiles wholly visible to every row of the other side skip all mask arithmetic.
 For a query tile the visible keys are [lo, hi); the unmasked run [full_lo, full_hi) sits inside it,
-so the loops are [lo, full_lo) masked, [full_lo, full_hi) unmasked, [full_hi, hi) masked.
+so the forward and dQ loops are [lo, full_lo) masked, [full_lo, full_hi) unmasked, [full_hi, hi)
+masked. The dK/dV kernel keeps one loop with a branch uniform over the tile instead: three
+pipelined loops there (k, v, dk, dv all live) spilled registers on sm_90 (checked with ptxas).
 
 The backward is deterministic (no atomics): one kernel per key tile accumulates dK and dV over the
 query tiles that see it (and over the query heads sharing a KV head in GQA/MQA); another per query
@@ -17,9 +19,11 @@ tile accumulates dQ over its key tiles. A preprocess computes delta = rowsum(o *
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
-
 from fattn.core.runtime import interpreter_enabled
 from fattn.core.triton_helpers import (
     LOG2E,
@@ -41,42 +45,53 @@ __all__ = [
 _SMEM_BUDGET = 200 * 1024
 
 
+@functools.cache
+def _smem_budget(device: torch.device | None) -> int:
+    """The pipelined-tile budget for `device`: ~88% of its opt-in shared memory per block (200 KB on
+    H100/H200, ~143 KB on A100, less on consumer GPUs), so pruning never keeps a config that cannot launch."""
+    if device is None or device.type != "cuda":
+        return _SMEM_BUDGET
+    optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+    return min(_SMEM_BUDGET, int(optin * 0.88)) if optin else _SMEM_BUDGET
+
+
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-def _prune(configs, named_args, *, streamed_per_col: int, resident_per_row: int, **kwargs):  # type: ignore[no-untyped-def]
-    """Drop configs whose pipelined tiles cannot fit in shared memory (large head dims)."""
+def _prune(configs, named_args, *, acc_rows: str, n_acc: int, fallback: triton.Config, **kwargs):  # type: ignore[no-untyped-def]
+    """Drop configs that cannot run well at this head dim: pipelined tiles over the shared-memory
+    budget, or fp32 accumulators over ~64 registers a thread per accumulator (they spill; checked
+    with ptxas for sm_90 at D = 64, 80, 128, 256). When none is left (fp32 at D > 128), a small
+    single-stage fallback that fits."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     elem = named_args["Q"].element_size()
+    budget = _smem_budget(getattr(named_args["Q"], "device", None))
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        smem = (resident_per_row * bm + c.num_stages * streamed_per_col * bn) * block_d * elem
-        # The fp32 accumulators live in registers: cap them at ~128 fp32 registers a thread.
-        acc_regs = resident_per_row * bm * block_d // (32 * c.num_warps)
-        if smem <= _SMEM_BUDGET and acc_regs <= 128 * max(1, resident_per_row):
+        resident, streamed = (bm, bn) if acc_rows == "M" else (bn, bm)
+        # The resident tile(s) once, two streamed operands per pipeline stage.
+        smem = (n_acc * resident + c.num_stages * 2 * streamed) * block_d * elem
+        acc_regs = resident * block_d // (32 * c.num_warps)
+        if smem <= budget and acc_regs <= 64:
             kept.append(c)
-    return kept or configs[-1:]
+    return kept or [fallback]
 
 
 def _prune_fwd(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
-    # resident: q and the output accumulator (BLOCK_M rows); streamed: k and v (BLOCK_N rows).
-    return _prune(configs, named_args, streamed_per_col=2, resident_per_row=1, **kwargs)
+    # Resident: q and the output accumulator (BLOCK_M rows); streamed: k and v (BLOCK_N rows).
+    return _prune(configs, named_args, acc_rows="M", n_acc=1, fallback=_config(64, 16, 8, 1), **kwargs)
 
 
 def _prune_dkdv(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
-    # resident per key tile: k, v, dk, dv (BLOCK_N rows); streamed: q, do (BLOCK_M rows). Roles
-    # of M and N swap here, so the shared-memory estimate swaps them too.
-    swapped = [_config(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in configs]
-    kept = _prune(swapped, named_args, streamed_per_col=2, resident_per_row=2, **kwargs)
-    keep = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in kept}
-    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+    # Resident: k, v and the dk, dv accumulators (BLOCK_N rows); streamed: q and do (BLOCK_M rows).
+    return _prune(configs, named_args, acc_rows="N", n_acc=2, fallback=_config(16, 32, 8, 1), **kwargs)
 
 
 def _prune_dq(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
-    # resident: q, do, dq (BLOCK_M rows); streamed: k, v.
-    return _prune(configs, named_args, streamed_per_col=2, resident_per_row=2, **kwargs)
+    # Resident: q, do and the dq accumulator (BLOCK_M rows); streamed: k and v.
+    return _prune(configs, named_args, acc_rows="M", n_acc=2, fallback=_config(32, 16, 4, 2), **kwargs)
 
 
 if interpreter_enabled():
@@ -90,16 +105,26 @@ else:
         _config(128, 64, 4, 3),
         _config(128, 64, 8, 3),
         _config(128, 128, 8, 3),
+        _config(128, 64, 4, 4),
+        _config(128, 128, 8, 4),
         _config(64, 64, 4, 3),
         _config(128, 32, 4, 3),
         _config(64, 32, 4, 2),
+        # head dims above 128
+        _config(64, 64, 8, 2),
+        _config(64, 32, 8, 2),
     ]
     DKDV_CONFIGS = [
-        _config(32, 128, 4, 3),
-        _config(64, 128, 8, 3),
-        _config(64, 64, 4, 3),
-        _config(32, 64, 4, 2),
-        _config(16, 64, 4, 2),
+        _config(32, 128, 8, 2),
+        _config(32, 128, 8, 3),
+        _config(64, 128, 8, 2),
+        _config(32, 64, 4, 3),
+        _config(64, 64, 8, 2),
+        _config(16, 128, 8, 2),
+        _config(16, 64, 4, 3),
+        # head dims above 128
+        _config(32, 64, 8, 2),
+        _config(16, 64, 8, 2),
     ]
     DQ_CONFIGS = [
         _config(128, 32, 4, 3),
@@ -107,6 +132,9 @@ else:
         _config(64, 64, 4, 3),
         _config(64, 32, 4, 2),
         _config(64, 16, 4, 2),
+        # head dims above 128
+        _config(64, 64, 8, 2),
+        _config(64, 32, 8, 2),
     ]
 
 # Tuned per (bucketed) sequence lengths, window geometry and head dim; the length buckets keep a
@@ -209,9 +237,11 @@ def swba_fwd_kernel(
     n_heads, kv_group, n_q, n_k, block_size, window, qk_scale, q_bucket, k_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(n_q, BLOCK_M), B * H). Writes O [B, H, n_q, D] and LSE [B, H, n_q] (fp32, natural log)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Grid (B * H, cdiv(n_q, BLOCK_M)). Writes O [B, H, n_q, D] and LSE [B, H, n_q] (fp32, natural log)."""
+    # Last query tiles first: with a window wider than the sequence so far (block-causal start)
+    # they see the most keys, and starting the longest programs first balances the tail.
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    pid_bh = tl.program_id(0)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
     hk = h // kv_group
@@ -258,13 +288,13 @@ def swba_bwd_preprocess_kernel(
     n_heads, n_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
-    """delta = rowsum(o * do) - dlse, [B, H, n_q] fp32. Grid (cdiv(n_q, BLOCK_M), B * H).
+    """delta = rowsum(o * do) - dlse, [B, H, n_q] fp32. Grid (B * H, cdiv(n_q, BLOCK_M)).
 
     Subtracting dlse folds the gradient of the returned log-sum-exp into the same formula:
     d lse / d s = p, so ds = p * (dp - delta + dlse).
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    pid_bh = tl.program_id(0)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -284,32 +314,26 @@ def swba_bwd_preprocess_kernel(
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, k_blk, q_base, do_base, lse_row, delta_row,
                 stride_qn, stride_qd, stride_don, stride_dod,
-                offs_d, start, end, n_q, q_off, block_size, window, qk_scale,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
-    """Accumulate dK, dV of one key tile over query tiles [start, end) (relative query indices)."""
-    for start_m in range(start, end, BLOCK_M):
+                offs_d, lo, full_lo, full_hi, hi, n_q, q_off, block_size, window, qk_scale,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query tiles [lo, hi) (relative query indices); only
+    tiles outside [full_lo, full_hi) apply the window mask (a branch uniform over the block: one
+    loop keeps register pressure lower than three)."""
+    for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < n_q
-        q = interp_upcast(_load_rows(q_base, start_m, n_q, stride_qn, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D,
-                                     MASKED))
-        if MASKED:
-            lse = tl.load(lse_row + offs_m, mask=m_mask, other=0.0)
-        else:
-            lse = tl.load(lse_row + offs_m)
+        q = interp_upcast(_load_rows(q_base, start_m, n_q, stride_qn, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D, True))
+        lse = tl.load(lse_row + offs_m, mask=offs_m < n_q, other=0.0)
         # Transposed scores: rows are keys, columns queries, so dK/dV accumulate without a transpose.
         s_t = tl.dot(k, tl.trans(q)) * qk_scale
         p_t = tl.math.exp2(s_t - (lse * LOG2E)[None, :])
-        if MASKED:
-            vis = _visible((q_off + offs_m) // block_size, k_blk, window)
-            p_t = tl.where(tl.trans(vis) & m_mask[None, :], p_t, 0.0)
-        do = interp_upcast(_load_rows(do_base, start_m, n_q, stride_don, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D,
-                                      MASKED))
+        if (start_m < full_lo) | (start_m >= full_hi):
+            # Padded query rows get block -1: behind every key block, so never visible.
+            q_blk = tl.where(offs_m < n_q, (q_off + offs_m) // block_size, -1)
+            p_t = tl.where((q_blk[None, :] - k_blk[:, None]).to(tl.uint32) < window, p_t, 0.0)
+        do = interp_upcast(_load_rows(do_base, start_m, n_q, stride_don, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D, True))
         dv = tl.dot(p_t.to(do.dtype), do, dv)
-        if MASKED:
-            delta = tl.load(delta_row + offs_m, mask=m_mask, other=0.0)
-        else:
-            delta = tl.load(delta_row + offs_m)
+        delta = tl.load(delta_row + offs_m, mask=offs_m < n_q, other=0.0)
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk)
@@ -326,15 +350,20 @@ def swba_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    n_heads, n_kv_heads, kv_group, n_q, n_k, block_size, window, scale, qk_scale, q_bucket, k_bucket,
+    n_heads, n_kv_heads, kv_group, n_splits, n_q, n_k, block_size, window, scale, qk_scale, q_bucket, k_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(n_k, BLOCK_N), B * Hk). dK, dV of one key tile of one KV head, summed over the
-    query tiles that see it and over the kv_group query heads sharing the KV head (no atomics)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_kv_heads).to(tl.int64)
-    hk = (pid_bh % n_kv_heads).to(tl.int64)
+    """Grid (B * Hk * n_splits, cdiv(n_k, BLOCK_N)). dK, dV of one key tile of one KV head, summed
+    over the query tiles that see it and over kv_group / n_splits of the query heads sharing the KV
+    head (no atomics). DK, DV are [B, Hk * n_splits, n_k, D]: with n_splits > 1 (GQA/MQA with too
+    few KV heads to fill the GPU) the caller sums the n_splits partial results, deterministically."""
+    pid_n = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // (n_kv_heads * n_splits)).to(tl.int64)
+    out_h = (pid_bh % (n_kv_heads * n_splits)).to(tl.int64)  # head index in DK / DV
+    hk = out_h // n_splits
+    heads_per_split = kv_group // n_splits
+    first_head = hk * kv_group + (out_h % n_splits) * heads_per_split
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -358,27 +387,18 @@ def swba_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for g in range(0, kv_group):
-        h = hk * kv_group + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
+    for g in range(0, heads_per_split):
+        h = first_head + g
         row = (b * n_heads + h) * n_q
-        lse_row = LSE + row
-        delta_row = DELTA + row
-        dk, dv = _dkdv_tiles(dk, dv, k, v, k_blk, q_base, do_base, lse_row, delta_row,
-                             stride_qn, stride_qd, stride_don, stride_dod, offs_d, lo, full_lo,
-                             n_q, q_off, block_size, window, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_D, True)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, k_blk, q_base, do_base, lse_row, delta_row,
-                             stride_qn, stride_qd, stride_don, stride_dod, offs_d, full_lo, full_hi,
-                             n_q, q_off, block_size, window, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_D, False)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, k_blk, q_base, do_base, lse_row, delta_row,
-                             stride_qn, stride_qd, stride_don, stride_dod, offs_d, full_hi, hi,
-                             n_q, q_off, block_size, window, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, k_blk, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
+                             LSE + row, DELTA + row, stride_qn, stride_qd, stride_don, stride_dod,
+                             offs_d, lo, full_lo, full_hi, hi, n_q, q_off, block_size, window, qk_scale,
+                             BLOCK_M, HEAD_DIM, BLOCK_D)
 
     dk *= scale
-    tl.store(DK + b * stride_dkb + hk * stride_dkh + offsets_2d(offs_n, offs_d, stride_dkn, stride_dkd),
+    tl.store(DK + b * stride_dkb + out_h * stride_dkh + offsets_2d(offs_n, offs_d, stride_dkn, stride_dkd),
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + hk * stride_dvh + offsets_2d(offs_n, offs_d, stride_dvn, stride_dvd),
+    tl.store(DV + b * stride_dvb + out_h * stride_dvh + offsets_2d(offs_n, offs_d, stride_dvn, stride_dvd),
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -416,9 +436,9 @@ def swba_bwd_dq_kernel(
     n_heads, kv_group, n_q, n_k, block_size, window, scale, qk_scale, q_bucket, k_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(n_q, BLOCK_M), B * H). dQ of one query tile over its visible key tiles."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Grid (B * H, cdiv(n_q, BLOCK_M)). dQ of one query tile over its visible key tiles."""
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # longest programs first, as in the forward
+    pid_bh = tl.program_id(0)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
     hk = h // kv_group

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from fattn.swba.op import swba_attention
+from torch import nn
 
 __all__ = ["SlidingWindowBlockAttention"]
 

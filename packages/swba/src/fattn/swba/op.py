@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
 import torch
 import triton
-
 from fattn.core import (
     Reason,
     empty,
@@ -33,6 +33,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 _PREPROCESS_BLOCK_M = 64
+# Tiles run along grid axis 1 (at most 65535 programs) with at least 64 tokens a tile.
+_MAX_TOKENS = 65535 * 64
 
 
 def _geometry(n_k: int, block_size: int, window: int) -> tuple[int, int]:
@@ -49,6 +51,27 @@ def _geometry(n_k: int, block_size: int, window: int) -> tuple[int, int]:
 
 def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
+
+
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _kv_group_splits(b: int, h_kv: int, n_k: int, group: int, dev: torch.device) -> int:
+    """How many programs share one KV head's query heads in the dK/dV kernel (a divisor of group).
+
+    One program per (key tile, KV head) is enough when there are many KV heads; with MQA/GQA and
+    few key tiles that leaves SMs idle, so the group is split until ~2 programs per SM exist.
+    """
+    if group == 1:
+        return 1
+    target = 2 * _sm_count(dev.index) if dev.type == "cuda" else 4  # CPU: small, so tests cover both paths
+    programs = b * h_kv * triton.cdiv(n_k, 128)
+    for splits in range(1, group + 1):
+        if group % splits == 0 and programs * splits >= target:
+            return splits
+    return group
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -73,8 +96,9 @@ def swba_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
         return out, lse
     block_size, window = _geometry(n_k, block_size, window)
 
+    # (B * H) on grid axis 0, whose limit is 2^31 - 1 (axis 1 allows only 65535 programs).
     def grid(meta):  # type: ignore[no-untyped-def]
-        return (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
+        return (b * h, triton.cdiv(n_q, meta["BLOCK_M"]))
 
     swba_fwd_kernel[grid](
         q, k, v, out, lse,
@@ -109,24 +133,37 @@ def swba_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     if n_q > 0:
         has_dlse = grad_lse is not None
         dlse = grad_lse.contiguous() if has_dlse else lse
-        swba_bwd_preprocess_kernel[(triton.cdiv(n_q, _PREPROCESS_BLOCK_M), b * h)](
+        swba_bwd_preprocess_kernel[(b * h, triton.cdiv(n_q, _PREPROCESS_BLOCK_M))](
             out, grad_out, dlse, delta, *_strides(out), *_strides(grad_out), h, n_q,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=_PREPROCESS_BLOCK_M, HAS_DLSE=has_dlse,
         )
     common = (n_q, n_k, block_size, window, scale, scale * _LOG2E, _bucket(n_q), _bucket(n_k))
 
+    group = h // h_kv
+    n_splits = _kv_group_splits(b, h_kv, n_k, group, q.device)
+    if n_splits > 1:
+        # Too few KV heads to fill the GPU: split each group's query heads over n_splits programs
+        # writing fp32 partials, summed below (deterministic, unlike atomics).
+        dk_out = empty((b, h_kv * n_splits, n_k, d), dtype=torch.float32, device=q.device)
+        dv_out = empty((b, h_kv * n_splits, n_k, d), dtype=torch.float32, device=q.device)
+    else:
+        dk_out, dv_out = dk, dv
+
     def grid_kv(meta):  # type: ignore[no-untyped-def]
-        return (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)
+        return (b * h_kv * n_splits, triton.cdiv(n_k, meta["BLOCK_N"]))
 
     # dK/dV for every key (keys no query sees get exact zeros).
     swba_bwd_dkdv_kernel[grid_kv](
-        q, k, v, grad_out, lse, delta, dk, dv,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-        h, h_kv, h // h_kv, *common, HEAD_DIM=d, BLOCK_D=block_d,
+        q, k, v, grad_out, lse, delta, dk_out, dv_out,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk_out), *_strides(dv_out),
+        h, h_kv, group, n_splits, *common, HEAD_DIM=d, BLOCK_D=block_d,
     )
+    if n_splits > 1:
+        dk.copy_(dk_out.view(b, h_kv, n_splits, n_k, d).sum(2))
+        dv.copy_(dv_out.view(b, h_kv, n_splits, n_k, d).sum(2))
     if n_q > 0:
         def grid_q(meta):  # type: ignore[no-untyped-def]
-            return (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
+            return (b * h, triton.cdiv(n_q, meta["BLOCK_M"]))
 
         swba_bwd_dq_kernel[grid_q](
             q, k, v, grad_out, lse, delta, dq,
@@ -183,6 +220,8 @@ def _reasons(q: object, k: object, v: object, block_size: object, window: object
     if n_k < n_q:
         reasons.append(Reason(f"k and v must have at least as many tokens as q (queries are the last Nq of Nk "
                               f"tokens): Nq = q.shape[2] = {n_q}, Nk = k.shape[2] = {n_k}"))
+    if n_k > _MAX_TOKENS:
+        reasons.append(Reason(f"k and v must have at most {_MAX_TOKENS} tokens, got Nk = {n_k}"))
     reasons += head_dim_reasons("q", d, maximum=MAX_HEAD_DIM)
     return reasons
 

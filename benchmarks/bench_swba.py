@@ -1,0 +1,138 @@
+"""fattn.swba against torch.compile(flex_attention) with the equivalent BlockMask and naive masked attention.
+
+GPU: `python -m pytest benchmarks/bench_swba.py --benchmark-json=swba.json`
+CPU smoke (tiny shapes, interpreter): `python -m pytest benchmarks/bench_swba.py --fattn-bench-smoke -q`
+
+Peers need nothing exported: FlexAttention ships with torch (>= 2.5); the naive peers are plain PyTorch.
+TFLOP/s count only the visible (query, key) pairs: 4 * D flops a pair forward, 10 * D forward+backward.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from fattn.core.testing import device
+from fattn.swba import swba_attention, swba_mask
+
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+
+def _shape(B: int, H: int, N: int, D: int, dtype: torch.dtype, bs: int, w: int) -> dict:
+    short = {F16: "fp16", BF16: "bf16", F32: "fp32"}[dtype]
+    return {"name": f"B{B}-H{H}-N{N}-D{D}-{short}-bs{bs}-w{w}", "B": B, "H": H, "N": N, "D": D,
+            "dtype": dtype, "bs": bs, "w": w}
+
+
+SHAPES = [
+    _shape(1, 12, 16384, 64, F16, 256, 16),
+    _shape(1, 12, 16384, 64, F16, 256, 4),
+    _shape(1, 12, 16384, 128, BF16, 256, 16),
+    # Scaling in N at a fixed window: time should grow linearly (x4 from 16384 to 65536).
+    _shape(1, 12, 4096, 64, F16, 256, 16),
+    _shape(1, 12, 8192, 64, F16, 256, 16),
+    _shape(1, 12, 32768, 64, F16, 256, 16),
+    _shape(1, 12, 65536, 64, F16, 256, 16),
+    # Video-model geometry: 16x16-patch frames of 14x14 (196 tokens, not a multiple of 64), GQA-free.
+    _shape(2, 16, 196 * 32, 64, BF16, 196, 8),
+]
+SMOKE = _shape(1, 2, 70, 16, F32, 8, 3)
+IMPLS = ["fattn", "flex", "naive", "sdpa_mask"]
+OPS = ["fwd", "fwd+bwd"]
+# Dense peers materialize N x N scores (or an N x N mask): cap them so the run does not go out of memory.
+DENSE_MAX_N = {"naive": 8192, "sdpa_mask": 16384}
+
+
+def visible_pairs(n: int, bs: int, w: int) -> int:
+    """Number of (query, key) pairs the window lets through, summed exactly (ragged last block)."""
+    t = torch.arange(n, dtype=torch.int64)
+    blk = t // bs
+    hi = torch.clamp((blk + 1) * bs, max=n)
+    lo = torch.clamp((blk - w + 1) * bs, min=0)
+    return int((hi - lo).sum())
+
+
+def _naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
+
+
+def _flex_fn(smoke: bool):  # type: ignore[no-untyped-def]
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if smoke:  # eager flex on the CPU: checks the mask wiring, no compile
+        return flex_attention
+    # A fresh compile per benchmark: one shared compiled function would hit Dynamo's recompile
+    # limit across the shapes and silently fall back to (slow) eager flex_attention.
+    torch._dynamo.reset()
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_block_mask(n: int, bs: int, w: int, dev: torch.device):  # type: ignore[no-untyped-def]
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):  # type: ignore[no-untyped-def]
+        qb = q_idx // bs
+        kb = kv_idx // bs
+        return (kb <= qb) & (kb > qb - w)
+
+    # _compile=True builds the mask block by block instead of materializing N x N booleans (4 GiB at N=65536).
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=dev, _compile=dev.type == "cuda")
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=[s["name"] for s in SHAPES])
+def test_swba(measure, smoke, shape, impl, op) -> None:  # type: ignore[no-untyped-def]
+    if smoke:
+        if shape is not SHAPES[0]:
+            pytest.skip("smoke run: first shape only")
+        shape = SMOKE
+    b, h, n, d, dtype, bs, w = (shape[x] for x in ("B", "H", "N", "D", "dtype", "bs", "w"))
+    if impl in DENSE_MAX_N and n > DENSE_MAX_N[impl]:
+        pytest.skip(f"{impl} materializes N x N: skipped above N={DENSE_MAX_N[impl]}")
+    dev = device()
+    backward = op == "fwd+bwd"
+    if smoke and impl == "flex" and backward and dev.type == "cpu":
+        pytest.skip("FlexAttention has no backward on the CPU")
+    q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=dtype, requires_grad=backward) for _ in range(3))
+    grad = torch.randn(b, h, n, d, device=dev, dtype=dtype)
+    info = {}
+
+    if impl == "fattn":
+        def attn():  # type: ignore[no-untyped-def]
+            return swba_attention(q, k, v, bs, w)
+    elif impl == "flex":
+        start = time.perf_counter()
+        block_mask = _flex_block_mask(n, bs, w, dev)
+        info["block_mask_build_ms"] = (time.perf_counter() - start) * 1e3
+        flex = _flex_fn(smoke)
+
+        def attn():  # type: ignore[no-untyped-def]
+            return flex(q, k, v, block_mask=block_mask)
+    else:
+        mask = swba_mask(n, n, bs, w, device=dev)
+        if impl == "naive":
+            def attn():  # type: ignore[no-untyped-def]
+                return _naive(q, k, v, mask)
+        else:
+            def attn():  # type: ignore[no-untyped-def]
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    if backward:
+        def fn():  # type: ignore[no-untyped-def]
+            out = attn()
+            return torch.autograd.grad(out, (q, k, v), grad)
+    else:
+        def fn():  # type: ignore[no-untyped-def]
+            with torch.no_grad():
+                return attn()
+
+    pairs = b * h * visible_pairs(n, bs, w)
+    flops = pairs * d * (10 if backward else 4)
+    elem = q.element_size()
+    bytes_moved = b * h * n * d * elem * (4 if not backward else 11)
+    measure.run(fn, op=f"swba {op}", impl=impl, shape=shape["name"], size=n, flops=flops, bytes_moved=bytes_moved,
+                visible_fraction=pairs / (b * h * n * n), **info)

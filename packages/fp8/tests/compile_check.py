@@ -1,0 +1,147 @@
+"""Compile fattn-fp8's kernels for Hopper (sm_90) and Ada (sm_89) without a GPU; report registers,
+spills and shared memory, and check that the forward runs FP8 tensor-core math.
+
+    python packages/fp8/tests/compile_check.py           # the quick set (what the test runs)
+    python packages/fp8/tests/compile_check.py --full    # every tuned config of every kernel
+
+Arguments are specialized as Triton's launcher does at run time: unit strides become constants
+and pointers / other strides are marked divisible by 16 (without that, loads are not vectorized
+and the K/V pipeline is not built).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton
+from fattn.core.compile_check import compile_kernel
+from fattn.fp8 import kernels
+
+TAIL = {"H": "i32", "GROUP": "i32", "N_Q": "i32", "N_K": "i32", "sm_scale": "fp32", "Q_BUCKET": "i32",
+        "K_BUCKET": "i32"}
+
+
+def _strides(prefixes: list[str], unit: list[str]) -> dict[str, str]:
+    return {f"stride_{p}{c}": "i32" for p in prefixes for c in "bhnd" if f"stride_{p}{c}" not in unit}
+
+
+def _compile(kernel, sig: dict[str, str], consts: dict[str, object], name: str, arch: int, warps: int,
+             stages: int):  # type: ignore[no-untyped-def]
+    divisible = tuple(k for k, v in sig.items() if v.startswith("*") or k.startswith("stride"))
+    # an Autotuner has `arg_names` too, which stops core's unwrapping at it: hand over the JITFunction
+    if isinstance(kernel, triton.runtime.Autotuner):
+        kernel = kernel.fn
+    return compile_kernel(kernel, sig, consts, name=name, arch=arch, num_warps=warps, num_stages=stages,
+                          divisible_by_16=divisible)
+
+
+def forward(q_dtype: str, d: int, bm: int, bn: int, warps: int, stages: int, causal: bool, arch: int = 90):
+    """The FP8 forward: q_dtype "fp8e4nv" (e4m3 inputs) or "bf16" (Q quantized in the kernel)."""
+    unit = ["stride_qd", "stride_kd", "stride_vn", "stride_od", "stride_dod"]  # V tokens-contiguous
+    sig = {"Q": f"*{q_dtype}", "K": "*fp8e4nv", "V": "*fp8e4nv", "Q_descale": "*fp32", "K_descale": "*fp32",
+           "V_descale": "*fp32", "Out": "*bf16", "Lse": "*fp32", "DO": "*bf16", "Delta": "*fp32",
+           **_strides(["q", "k", "v", "o", "do"], unit), **TAIL}
+    consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": causal, "FP8": True, "BWD_PREP": False,
+              **dict.fromkeys(unit, 1)}
+    return _compile(kernels._attn_fwd_kernel, sig, consts, f"fwd q={q_dtype} D{d} {bm}x{bn} w{warps} s{stages}"
+                    f"{' causal' if causal else ''}", arch, warps, stages)
+
+
+def backward(which: str, dtype: str, d: int, bm: int, bn: int, warps: int, stages: int, arch: int = 90):
+    """The full-precision backward kernels: "prep" (lse, delta), "dkdv" or "dq"."""
+    t = f"*{dtype}"
+    if which == "prep":
+        unit = ["stride_qd", "stride_kd", "stride_vd", "stride_dod"]
+        sig = {"Q": t, "K": t, "V": t, "Q_descale": "*fp32", "K_descale": "*fp32", "V_descale": "*fp32",
+               "Out": "*fp32", "Lse": "*fp32", "DO": t, "Delta": "*fp32",
+               **_strides(["q", "k", "v", "o", "do"], unit), **TAIL}
+        consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": True, "FP8": False, "BWD_PREP": True}
+        kernel = kernels._attn_fwd_kernel
+    else:
+        outs = ["dk", "dv"] if which == "dkdv" else ["dq"]
+        prefixes = ["q", "k", "v", "do", *outs]
+        unit = [f"stride_{p}d" for p in prefixes]
+        sig = {"Q": t, "K": t, "V": t, "DO": t, "Lse": "*fp32", "Delta": "*fp32",
+               **{o.upper(): t for o in outs}, **_strides(prefixes, unit), **TAIL}
+        consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": True}
+        kernel = kernels._attn_bwd_dkdv_kernel if which == "dkdv" else kernels._attn_bwd_dq_kernel
+    consts.update(dict.fromkeys(unit, 1))
+    return _compile(kernel, sig, consts, f"bwd {which} {dtype} D{d} {bm}x{bn} w{warps} s{stages}", arch, warps,
+                    stages)
+
+
+def quantization(dtype: str, d: int, arch: int = 90) -> list:  # type: ignore[type-arg]
+    unit_in = ["stride_x0d", "stride_x1d"]
+    stats = {"X0": f"*{dtype}", "X1": f"*{dtype}", "ColSum": "*fp32", "ColMax": "*fp32", "ColMin": "*fp32",
+             "H": "i32", "N": "i32", "n_tiles": "i32", **_strides(["x0", "x1"], unit_in)}
+    unit_out = [*unit_in, "stride_y0d", "stride_y1n"]
+    apply = {"X0": f"*{dtype}", "X1": f"*{dtype}", "Mean": "*fp32", "Descale": "*fp32", "Y0": "*fp8e4nv",
+             "Y1": "*fp8e4nv", "H": "i32", "N": "i32", **_strides(["x0", "x1", "y0", "y1"], unit_out)}
+    final = {"ColSum": "*fp32", "ColMax": "*fp32", "ColMin": "*fp32", "Mean": "*fp32", "Descale": "*fp32",
+             "N": "i32", "n_tiles": "i32"}
+    return [
+        _compile(kernels._quant_stats_kernel, stats, {"D": d, "BLOCK_N": 64, "CENTER0": True,
+                                                      **dict.fromkeys(unit_in, 1)}, f"quant stats {dtype}", arch, 4, 1),
+        _compile(kernels._quant_finalize_kernel, final, {"D": d, "BLOCK_T": 32, "CENTER0": True},
+                 "quant finalize", arch, 4, 1),
+        _compile(kernels._quant_apply_kernel, apply, {"D": d, "BLOCK_N": 64, "CENTER0": True,
+                                                      **dict.fromkeys(unit_out, 1)}, f"quant apply {dtype}", arch, 4, 1),
+    ]
+
+
+def _check_forward(report) -> None:  # type: ignore[no-untyped-def]
+    ptx = report.ptx
+    if report.arch == 90:
+        assert "wgmma.mma_async" in ptx and "e4m3.e4m3" in ptx, f"{report.name}: no FP8 wgmma"
+    assert "cp.async" in ptx, f"{report.name}: K/V loads are not pipelined"
+
+
+def main(full: bool) -> None:
+    reports = []
+    if not full:
+        for q_dtype, d, bm, bn in [("fp8e4nv", 128, 128, 64), ("bf16", 64, 128, 128)]:
+            r = forward(q_dtype, d, bm, bn, 8, 3, causal=True)
+            _check_forward(r)
+            assert r.n_spills == 0, str(r)
+            reports.append(r)
+    else:
+        for d in (32, 64, 128, 256):
+            for q_dtype in ("fp8e4nv", "bf16"):
+                for c in kernels._fwd_prune(kernels._fwd_configs(), {"Q": _Elem(1)}, HEAD_DIM=d, FP8=True):
+                    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+                    r = forward(q_dtype, d, bm, bn, c.num_warps, c.num_stages, causal=True)
+                    _check_forward(r)
+                    reports.append(r)
+        reports.append(forward("fp8e4nv", 128, 128, 64, 8, 3, causal=False, arch=89))
+        for dtype, elem in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
+            for d in (64, 128, 256):
+                for c in kernels._fwd_prune(kernels._fwd_configs(), {"Q": _Elem(elem)}, HEAD_DIM=d, FP8=False)[:2]:
+                    reports.append(backward("prep", dtype, d, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                            c.num_warps, c.num_stages))
+                for which, inner in (("dkdv", "BLOCK_M"), ("dq", "BLOCK_N")):
+                    for c in kernels._bwd_prune(kernels._bwd_configs(inner), {"Q": _Elem(elem)}, HEAD_DIM=d):
+                        reports.append(backward(which, dtype, d, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                                c.num_warps, c.num_stages))
+        for dtype in ("bf16", "fp16", "fp32"):
+            reports += quantization(dtype, 128)
+    for r in reports:
+        assert r.shared_bytes <= 227 * 1024, str(r)
+        print(r, "SPILLS" if r.n_spills else "")
+    print("OK")
+
+
+class _Elem:
+    """Stands in for a tensor argument in the prune functions (they read element_size only)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def element_size(self) -> int:
+        return self.size
+
+
+if __name__ == "__main__":
+    main(full="--full" in sys.argv)

@@ -1,0 +1,202 @@
+"""fattn.msda against the per-level grid_sample reference in float64: forward and all gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fattn.core.testing import (
+    assert_close,
+    assert_deterministic,
+    case_id,
+    cases,
+    check_custom_op,
+    check_forward_backward,
+    device,
+    on_gpu,
+    rand,
+    randn,
+)
+from fattn.msda import ms_deform_attn, ms_deform_attn_reference, msda_fwd
+
+
+def level_tensors(levels: list[tuple[int, int]], dev: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """spatial_shapes [L, 2], level_start_index [L] and S for a list of (H, W)."""
+    dev = dev or device()
+    shapes = torch.tensor(levels, dtype=torch.int64, device=dev)
+    sizes = shapes[:, 0] * shapes[:, 1]
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    return shapes, starts, int(sizes.sum())
+
+
+def parse_levels(levels: str | list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """'5x7+2x3' -> [(5, 7), (2, 3)] (strings keep test ids readable)."""
+    if isinstance(levels, str):
+        return [tuple(int(v) for v in lv.split("x")) for lv in levels.split("+")]  # type: ignore[misc]
+    return levels
+
+
+def make_inputs(N: int, Lq: int, M: int, D: int, levels: str | list[tuple[int, int]], P: int, dtype: torch.dtype,
+                loc_dtype: torch.dtype | None = None, noncontiguous: bool = False) -> dict:
+    levels = parse_levels(levels)
+    shapes, starts, S = level_tensors(levels)
+    L = len(levels)
+    loc_dtype = loc_dtype or dtype
+    value = randn([N, S, M, D], dtype, noncontiguous=noncontiguous)
+    # Inside, across the borders and far outside the maps.
+    loc = rand([N, Lq, M, L, P, 2], torch.float32, low=-0.3, high=1.3)
+    if loc.numel() >= 12:
+        loc.view(-1, 2)[:6] = torch.tensor([[0.0, 0.0], [1.0, 1.0], [-2.5, 0.5], [0.5, 7.0], [1.0, 0.0], [0.3, 1.0]],
+                                           device=loc.device)
+    # Snap to multiples of 2^-12: then x * W - 0.5 is exact in fp32, so the kernel, the fp32 and the
+    # fp64 references all pick the same bilinear cell (a gradient jumps where the cell changes).
+    loc = (torch.round(loc * 4096) / 4096).to(loc_dtype)
+    attn = rand([N, Lq, M, L, P], loc_dtype)
+    if noncontiguous:
+        from fattn.core.testing import make_noncontiguous
+
+        loc, attn = make_noncontiguous(loc), make_noncontiguous(attn)
+    return dict(value=value, spatial_shapes=shapes, level_start_index=starts, sampling_locations=loc,
+                attention_weights=attn)
+
+
+GRADS = ["value", "sampling_locations", "attention_weights"]
+
+BASE = dict(N=2, Lq=37, M=2, D=12, levels="5x7+2x3", P=2)
+SMALL_CASES = [
+    {**BASE, "dtype": torch.float32, "padding": "zeros", "align": False, "det": False},
+    {**BASE, "dtype": torch.float32, "padding": "border", "align": True, "det": False},
+    {**BASE, "dtype": torch.float32, "padding": "zeros", "align": True, "det": True},
+    {**BASE, "dtype": torch.float16, "padding": "zeros", "align": False, "det": False},
+    {**BASE, "dtype": torch.float16, "padding": "border", "align": False, "det": True},
+    # One level, a single-pixel row, head dim 5, three points.
+    dict(N=1, Lq=21, M=3, D=5, levels="1x6", P=3, dtype=torch.float32, padding="border", align=False, det=False),
+    # Three non-square levels, batch 3, one head of dim 17.
+    dict(N=3, Lq=9, M=1, D=17, levels="4x9+3x2+1x1", P=1, dtype=torch.float32, padding="zeros",
+         align=False, det=True),
+    {**BASE, "dtype": torch.bfloat16, "padding": "zeros", "align": False, "det": False},
+    {**BASE, "dtype": torch.bfloat16, "padding": "border", "align": True, "det": True},
+]
+# Realistic sizes: GPU only.
+GPU_CASES = [
+    dict(N=2, Lq=1000, M=8, D=32, levels="64x64+32x32+16x16+8x8", P=4, dtype=dt, padding="zeros",
+         align=False, det=det)
+    for dt in (torch.float32, torch.float16, torch.bfloat16) for det in (False, True)
+] + [
+    dict(N=1, Lq=777, M=6, D=48, levels="50x84+25x42+13x21", P=3, dtype=torch.bfloat16, padding="border",
+         align=True, det=False),
+    dict(N=3, Lq=300, M=8, D=256, levels="13x21+7x11", P=4, dtype=torch.float16, padding="zeros",
+         align=False, det=False),
+]
+
+
+def _run(case: dict, noncontiguous: bool = False, loc_dtype: torch.dtype | None = None) -> None:
+    inputs = make_inputs(case["N"], case["Lq"], case["M"], case["D"], case["levels"], case["P"], case["dtype"],
+                         loc_dtype=loc_dtype, noncontiguous=noncontiguous)
+    opts = dict(padding_mode=case["padding"], align_corners=case["align"])
+    check_forward_backward(
+        lambda **kw: ms_deform_attn(**kw, **opts, deterministic=case["det"]),
+        lambda **kw: ms_deform_attn_reference(**kw, **opts),
+        inputs, grad_names=GRADS,
+    )
+
+
+@pytest.mark.parametrize("case", cases(SMALL_CASES) + cases(GPU_CASES, gpu_only_dims=lambda r: True))
+def test_forward_backward_match_reference(case: dict) -> None:
+    _run(case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_noncontiguous_inputs_get_gradients(dtype: torch.dtype) -> None:
+    # The seed Triton port silently dropped gradients of non-contiguous inputs.
+    _run({**BASE, "dtype": dtype, "padding": "zeros", "align": False, "det": False}, noncontiguous=True)
+
+
+@pytest.mark.parametrize("value_dtype,loc_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16),
+                                                   pytest.param(torch.bfloat16, torch.float32, marks=pytest.mark.bf16)],
+                         ids=["value_fp16-loc_fp32", "value_fp32-loc_fp16", "value_bf16-loc_fp32"])
+def test_mixed_dtypes(value_dtype: torch.dtype, loc_dtype: torch.dtype) -> None:
+    # Locations and weights may keep fp32 under autocast while value is half precision: the output
+    # follows value, each gradient its own input's dtype.
+    inputs = make_inputs(2, 13, 2, 8, [(3, 5), (2, 2)], 2, value_dtype, loc_dtype=loc_dtype)
+    out = ms_deform_attn(**inputs)
+    assert out.dtype == value_dtype
+    for name in GRADS:
+        inputs[name].requires_grad_(True)
+    out = ms_deform_attn(**inputs)
+    grads = torch.autograd.grad(out.float().sum(), [inputs[n] for n in GRADS])
+    for name, g in zip(GRADS, grads):
+        assert g.dtype == inputs[name].dtype and g.shape == inputs[name].shape
+    ref64 = ms_deform_attn_reference(**{k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()})
+    assert_close("out", out, ref64, dtype=value_dtype)
+
+
+def test_gradcheck_fp64() -> None:
+    inputs = make_inputs(1, 3, 1, 2, [(2, 3), (1, 2)], 1, torch.float64)
+    # Keep points off pixel-cell boundaries, where bilinear sampling is not differentiable.
+    inputs["sampling_locations"] = rand(list(inputs["sampling_locations"].shape), torch.float64, low=0.1, high=0.9)
+    shapes, starts = inputs["spatial_shapes"], inputs["level_start_index"]
+    args = [inputs[n].detach().requires_grad_(True) for n in GRADS]
+    for det in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda v, loc, a: ms_deform_attn(v, shapes, starts, loc, a, deterministic=det), args,
+            eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_deterministic_backward_is_bitwise_reproducible() -> None:
+    big = on_gpu()
+    inputs = make_inputs(2, 2000 if big else 19, 4 if big else 2, 32 if big else 8,
+                         [(32, 32), (16, 16)] if big else [(3, 4), (2, 2)], 4 if big else 2, torch.float32)
+    # Many queries sampling the same few pixels: atomics would add in a different order every run.
+    inputs["sampling_locations"] = rand(list(inputs["sampling_locations"].shape), low=0.4, high=0.6)
+    leaves = [inputs[n].detach().requires_grad_(True) for n in GRADS]
+    g = randn(list(ms_deform_attn(**inputs).shape))
+
+    def grads() -> tuple[torch.Tensor, ...]:
+        out = ms_deform_attn(leaves[0], inputs["spatial_shapes"], inputs["level_start_index"], leaves[1], leaves[2],
+                             deterministic=True)
+        return torch.autograd.grad(out, leaves, g)
+
+    assert_deterministic(grads, runs=3)
+
+
+def test_empty_queries() -> None:
+    inputs = make_inputs(2, 0, 2, 4, [(3, 3)], 2, torch.float32)
+    for name in GRADS:
+        inputs[name].requires_grad_(True)
+    out = ms_deform_attn(**inputs)
+    assert out.shape == (2, 0, 8)
+    grads = torch.autograd.grad(out.sum(), [inputs[n] for n in GRADS])
+    assert float(grads[0].abs().sum()) == 0.0
+
+
+def test_custom_op_opcheck_and_compile() -> None:
+    inputs = make_inputs(1, 11, 2, 4, [(3, 4), (2, 1)], 2, torch.float32)
+    for name in GRADS:
+        inputs[name].requires_grad_(True)
+    args = (inputs["value"], inputs["spatial_shapes"], inputs["level_start_index"], inputs["sampling_locations"],
+            inputs["attention_weights"])
+    check_custom_op(msda_fwd, args + ("zeros", False, False), public_fn=ms_deform_attn, public_args=args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matches_reference_at_detr_scale(dtype: torch.dtype) -> None:
+    # Deformable DETR's encoder levels at 800x1333 (one image, a slice of the queries).
+    inputs = make_inputs(1, 4096, 8, 32, [(100, 167), (50, 84), (25, 42), (13, 21)], 4, dtype)
+    check_forward_backward(ms_deform_attn, ms_deform_attn_reference, inputs, grad_names=GRADS)
+
+
+def test_case_ids_are_readable() -> None:
+    assert case_id(N=2, Lq=37, dtype=torch.float16) == "N2-Lq37-fp16"
+
+
+def test_deformable_detr_function_shim() -> None:
+    from fattn.msda import MSDeformAttnFunction, ms_deform_attn_core_pytorch
+
+    inputs = make_inputs(2, 7, 2, 4, [(3, 4), (2, 2)], 2, torch.float32)
+    out = MSDeformAttnFunction.apply(inputs["value"], inputs["spatial_shapes"], inputs["level_start_index"],
+                                     inputs["sampling_locations"], inputs["attention_weights"], 64)
+    ref = ms_deform_attn_core_pytorch(inputs["value"].double(), inputs["spatial_shapes"],
+                                      inputs["sampling_locations"].double(), inputs["attention_weights"].double())
+    assert_close("out", out, ref)
+    assert torch.ops.fattn.msda_fwd.default is not None and torch.ops.fattn.msda_bwd.default is not None

@@ -1,0 +1,113 @@
+"""Bad inputs raise TypeError/ValueError naming the argument, what was expected and what was given."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fattn.msda import ms_deform_attn, not_supported_reasons
+
+from .test_msda import make_inputs
+
+
+def _good() -> dict:
+    return make_inputs(2, 5, 2, 4, [(3, 4), (2, 2)], 2, torch.float32)
+
+
+def _expect(error: type[Exception], match: str, **changes: object) -> None:
+    inputs = {**_good(), **changes}
+    opts = {k: inputs.pop(k) for k in ("padding_mode", "align_corners", "deterministic") if k in inputs}
+    assert not_supported_reasons(**inputs, **opts), "not_supported_reasons should report the problem"
+    with pytest.raises(error, match=match):
+        ms_deform_attn(**inputs, **opts)
+
+
+def test_good_inputs_have_no_reasons() -> None:
+    assert not_supported_reasons(**_good()) == []
+
+
+def test_value_wrong_rank() -> None:
+    v = _good()["value"]
+    _expect(ValueError, r"value must be 4-D", value=v.flatten(2))
+
+
+def test_value_wrong_dtype() -> None:
+    v = _good()["value"]
+    _expect(TypeError, r"value must have dtype in .*got int64", value=v.to(torch.int64))
+
+
+def test_spatial_shapes_float() -> None:
+    s = _good()["spatial_shapes"]
+    _expect(TypeError, r"spatial_shapes must have dtype in \(int32, int64\), got float32", spatial_shapes=s.float())
+
+
+def test_shapes_do_not_sum_to_S() -> None:
+    s = _good()["spatial_shapes"].clone()
+    s[0, 1] = 5  # 3x5 + 2x2 = 19 != 16
+    _expect(ValueError, r"cover sum\(H \* W\) = 19 positions, but value has S = 16", spatial_shapes=s,
+            level_start_index=torch.tensor([0, 15]))
+
+
+def test_level_start_index_inconsistent() -> None:
+    _expect(ValueError, r"level_start_index must be the running sum .*\[0, 12\], got \[0, 11\]",
+            level_start_index=torch.tensor([0, 11]))
+
+
+def test_level_start_index_wrong_length() -> None:
+    _expect(ValueError, r"level_start_index must have shape \[L\] = \[2\]", level_start_index=torch.tensor([0]))
+
+
+def test_nonpositive_level() -> None:
+    s = torch.tensor([[4, 4], [0, 3]])
+    _expect(ValueError, r"spatial_shapes must hold positive", spatial_shapes=s)
+
+
+def test_sampling_locations_wrong_levels() -> None:
+    loc = _good()["sampling_locations"]
+    _expect(ValueError, r"sampling_locations must have shape \[N, Lq, M, L, P, 2\]", sampling_locations=loc[:, :, :, :1])
+
+
+def test_sampling_locations_wrong_batch() -> None:
+    loc = _good()["sampling_locations"]
+    _expect(ValueError, r"sampling_locations must have shape .*got \[1, ", sampling_locations=loc[:1])
+
+
+def test_attention_weights_wrong_points() -> None:
+    a = _good()["attention_weights"]
+    _expect(ValueError, r"attention_weights must have shape \[N, Lq, M, L, P\] = \[2, 5, 2, 2, 2\]",
+            attention_weights=a[..., :1])
+
+
+def test_head_dim_too_large() -> None:
+    inputs = make_inputs(1, 3, 1, 300, [(2, 2)], 1, torch.float32)
+    with pytest.raises(ValueError, match=r"value: head dim must be between 1 and 256, got 300"):
+        ms_deform_attn(**inputs)
+
+
+def test_bad_padding_mode() -> None:
+    _expect(ValueError, r"padding_mode must be one of 'zeros', 'border'; got 'reflection'", padding_mode="reflection")
+
+
+def test_align_corners_not_bool() -> None:
+    _expect(TypeError, r"align_corners must be a bool", align_corners=1)
+
+
+def test_not_a_tensor() -> None:
+    _expect(TypeError, r"attention_weights must be a torch.Tensor, got list", attention_weights=[1.0])
+
+
+def test_wrong_device() -> None:
+    # 'meta' stands in for any device the kernels cannot run on (a CPU tensor on a GPU run, ...).
+    v = _good()["value"]
+    _expect(ValueError, r"value", value=torch.empty(v.shape, device="meta"))
+
+
+@pytest.mark.gpu
+def test_mixed_devices() -> None:
+    inputs = _good()
+    _expect(ValueError, r"all tensors must be on one device", spatial_shapes=inputs["spatial_shapes"].cpu())
+
+
+def test_several_problems_listed_together() -> None:
+    inputs = _good()
+    with pytest.raises(TypeError, match=r"2 problems"):
+        ms_deform_attn(**{**inputs, "value": inputs["value"].int(), "padding_mode": "nope"})

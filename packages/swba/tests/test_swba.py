@@ -1,0 +1,263 @@
+"""fattn.swba against the dense float64 reference: forward, lse, every gradient, GQA, KV cache, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from fattn.core.testing import (
+    assert_deterministic,
+    cases,
+    check_custom_op,
+    check_forward_backward,
+    device,
+    on_gpu,
+    randn,
+)
+from fattn.swba import not_supported_reasons, swba_attention, swba_attention_reference, swba_mask
+from fattn.swba.op import swba_bwd, swba_fwd
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# fp32 matmuls run in TF32 on a GPU (exact under the interpreter): direct comparisons allow for that.
+TOL = 5e-3 if on_gpu() else 1e-5
+
+
+def _inputs(case, noncontiguous=True):  # type: ignore[no-untyped-def]
+    b, h, hk, nq, nk, d, dtype = (case[x] for x in ("B", "H", "Hk", "Nq", "Nk", "D", "dtype"))
+    return {
+        "q": randn([b, h, nq, d], dtype, noncontiguous=noncontiguous),
+        "k": randn([b, hk, nk, d], dtype, noncontiguous=noncontiguous),
+        "v": randn([b, hk, nk, d], dtype, noncontiguous=noncontiguous),
+    }
+
+
+def _case(B=1, H=2, Hk=None, Nq=37, Nk=None, D=24, bs=5, w=2, dtype=F32):  # type: ignore[no-untyped-def]
+    return {"B": B, "H": H, "Hk": Hk or H, "Nq": Nq, "Nk": Nk or Nq, "D": D, "bs": bs, "w": w, "dtype": dtype}
+
+
+CPU_CASES = [
+    _case(B=2, H=3, Nq=37, D=24, bs=5, w=2),  # ragged last block, odd everything
+    _case(H=2, Nq=45, D=32, bs=8, w=3, dtype=F16),
+    _case(H=1, Nq=100, D=16, bs=32, w=2),  # blocks larger than tiles: unmasked interior tiles
+    _case(H=1, Nq=33, D=16, bs=1, w=1),  # every query sees only itself
+    _case(H=1, Nq=29, D=16, bs=1, w=5),  # token-level sliding window
+    _case(H=2, Nq=29, D=20, bs=4, w=100),  # window >= blocks: block-causal
+    _case(H=1, Nq=23, D=16, bs=64, w=1),  # one partial block: full attention
+    _case(H=1, Nq=21, D=80, bs=6, w=2),  # head dim not a power of two
+    _case(H=4, Hk=2, Nq=30, D=16, bs=7, w=2, dtype=F16),  # grouped-query
+    _case(H=3, Hk=1, Nq=26, D=16, bs=5, w=3),  # multi-query
+    _case(H=2, Nq=13, Nk=50, D=16, bs=7, w=2),  # KV cache: queries are the last 13 of 50 tokens
+    _case(H=2, Hk=1, Nq=1, Nk=41, D=16, bs=8, w=3, dtype=F16),  # one decoding step, MQA
+    _case(B=2, H=4, Hk=2, Nq=10, Nk=130, D=16, bs=9, w=2),  # GQA with enough KV tiles: unsplit dK/dV path
+]
+
+GPU_CASES = [
+    _case(B=2, H=4, Nq=1000, D=64, bs=96, w=3, dtype=F16),
+    _case(B=1, H=4, Nq=1000, D=64, bs=96, w=3, dtype=BF16),
+    _case(B=1, H=3, Nq=777, D=128, bs=100, w=4, dtype=BF16),
+    _case(B=1, H=2, Nq=777, D=128, bs=256, w=2, dtype=F16),
+    _case(B=1, H=2, Nq=600, D=256, bs=64, w=3, dtype=F16),
+    _case(B=1, H=2, Nq=600, D=256, bs=64, w=3, dtype=BF16),
+    _case(B=1, H=2, Nq=500, D=80, bs=50, w=3, dtype=BF16),
+    _case(B=1, H=2, Nq=500, D=96, bs=77, w=2, dtype=F32),
+    _case(B=2, H=8, Hk=2, Nq=700, D=64, bs=64, w=4, dtype=BF16),
+    _case(B=1, H=6, Hk=1, Nq=300, Nk=1500, D=128, bs=128, w=3, dtype=F16),
+    _case(B=1, H=4, Nq=1, Nk=2049, D=64, bs=256, w=4, dtype=BF16),
+    _case(B=1, H=2, Nq=1111, D=64, bs=1, w=17, dtype=F16),
+    _case(B=1, H=2, Nq=1024, D=64, bs=128, w=100, dtype=BF16),
+]
+
+
+def _run_case(case, noncontiguous=True):  # type: ignore[no-untyped-def]
+    bs, w = case["bs"], case["w"]
+    # With one visible key per query, dq and dk are exactly 0 in float64; allow the ~1e-7 rounding of ours
+    # (the default floor is relative to max(|dq|, 1e-3) = 1e-3: it would allow ~1e-8). 1e-5 absolute here.
+    floor = {"grad_q": 1e-2, "grad_k": 1e-2} if bs == 1 and w == 1 else None
+    check_forward_backward(
+        lambda q, k, v: swba_attention(q, k, v, bs, w, return_lse=True),
+        lambda q, k, v: swba_attention_reference(q, k, v, bs, w, return_lse=True),
+        _inputs(case, noncontiguous),
+        grad_names=["q", "k", "v"],
+        floor=floor,
+    )
+
+
+@pytest.mark.parametrize("case", cases(CPU_CASES))
+def test_forward_backward(case) -> None:  # type: ignore[no-untyped-def]
+    _run_case(case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", cases(GPU_CASES))
+def test_forward_backward_gpu(case) -> None:  # type: ignore[no-untyped-def]
+    _run_case(case, noncontiguous=case["Nq"] % 2 == 0)
+
+
+@pytest.mark.parametrize("case", cases([_case(H=2, Hk=1, Nq=19, Nk=27, D=16, bs=4, w=2),
+                                        _case(H=2, Nq=40, D=64, bs=16, w=2, dtype=BF16)]))
+def test_lse_gradient(case) -> None:  # type: ignore[no-untyped-def]
+    """Gradients flowing from the returned log-sum-exp (e.g. for merging attention states)."""
+    bs, w = case["bs"], case["w"]
+    check_forward_backward(
+        lambda q, k, v: swba_attention(q, k, v, bs, w, return_lse=True)[::-1],
+        lambda q, k, v: swba_attention_reference(q, k, v, bs, w, return_lse=True)[::-1],
+        _inputs(case), grad_names=["q", "k", "v"],
+    )
+
+
+def test_custom_scale_and_layout() -> None:
+    """A custom scale, and q/k/v as [B, N, H, D] tensors viewed as [B, H, N, D] (no copy)."""
+    q, k, v = (randn([2, 31, 3, 16]).transpose(1, 2) for _ in range(3))
+    check_forward_backward(
+        lambda q, k, v: swba_attention(q, k, v, 6, 2, scale=0.37),
+        lambda q, k, v: swba_attention_reference(q, k, v, 6, 2, scale=0.37),
+        {"q": q, "k": k, "v": v}, grad_names=["q", "k", "v"],
+    )
+
+
+def test_out_of_window_tiles_are_never_read() -> None:
+    """NaN keys/values far outside every query's window must not leak into any result: the kernels
+    never visit those tiles (this is what makes time linear in N at a fixed window)."""
+    nq, nk, bs, w, d = 40, 200, 8, 2, 16  # queries at 160..199 see keys from 152 on
+    q = randn([1, 2, nq, d], requires_grad=True)
+    k = randn([1, 2, nk, d])
+    v = randn([1, 2, nk, d])
+    k[:, :, :96] = float("nan")
+    v[:, :, :96] = float("nan")
+    k.requires_grad_(True)
+    v.requires_grad_(True)
+    out = swba_attention(q, k, v, bs, w)
+    g = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+    kc, vc = (t.detach().nan_to_num(0.0).double() for t in (k, v))
+    ref = swba_attention_reference(q.detach().double(), kc, vc, bs, w)
+    assert torch.isfinite(out).all() and torch.isfinite(dq).all()
+    torch.testing.assert_close(out.double(), ref, atol=10 * TOL, rtol=10 * TOL)
+    assert torch.equal(dk[:, :, :96], torch.zeros_like(dk[:, :, :96]))
+    assert torch.equal(dv[:, :, :96], torch.zeros_like(dv[:, :, :96]))
+    assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
+
+
+def test_backward_is_deterministic() -> None:
+    q, k, v = (randn([1, 4, 45, 16], F16) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]  # GQA: dk/dv sum over query heads, still without atomics
+    g = randn([1, 4, 45, 16], F16)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        out = swba_attention(qq, kk, vv, 7, 3)
+        return (out, *torch.autograd.grad(out, (qq, kk, vv), g))
+
+    assert_deterministic(run, runs=3)
+
+
+def test_mask_semantics() -> None:
+    m = swba_mask(6, 6, 2, 2)
+    expected = torch.tensor([
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 1],
+        [0, 0, 1, 1, 1, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(m, expected)
+    # KV cache: the last 2 queries of 5 tokens, blocks of 2: positions 3 (block 1) and 4 (block 2).
+    assert torch.equal(swba_mask(2, 5, 2, 1), torch.tensor([[0, 0, 1, 1, 0], [0, 0, 0, 0, 1]], dtype=torch.bool))
+
+
+def test_kv_cache_matches_full_sequence() -> None:
+    """Running the last Nq queries against the cache equals the last Nq rows of the full run."""
+    q, k, v = (randn([1, 2, 43, 16]) for _ in range(3))
+    full = swba_attention(q, k, v, 6, 3)
+    tail = swba_attention(q[:, :, -10:], k, v, 6, 3)
+    torch.testing.assert_close(tail, full[:, :, -10:], atol=TOL, rtol=TOL)
+
+
+def test_custom_op_opcheck_and_compile() -> None:
+    q = randn([1, 2, 19, 16], requires_grad=True)
+    k = randn([1, 1, 23, 16], requires_grad=True)
+    v = randn([1, 1, 23, 16], requires_grad=True)
+    check_custom_op(swba_fwd, (q, k, v, 4, 2, 0.25), public_fn=lambda q, k, v: swba_attention(q, k, v, 4, 2),
+                    public_args=(q, k, v))
+    out, lse = swba_fwd(q.detach(), k.detach(), v.detach(), 4, 2, 0.25)
+    g, glse = torch.randn_like(out), torch.randn_like(lse)
+    torch.library.opcheck(swba_bwd, (g, q.detach(), k.detach(), v.detach(), out, lse, glse, 4, 2, 0.25))
+    torch.library.opcheck(swba_bwd, (g, q.detach(), k.detach(), v.detach(), out, lse, None, 4, 2, 0.25))
+
+
+def test_compile_return_lse() -> None:
+    q, k, v = (randn([1, 2, 17, 16], requires_grad=True) for _ in range(3))
+
+    def f(q, k, v):  # type: ignore[no-untyped-def]
+        out, lse = swba_attention(q, k, v, 5, 2, return_lse=True)
+        return out.float().sum() + lse.sum()
+
+    from fattn.core.testing import compile_backend
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend=compile_backend())
+    eager = torch.autograd.grad(f(q, k, v), (q, k, v))
+    comp = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for a, b in zip(eager, comp):
+        torch.testing.assert_close(a, b, atol=10 * TOL, rtol=10 * TOL)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+def _good() -> dict:
+    return {"q": randn([1, 4, 10, 16]), "k": randn([1, 2, 12, 16]), "v": randn([1, 2, 12, 16]),
+            "block_size": 4, "window": 2}
+
+
+def _bad(**changes):  # type: ignore[no-untyped-def]
+    args = _good()
+    args.update(changes)
+    return args
+
+
+BAD_INPUTS = [
+    ("window0", lambda: _bad(window=0), ValueError, "window must be >= 1"),
+    ("window_float", lambda: _bad(window=2.0), TypeError, "window must be an int"),
+    ("block_size0", lambda: _bad(block_size=0), ValueError, "block_size must be >= 1"),
+    ("q_3d", lambda: _bad(q=randn([4, 10, 16])), ValueError, "q must be 4-D"),
+    ("q_int", lambda: _bad(q=torch.ones(1, 4, 10, 16, dtype=torch.int32, device=device())), TypeError, "q must have dtype"),
+    ("q_fp64", lambda: _bad(q=randn([1, 4, 10, 16], torch.float64)), TypeError, "q must have dtype"),
+    ("mixed_dtype", lambda: _bad(k=randn([1, 2, 12, 16], F16), v=randn([1, 2, 12, 16], F16)), TypeError,
+     "share one dtype"),
+    ("kv_shape", lambda: _bad(v=randn([1, 2, 11, 16])), ValueError, "k and v must have the same shape"),
+    ("heads", lambda: _bad(k=randn([1, 3, 12, 16]), v=randn([1, 3, 12, 16])), ValueError, "multiple of the number"),
+    ("batch", lambda: _bad(k=randn([2, 2, 12, 16]), v=randn([2, 2, 12, 16])), ValueError, "batch size"),
+    ("head_dim", lambda: _bad(k=randn([1, 2, 12, 8]), v=randn([1, 2, 12, 8])), ValueError, "head dim of q"),
+    ("nk_lt_nq", lambda: _bad(k=randn([1, 2, 9, 16]), v=randn([1, 2, 9, 16])), ValueError, "at least as many tokens"),
+    ("head_dim_big", lambda: _bad(q=randn([1, 4, 10, 264]), k=randn([1, 2, 12, 264]), v=randn([1, 2, 12, 264])),
+     ValueError, "head dim must be between 1 and 256"),
+    ("not_tensor", lambda: _bad(k=[1.0]), TypeError, "k must be a torch.Tensor"),
+    ("scale_str", lambda: _bad(scale="x"), TypeError, "scale must be a finite float"),
+    ("scale_nan", lambda: _bad(scale=math.nan), TypeError, "scale must be a finite float"),
+]
+
+
+@pytest.mark.parametrize("make, error, match", [pytest.param(m, e, s, id=i) for i, m, e, s in BAD_INPUTS])
+def test_bad_inputs_raise(make, error, match) -> None:  # type: ignore[no-untyped-def]
+    args = make()
+    scale = args.pop("scale", None)
+    with pytest.raises(error, match=match):
+        swba_attention(**args, scale=scale)
+    assert not_supported_reasons(**args, scale=scale)
+
+
+def test_device_mismatch_raises() -> None:
+    if not on_gpu():
+        pytest.skip("needs a CUDA GPU and the CPU")
+    args = _good()
+    args["k"] = args["k"].cpu()
+    with pytest.raises(ValueError, match="k is on"):
+        swba_attention(**args)
+
+
+def test_good_inputs_have_no_reasons() -> None:
+    assert not_supported_reasons(**_good()) == []
+
