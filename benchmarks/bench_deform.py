@@ -58,7 +58,7 @@ SHAPES = [
 ]
 SMOKE = Shape("smoke", 1, 2, 3, 2, 8, 5, 3)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-IMPLS = ["fattn", "fattn-deterministic", "deform_fused", "grid_sample"]
+IMPLS = ["fattn", "deform_fused", "grid_sample"]  # fattn's backward is always deterministic
 OPS = ["fwd", "fwd+bwd"]
 
 
@@ -134,13 +134,9 @@ def _cases() -> list:
         for dt in DTYPES:
             for op in OPS:
                 for impl in IMPLS:
-                    if impl == "fattn-deterministic" and op == "fwd":
-                        continue  # same forward as fattn
                     out.append(pytest.param(shape, dt, op, impl, id=f"{op}-{impl}-{shape.name}-{dt}"))
     for op in OPS:
-        for impl in ("fattn", "fattn-deterministic", "grid_sample"):
-            if impl == "fattn-deterministic" and op == "fwd":
-                continue
+        for impl in ("fattn", "grid_sample"):
             out.append(pytest.param(SMOKE, "fp32", op, impl, id=f"{op}-{impl}-smoke-fp32"))
     return out
 
@@ -150,6 +146,9 @@ def test_deform(measure, smoke: bool, shape: Shape, dtype_name: str, op: str, im
     if smoke != (shape is SMOKE):
         pytest.skip("smoke runs use the tiny shape only" if smoke else "the smoke shape is for CPU runs")
     dtype = DTYPES[dtype_name]
+    if impl == "deform_fused" and dtype_name == "bf16":
+        # Its kernel stores `acc.to(tl.float16)` into bf16 outputs: a CompilationError with triton 3.6.
+        pytest.skip("deform_fused has no working bf16 path (CompilationError in its kernel)")
     fn = _impl(impl, shape)
     if fn is None:
         pytest.skip(f"peer {impl} not available (export it under .peers/, see this file's docstring)")

@@ -97,6 +97,16 @@ def _pruner(table: dict[int, list[tuple[int, int, int, int]]]):  # type: ignore[
 # pointer; offsets inside a tile stay int32, which keeps address math and registers small.
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _tile_and_head(N, BLOCK: tl.constexpr):
+    """(first token of this program's tile, batch*head index) from a 1D grid of cdiv(N, BLOCK) * B*H
+    programs. 1D because B*H can pass the 65535 limit of a grid's y dimension; tiles of one head are
+    consecutive so programs running together share that head's k/v in L2."""
+    n_tiles = tl.cdiv(N, BLOCK)
+    pid = tl.program_id(0)
+    return (pid % n_tiles) * BLOCK, pid // n_tiles
+
+
+@triton.jit
 def _load_cos_sin(cos_ptr, sin_ptr, start, n_tokens, n_prefix,
                   BLOCK: tl.constexpr, DH: tl.constexpr, BLOCK_DH: tl.constexpr):
     """[BLOCK, BLOCK_DH] fp32 cos and sin of the pair angles of tokens start..start+BLOCK; identity
@@ -227,8 +237,7 @@ def _rope2d_fwd_kernel(
     INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    pid_bh = tl.program_id(1)
+    start_m, pid_bh = _tile_and_head(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     q_base = q_ptr + b * stride_qb + h * stride_qh
@@ -265,8 +274,7 @@ def _rope2d_fwd_kernel(
 def _bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, stride_dob, stride_doh, stride_don, stride_dod, H, N,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(o * do), the softmax-backward correction term, [B, H, N] fp32."""
-    start_m = tl.program_id(0) * BLOCK_M
-    pid_bh = tl.program_id(1)
+    start_m, pid_bh = _tile_and_head(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     o = _load_rows(o_ptr + pid_bh.to(tl.int64) * N * D, start_m, N, D, 1, BLOCK_M, D, BLOCK_D)
@@ -290,8 +298,7 @@ def _rope2d_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (k tile, batch*head): dk and dv of the tile, summed over all q tiles."""
-    start_n = tl.program_id(0) * BLOCK_N
-    pid_bh = tl.program_id(1)
+    start_n, pid_bh = _tile_and_head(N, BLOCK_N)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     q_base = q_ptr + b * stride_qb + h * stride_qh
@@ -352,8 +359,7 @@ def _rope2d_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (q tile, batch*head): dq of the tile, summed over all k tiles."""
-    start_m = tl.program_id(0) * BLOCK_M
-    pid_bh = tl.program_id(1)
+    start_m, pid_bh = _tile_and_head(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     q_base = q_ptr + b * stride_qb + h * stride_qh
@@ -406,7 +412,7 @@ def rope2d_fwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
                       out: torch.Tensor, lse: torch.Tensor, n_prefix: int, pairing: str, scale: float) -> None:
     """out: contiguous [B, H, N, D]; lse: contiguous [B, H, N] fp32; cos/sin: contiguous [HW, D/2] fp32."""
     B, H, N, D = q.shape
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
     _rope2d_fwd_kernel[grid](
         q, k, v, cos, sin, out, lse,
         *q.stride(), *k.stride(), *v.stride(),
@@ -423,16 +429,16 @@ def rope2d_bwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     B, H, N, D = q.shape
     meta = _meta(D, pairing)
     delta_block = 64
-    _bwd_delta_kernel[(triton.cdiv(N, delta_block), B * H)](
+    _bwd_delta_kernel[(triton.cdiv(N, delta_block) * B * H,)](
         out, grad_out, delta, *grad_out.stride(), H, N,
         D=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_block,
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    grid_n = lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * H)
+    grid_n = lambda m: (triton.cdiv(N, m["BLOCK_N"]) * B * H,)
     _rope2d_bwd_dkdv_kernel[grid_n](
         q, k, v, cos, sin, grad_out, lse, delta, dk, dv, *strides, H, N, n_prefix, scale, **meta,
     )
-    grid_m = lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)
+    grid_m = lambda m: (triton.cdiv(N, m["BLOCK_M"]) * B * H,)
     _rope2d_bwd_dq_kernel[grid_m](
         q, k, v, cos, sin, grad_out, lse, delta, dq, *strides, H, N, n_prefix, scale, **meta,
     )
