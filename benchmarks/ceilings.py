@@ -23,7 +23,6 @@ def main() -> None:
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
     print(f"{torch.cuda.get_device_name(0)}: copy {2 * n_bytes / ms / 1e6:.0f} GB/s (read + write)")
-    del src, dst
     n = 8192
     a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)

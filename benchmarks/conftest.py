@@ -22,6 +22,7 @@ def smoke(request: pytest.FixtureRequest) -> bool:
 @pytest.fixture
 def measure(benchmark, request: pytest.FixtureRequest) -> Measure:  # type: ignore[no-untyped-def]
     import torch
+
     from fattn.core.testing import on_gpu
 
     if not on_gpu() and not request.config.getoption("--fattn-bench-smoke"):

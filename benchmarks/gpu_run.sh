@@ -5,6 +5,7 @@
 #   FATTN_PKGS="msda swba" bash benchmarks/gpu_run.sh
 #   FATTN_STEPS="tests sanitize bench" ...     # any of: env tests sanitize bench (default: env tests bench)
 #   FATTN_TESTS_K=""                           # pytest -k filter for the tests
+#   FATTN_TEST_WORKERS=4                       # run each package's tests in N processes (pytest-xdist)
 #   FATTN_SANITIZE_K="not compile"             # pytest -k filter for the compute-sanitizer pass
 #   FATTN_BENCH_K=""                           # pytest -k filter for benchmarks
 #   FATTN_BENCH_COMPARE=1                      # fail on a >25% median regression against the stored
@@ -49,7 +50,7 @@ if has_step tests; then
   for p in $PKGS; do
     echo "=== tests: $p" | tee -a "$OUT/tests.log"
     start=$(date +%s)
-    "$PY" -m pytest "$(test_path "$p")" -q -rfE -p no:cacheprovider --durations=5 -k "${FATTN_TESTS_K:-}" 2>&1 | tee -a "$OUT/tests.log" >"$OUT/last.log"
+    "$PY" -m pytest "$(test_path "$p")" -q -rfE -p no:cacheprovider --durations=5 -k "${FATTN_TESTS_K:-}" ${FATTN_TEST_WORKERS:+-n $FATTN_TEST_WORKERS} 2>&1 | tee -a "$OUT/tests.log" >"$OUT/last.log"
     rc=${PIPESTATUS[0]}
     line=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/last.log" | tail -1)
     echo "tests  $p  rc=$rc  $(( $(date +%s) - start ))s  $line" >>"$SUMMARY"

@@ -10,11 +10,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_core_bilinear import _sample_backward_kernel, _sample_kernel  # noqa: E402
-from test_core_softmax_tiling import _softmax_av_kernel  # noqa: E402
-from test_core_upcast_checks import _dot_kernel  # noqa: E402
+from test_core_bilinear import _sample_backward_kernel, _sample_kernel
+from test_core_softmax_tiling import _softmax_av_kernel
+from test_core_upcast_checks import _dot_kernel
 
-from fattn.core.compile_check import compile_kernel  # noqa: E402
+from fattn.core.compile_check import compile_kernel
 
 
 def main() -> int:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
 from fattn.core import empty
 from fattn.core.testing import assert_close, case_id, device, rand, randn
 from fattn.core.triton_helpers import bilinear_coords, bilinear_corner, mask_2d, offsets_2d, tile_range

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from fattn.core import empty_like, fused_op, raise_if_unsupported, register_autograd, tensor_reasons
 from fattn.core.testing import check_custom_op, check_forward_backward, randn
 

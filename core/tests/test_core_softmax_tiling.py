@@ -6,6 +6,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+
 from fattn.core import empty
 from fattn.core.testing import assert_close, case_id, device, randn
 from fattn.core.triton_helpers import (

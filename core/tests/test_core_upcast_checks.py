@@ -6,6 +6,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+
 from fattn.core import (
     empty,
     empty_like,

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+
 from fattn.core.runtime import kernel_device_reason
 
 __all__ = [

@@ -36,8 +36,10 @@ class CompileReport:
 
 
 def _jit_function(kernel: Any) -> Any:
-    # An @triton.autotune / @triton.heuristics kernel wraps the JITFunction in `.fn`.
-    while not hasattr(kernel, "arg_names") and hasattr(kernel, "fn"):
+    # @triton.autotune / @triton.heuristics wrap the JITFunction in `.fn` (and also carry arg_names).
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(kernel, JITFunction) and hasattr(kernel, "fn"):
         kernel = kernel.fn
     return kernel
 
@@ -52,13 +54,16 @@ def compile_kernel(
     num_warps: int = 4,
     num_stages: int = 3,
     divisible_by_16: tuple[str, ...] = (),
+    unit_strides: tuple[str, ...] = (),
 ) -> CompileReport:
     """Compile `kernel` for sm_<arch> and report registers, spills and shared memory.
 
     signature: every non-constexpr argument's type ("*fp16", "*bf16", "*fp32", "*fp8e4nv", "*i64",
     "i32", "i64", "fp32"); constexprs: the constexpr arguments' values (their signature entries are
     added). divisible_by_16: arguments to hint as multiples of 16, as Triton's launcher does for
-    16-byte-aligned pointers and strides at run time (it enables vector loads).
+    16-byte-aligned pointers and strides at run time (it enables vector loads). unit_strides:
+    arguments the launcher would specialize to the constant 1 (contiguous last-dim strides); without
+    these two, the compiled code has scalar loads and misleading register counts.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -66,6 +71,7 @@ def compile_kernel(
 
     fn = _jit_function(kernel)
     sig = dict(signature)
+    constexprs = {**constexprs, **{name: 1 for name in unit_strides}}
     for key in constexprs:
         sig[key] = "constexpr"
     names = list(fn.arg_names)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from fattn.core.checks import dtype_name
 from fattn.core.runtime import interpreter_enabled
 
@@ -148,9 +149,17 @@ def rand(
     noncontiguous: bool = False,
     requires_grad: bool = False,
     dev: torch.device | str | None = None,
+    quantum: float | None = None,
 ) -> torch.Tensor:
-    """Fresh uniform values in [low, high), optionally as a non-contiguous view."""
-    x = (torch.rand(tuple(shape), dtype=torch.float32, device=dev or device()) * (high - low) + low).to(dtype)
+    """Fresh uniform values in [low, high), optionally as a non-contiguous view.
+
+    quantum: round values to multiples of it (e.g. 2**-12 for sampling coordinates, so that fp32 and
+    float64 put a point in the same bilinear cell and gradient tests do not flake at cell borders).
+    """
+    x = torch.rand(tuple(shape), dtype=torch.float32, device=dev or device()) * (high - low) + low
+    if quantum is not None:
+        x = torch.round(x / quantum) * quantum
+    x = x.to(dtype)
     if noncontiguous:
         x = make_noncontiguous(x)
     return x.requires_grad_(requires_grad)
@@ -205,12 +214,14 @@ def assert_close(
     factor: float = 2.0,
     floor: float | None = None,
     scale: float | None = None,
+    atol: float = 0.0,
 ) -> Comparison:
     """Check `actual` against the float64 reference.
 
     bound = factor * max|lowp - ref64| + floor * scale, where lowp is PyTorch's computation of the
     same reference in the input dtype, floor defaults to `error_floor(dtype)` and scale to
-    max(|ref64|) (at least 1e-3, so all-zero references still get a floor). NaN or inf where the
+    max(|ref64|) (at least 1e-3, so all-zero references still get a floor); `atol` is added as is
+    (for results that are exactly zero in float64 but carry rounding in the op). NaN or inf where the
     reference is finite fails, whatever the bound: that is an unwritten or broken output.
     """
     if actual.shape != ref64.shape:
@@ -236,7 +247,7 @@ def assert_close(
         lowp_err = float((lp - r).abs().where(ref_finite & torch.isfinite(lp), torch.zeros_like(r)).max()) \
             if r.numel() else 0.0
     fl = error_floor(dtype) if floor is None else floor
-    bound = factor * (lowp_err or 0.0) + fl * ref_scale
+    bound = factor * (lowp_err or 0.0) + fl * ref_scale + atol
     detail = ""
     if err > bound and diff.numel():
         idx = tuple(int(i) for i in (diff == diff.max()).nonzero()[0])
@@ -275,6 +286,7 @@ def check_forward_backward(
     grad_names: Sequence[str] = (),
     factor: float = 2.0,
     floor: Mapping[str, float] | None = None,
+    atol: Mapping[str, float] | None = None,
     lowp_on_cpu_fallback: bool = True,
     noncontiguous_grad: bool = True,
 ) -> list[Comparison]:
@@ -284,10 +296,12 @@ def check_forward_backward(
     named in `grad_names` get gradients. The reference runs on float64 copies (the truth) and on
     copies in the inputs' own dtype (PyTorch's low-precision error, which sets the bound). The
     output gradient is fresh random data, given as a non-contiguous view when `noncontiguous_grad`.
-    Outputs that are tuples are all compared; gradients flow from the first only.
+    Outputs that are tuples are all compared; gradients flow from the first only. `floor` and `atol`
+    map result names ("out", "out[1]", "grad_q", ...) to a relative floor / absolute tolerance.
     Returns the comparisons (for logging); raises AssertionError on the first failure.
     """
     floor = dict(floor or {})
+    atol = dict(atol or {})
     lowp_dtype = next((v.dtype for v in inputs.values() if isinstance(v, torch.Tensor) and v.is_floating_point()),
                       torch.float32)
 
@@ -315,7 +329,8 @@ def check_forward_backward(
     for i, (o, r) in enumerate(zip(outs, refs)):
         lp = None if lowps is None else lowps[i]
         name = "out" if i == 0 else f"out[{i}]"
-        results.append(assert_close(name, o, r, lowp=lp, dtype=lowp_dtype, factor=factor, floor=floor.get(name)))
+        results.append(assert_close(name, o, r, lowp=lp, dtype=lowp_dtype, factor=factor, floor=floor.get(name),
+                                    atol=atol.get(name, 0.0)))
 
     if grad_names:
         g = torch.randn(outs[0].shape, dtype=torch.float32, device=outs[0].device)
@@ -335,7 +350,8 @@ def check_forward_backward(
             if gr is None:
                 raise AssertionError(f"grad_{name}: the op returned no gradient")
             key = f"grad_{name}"
-            results.append(assert_close(key, gr, rg, lowp=lg, dtype=lowp_dtype, factor=factor, floor=floor.get(key)))
+            results.append(assert_close(key, gr, rg, lowp=lg, dtype=lowp_dtype, factor=factor, floor=floor.get(key),
+                                        atol=atol.get(key, 0.0)))
     return results
 
 
@@ -355,10 +371,14 @@ def check_custom_op(
     public_fn: Callable[..., Any] | None = None,
     public_args: Sequence[Any] | None = None,
     public_kwargs: Mapping[str, Any] | None = None,
+    test_utils: Sequence[str] | None = None,
 ) -> None:
-    """`torch.library.opcheck` on the custom op, and `torch.compile(fullgraph=True)` of the public
-    function (forward and backward) matching eager."""
-    torch.library.opcheck(op, tuple(args), dict(kwargs or {}))
+    """`torch.library.opcheck` on the custom op (all its checks, or `test_utils`), and
+    `torch.compile(fullgraph=True)` of the public function (forward and backward) matching eager."""
+    if test_utils is None:
+        torch.library.opcheck(op, tuple(args), dict(kwargs or {}))
+    else:
+        torch.library.opcheck(op, tuple(args), dict(kwargs or {}), test_utils=tuple(test_utils))
     if public_fn is None:
         return
     pargs = tuple(public_args if public_args is not None else args)

@@ -2,6 +2,13 @@
 
 All helpers are `@triton.jit` functions, inlined into the calling kernel.
 
+Known Triton pitfalls these helpers (and kernels using them) steer around:
+- an int argument equal to 1 is passed as a Python constant: use `x * 1.0`, not `x.to(tl.float32)`;
+- a loop variable is a Python int under the interpreter: use `tl.cast(i, tl.int64)`, not `i.to(...)`;
+- triton 3.6 on sm_90 can crash in RemoveLayoutConversions ("arith.select ... same shape") when
+  1-D per-row vectors from `bilinear_corner` are mixed with row sums of 2-D fp32 tiles; keeping the
+  per-row values as [BLOCK, 1] columns avoids it.
+
 Online softmax works in base 2: callers multiply scores by `scale * LOG2E` once, so the inner loop
 uses `exp2` (one MUFU instruction) instead of `exp`. Log-sum-exps leave the kernels in natural log.
 """
@@ -10,6 +17,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
 from fattn.core.runtime import INTERPRET
 
 __all__ = [
