@@ -156,11 +156,11 @@ def build(session: nox.Session) -> None:
 def install_alone(session: nox.Session, pkg: str) -> None:
     """Build one variant's wheel, install ONLY it and fattn-core into a fresh venv, run one small call."""
     session.install("build")
-    tmp = Path(session.create_tmp()) / "wheels"
+    tmp = Path(session.create_tmp()).resolve() / "wheels"
     shutil.rmtree(tmp, ignore_errors=True)
     for name in ["core", pkg]:
         session.run("python", "-m", "build", "--wheel", "--outdir", str(tmp), str(DISTS[name]))
-    venv = Path(session.create_tmp()) / f"alone-{pkg}"
+    venv = Path(session.create_tmp()).resolve() / f"alone-{pkg}"
     shutil.rmtree(venv, ignore_errors=True)
     session.run("python", "-m", "venv", str(venv))
     py = str(venv / "bin" / "python")
