@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from fattn.core.testing import device
-from fattn.deform import deform_attention, deform_attention_reference
 
 from benchmarks.harness import peer_path, sync
+from fattn.core.testing import device
+from fattn.deform import deform_attention, deform_attention_reference
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,6 @@ def _impl(name: str, shape: Shape) -> Callable[..., torch.Tensor] | None:
     W, Hh = shape.width, shape.height
     if name == "fattn":
         return lambda q, k, v, coords: deform_attention(q, k, v, coords, W, Hh, scale=scale)
-    if name == "fattn-deterministic":
-        return lambda q, k, v, coords: deform_attention(q, k, v, coords, W, Hh, scale=scale, deterministic=True)
     if name == "grid_sample":
         return lambda q, k, v, coords: deform_attention_reference(q, k, v, coords, W, Hh, scale=scale)
     if name == "deform_fused":

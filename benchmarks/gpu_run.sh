@@ -6,6 +6,7 @@
 #   FATTN_STEPS="tests sanitize bench" ...     # any of: env tests sanitize bench (default: env tests bench)
 #   FATTN_TESTS_K=""                           # pytest -k filter for the tests
 #   FATTN_TEST_WORKERS=4                       # run each package's tests in N processes (pytest-xdist)
+#   FATTN_PKG_TIMEOUT=120                      # seconds allowed to each package's tests / benchmarks
 #   FATTN_SANITIZE_K="not compile"             # pytest -k filter for the compute-sanitizer pass
 #   FATTN_BENCH_K=""                           # pytest -k filter for benchmarks
 #   FATTN_BENCH_COMPARE=1                      # fail on a >25% median regression against the stored
@@ -50,7 +51,7 @@ if has_step tests; then
   for p in $PKGS; do
     echo "=== tests: $p" | tee -a "$OUT/tests.log"
     start=$(date +%s)
-    "$PY" -m pytest "$(test_path "$p")" -q -rfE -p no:cacheprovider --durations=5 -k "${FATTN_TESTS_K:-}" ${FATTN_TEST_WORKERS:+-n $FATTN_TEST_WORKERS} 2>&1 | tee -a "$OUT/tests.log" >"$OUT/last.log"
+    ${FATTN_PKG_TIMEOUT:+timeout $FATTN_PKG_TIMEOUT} "$PY" -m pytest "$(test_path "$p")" -q -rfE -p no:cacheprovider --durations=5 -k "${FATTN_TESTS_K:-}" ${FATTN_TEST_WORKERS:+-n $FATTN_TEST_WORKERS} 2>&1 | tee -a "$OUT/tests.log" >"$OUT/last.log"
     rc=${PIPESTATUS[0]}
     line=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/last.log" | tail -1)
     echo "tests  $p  rc=$rc  $(( $(date +%s) - start ))s  $line" >>"$SUMMARY"
@@ -62,7 +63,7 @@ if has_step sanitize; then
   for p in $PKGS; do
     echo "=== compute-sanitizer memcheck: $p" | tee -a "$OUT/sanitize.log"
     start=$(date +%s)
-    compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
+    ${FATTN_PKG_TIMEOUT:+timeout $FATTN_PKG_TIMEOUT} compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
       "$PY" -m pytest "$(test_path "$p")" -q -x -p no:cacheprovider -k "${FATTN_SANITIZE_K:-not compile}" \
       >"$OUT/last.log" 2>&1
     rc=$?
@@ -82,7 +83,7 @@ if has_step bench; then
     [ -f "benchmarks/bench_$p.py" ] || continue
     echo "=== bench: $p" | tee -a "$OUT/bench.log"
     start=$(date +%s)
-    "$PY" -m pytest "benchmarks/bench_$p.py" -q -p no:cacheprovider -k "${FATTN_BENCH_K:-}" \
+    ${FATTN_PKG_TIMEOUT:+timeout $FATTN_PKG_TIMEOUT} "$PY" -m pytest "benchmarks/bench_$p.py" -q -p no:cacheprovider -k "${FATTN_BENCH_K:-}" \
       --benchmark-json="$OUT/bench-$p.json" --benchmark-columns=median,iqr,rounds \
       --benchmark-storage="file://$REPO/benchmarks/baselines/$("$PY" -c 'from benchmarks.harness import gpu_slug; print(gpu_slug())')" \
       ${FATTN_BENCH_COMPARE:+--benchmark-compare --benchmark-compare-fail=median:25%} \

@@ -18,8 +18,10 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch
 import triton
 import triton.language as tl
+
 from fattn.core.compile_check import compile_kernel
 from fattn.deform import kernels
+from fattn.deform.op import dkdv_block_e
 
 _TY = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32", "fp64": "*fp64"}
 _TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
@@ -64,17 +66,20 @@ def bwd_signature(dtype: str, acc: str) -> dict[str, str]:
 
 def dkdv_signature(dtype: str, acc: str) -> dict[str, str]:
     t = _TY[dtype]
-    sig = {"Q": t, "DO": t, "DS": acc, "PR": acc, "ORDER": "*i64", "W": acc, "OFFSETS": "*i64", "DK": t, "DV": t}
-    sig.update(_strides("q", "bshmd"))
-    sig.update(_strides("g", "bshmd"))
+    sig = {"Q": t, "DO": t, "DS": acc, "PR": acc, "ORDER": "*i64", "W": acc, "QOFF": "*i64", "GOFF": "*i64",
+           "OFFSETS": "*i64", "DK": t, "DV": t}
+    sig.update(_strides("q", "hd"))
+    sig.update(_strides("g", "hd"))
     sig.update({n: "i32" for n in ("S", "H", "Lq", "T", "HW", "n_keys", "HEAD_DIM")})
     sig["qk_scale"] = "fp32"
     return sig
 
 
 def keys_signature(acc: str) -> dict[str, str]:
-    sig = {"C": "*fp32", "KEY": "*i32", "W": acc}
-    sig.update({n: "i32" for n in ("n_samples", "per_batch", "T", "P", "width", "height", "sentinel")})
+    sig = {"C": "*fp32", "KEY": "*i32", "W": acc, "QOFF": "*i64", "GOFF": "*i64"}
+    sig.update(_strides("q", "bsm"))
+    sig.update(_strides("g", "bsm"))
+    sig.update({n: "i32" for n in ("n_samples", "per_batch", "Lq", "T", "P", "width", "height", "sentinel")})
     return sig
 
 
@@ -118,7 +123,7 @@ def main() -> int:
             jobs += [("bwd", kernels._deform_bwd_kernel.fn, bwd_signature(dtype, acc),
                       {**common, **c.kwargs, "NEED_DCOORDS": True}, c) for c in bwd_cfgs]
             jobs.append(("dkdv", kernels._deform_bwd_dkdv_kernel, dkdv_signature(dtype, acc),
-                         {"BLOCK_D": block_d, "EVEN_D": True, "BLOCK_E": max(8, min(64, 4096 // block_d)), "ACC_DTYPE": acc_tl},
+                         {"BLOCK_D": block_d, "EVEN_D": True, "BLOCK_E": dkdv_block_e(block_d, _TORCH[dtype]), "ROW_ALIGN": 16, "ACC_DTYPE": acc_tl},
                          triton.Config({}, num_warps=4, num_stages=1)))
             # `.fn`: fattn.core.compile_check does not unwrap @triton.autotune kernels (an Autotuner has
             # `arg_names` too).

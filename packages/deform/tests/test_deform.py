@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from fattn.core.compile_check import run_compile_script
 from fattn.core.testing import (
     assert_close,
@@ -129,6 +130,7 @@ def test_deterministic_algorithms_flag_selects_deterministic_path(monkeypatch) -
 
     monkeypatch.setattr(op_module, "deform_fwd", spy)
     inputs, _ = make_inputs(1, 1, 1, 3, 4, 1, 2, 3, 3, F32)
+    inputs["q"].requires_grad_(True)  # the custom op (no-grad eager calls launch directly)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
@@ -137,6 +139,22 @@ def test_deterministic_algorithms_flag_selects_deterministic_path(monkeypatch) -
         torch.use_deterministic_algorithms(prev)
     op_module.deform_attention(*inputs.values(), 3, 3)
     assert seen == [True, False]
+
+
+def test_inference_fast_path_matches_the_custom_op() -> None:
+    inputs, vis = make_inputs(1, 2, 2, 7, 8, 2, 3, 4, 3, F32, visibility=True)
+    with torch.no_grad():
+        fast = deform_attention(*inputs.values(), 4, 3, visibility=vis)
+    raw, _ = deform_fwd(*inputs.values(), vis, 4, 3, 8 ** -0.5, False, True, False)
+    assert torch.equal(fast, raw)
+
+
+def test_64bit_offsets_path_matches(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The int64 gather offsets (K / V slices past 2**31 elements) compute the same as the int32 ones."""
+    import fattn.deform.op as op_module
+
+    monkeypatch.setattr(op_module, "_needs_64bit_offsets", lambda *maps: True)
+    _run_case(CPU_CASES[1], noncontiguous=True, visibility=True)
 
 
 def test_gradcheck_fp64() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 import torch
+
 from fattn.deform import deform_attention
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
 from fattn.core.runtime import interpreter_enabled
 from fattn.core.triton_helpers import (
     LOG2E,
@@ -247,7 +248,7 @@ def _deform_bwd_kernel(
     ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq (owned rows), each head's dcoords (DC slice h, stride_dch apart; summed over heads afterwards),
-    and the probabilities PR and score gradients DS ([B, S, H, Lq, T*P]) for `_deform_bwd_dkdv_kernel`.
+    and the probabilities PR and score gradients DS ([B, H, S, Lq, T*P]) for `_deform_bwd_dkdv_kernel`.
     No atomics."""
     n_tiles = tl.cdiv(Lq, BLOCK_M)
     pid_m = tl.program_id(0) % n_tiles
@@ -279,9 +280,9 @@ def _deform_bwd_kernel(
     c_row = C + b64 * stride_cb + s64 * stride_cs + offs_m64 * stride_cm
     w_row = VIS + b64 * stride_wb + s64 * stride_ws + offs_m64 * stride_wm
     n_keys = T * P
-    # Per-query rows of the [B, S, H, Lq, T*P] probabilities / score gradients and of this head's
+    # Per-query rows of the probabilities / score gradients and of this head's
     # dcoords slice (contiguous [H, B, S, Lq, T, P, 2]); advanced by one view per outer step.
-    sp_t = row * n_keys
+    sp_t = (((b64 * H + h64) * S + s64) * Lq + offs_m64) * n_keys  # DS / PR are [B, H, S, Lq, T*P]
     dc_t = DC + h64 * stride_dch + ((b64 * S + s64) * Lq + offs_m64) * (n_keys * 2)
     k_t = k_bh
     v_t = v_bh
@@ -372,18 +373,27 @@ def _deform_bwd_kernel(
 
 @triton.jit
 def _corner_keys_kernel(
-    C, KEY, W, n_samples, per_batch, T, P, width, height, sentinel,
+    C, KEY, W, QOFF, GOFF,
+    stride_qb, stride_qs, stride_qm, stride_gb, stride_gs, stride_gm,
+    n_samples, per_batch, Lq, T, P, width, height, sentinel,
     ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """For every (sample, corner) of contiguous coords [B, S, Lq, T, P, 2]: the pixel it touches as a sort
     key (b * T + t) * HW + pixel (`sentinel` when off the map) and its bilinear weight, both at
-    4 * sample + corner. The same corner math as the attention kernels."""
+    4 * sample + corner; and per sample the offsets of its query's rows in q and dO (head 0), so the dK / dV
+    gather needs no integer division. The same corner math as the attention kernels."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_samples
     offs64 = offs.to(tl.int64)
     x = tl.load(C + offs64 * 2, mask=mask, other=0.0).to(ACC_DTYPE)
     y = tl.load(C + offs64 * 2 + 1, mask=mask, other=0.0).to(ACC_DTYPE)
     b = offs // per_batch
+    qrow = (offs - b * per_batch) // (T * P)  # s * Lq + m
+    s_idx = qrow // Lq
+    m_idx = qrow - s_idx * Lq
+    b64, s64, m64 = b.to(tl.int64), s_idx.to(tl.int64), m_idx.to(tl.int64)
+    tl.store(QOFF + offs64, b64 * stride_qb + s64 * stride_qs + m64 * stride_qm, mask=mask)
+    tl.store(GOFF + offs64, b64 * stride_gb + s64 * stride_gs + m64 * stride_gm, mask=mask)
     t = (offs // P) % T
     pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, _, _ = _sample_corners(
         x, y, width, height, ALIGN_CORNERS, BORDER)
@@ -405,15 +415,18 @@ def _corner_keys_kernel(
 
 @triton.jit
 def _deform_bwd_dkdv_kernel(
-    Q, DO, DS, PR, ORDER, W, OFFSETS, DK, DV,
-    stride_qb, stride_qs, stride_qh, stride_qm, stride_qd,
-    stride_gb, stride_gs, stride_gh, stride_gm, stride_gd,
+    Q, DO, DS, PR, ORDER, W, QOFF, GOFF, OFFSETS, DK, DV,
+    stride_qh, stride_qd, stride_gh, stride_gd,
     S, H, Lq, T, HW, n_keys, HEAD_DIM, qk_scale,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_E: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_E: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     """Deterministic dK / dV: one program per (b, t, pixel) and head sums, in a fixed order, the
     (sample, corner) entries that touch the pixel: ORDER[OFFSETS[i]:OFFSETS[i+1]] (entry indices
-    4 * sample + corner sorted by pixel, stable), weights W[entry]."""
+    4 * sample + corner sorted by pixel, stable), weights W[entry], query rows QOFF / GOFF[sample] (from
+    `_corner_keys_kernel`). DS / PR are [B, H, S, Lq, T*P]: a sample's probability and score gradient sit at
+    (b * H + h) * (S * Lq * T*P) + its index inside batch b. ROW_ALIGN: a divisor of every query row offset
+    and head stride of q and dO (in elements)."""
     pid = tl.program_id(0)  # (b * T + t) * HW + pixel
     h = tl.program_id(1)
     b = pid // (T * HW)
@@ -422,6 +435,10 @@ def _deform_bwd_dkdv_kernel(
     end = tl.load(OFFSETS + pid + 1)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < (BLOCK_D if EVEN_D else HEAD_DIM)
+    per_batch = b64 * 0 + S * Lq * n_keys  # samples per batch, int64
+    sp_shift = (b64 * (H - 1) + h64) * per_batch  # global sample index -> its DS / PR position for head h
+    q_h = Q + h64 * stride_qh
+    g_h = DO + h64 * stride_gh
 
     dk = tl.zeros([BLOCK_E, BLOCK_D], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_E, BLOCK_D], dtype=ACC_DTYPE)
@@ -429,20 +446,18 @@ def _deform_bwd_dkdv_kernel(
         offs_e = e0 + tl.arange(0, BLOCK_E)
         e_mask = offs_e < end
         entry = tl.load(ORDER + offs_e, mask=e_mask, other=0)
+        sample = entry >> 2
         w = tl.load(W + entry, mask=e_mask, other=0.0).to(ACC_DTYPE)
-        sample = entry // 4 - (b64 * S * Lq) * n_keys  # inside batch b: (s * Lq + m) * n_keys + n
-        n = sample % n_keys
-        qrow = sample // n_keys
-        s64 = qrow // Lq
-        m64 = qrow % Lq
-        sp = (((b64 * S + s64) * H + h64) * Lq + m64) * n_keys + n
-        dz = tl.load(DS + sp, mask=e_mask, other=0.0).to(ACC_DTYPE)
-        prob = tl.load(PR + sp, mask=e_mask, other=0.0).to(ACC_DTYPE)
+        dz = tl.load(DS + (sp_shift + sample), mask=e_mask, other=0.0).to(ACC_DTYPE)
+        prob = tl.load(PR + (sp_shift + sample), mask=e_mask, other=0.0).to(ACC_DTYPE)
+        q_off = tl.load(QOFF + sample, mask=e_mask, other=0)
+        g_off = tl.load(GOFF + sample, mask=e_mask, other=0)
+        if ROW_ALIGN > 1:  # rows start at multiples of ROW_ALIGN elements: 16-byte vector loads
+            q_off = tl.multiple_of(q_off, ROW_ALIGN)
+            g_off = tl.multiple_of(g_off, ROW_ALIGN)
         mask2 = e_mask[:, None] & d_mask[None, :]
-        q = tl.load(Q + (b64 * stride_qb + s64 * stride_qs + h64 * stride_qh + m64 * stride_qm)[:, None]
-                    + offs_d[None, :] * stride_qd, mask=mask2, other=0.0).to(ACC_DTYPE)
-        do = tl.load(DO + (b64 * stride_gb + s64 * stride_gs + h64 * stride_gh + m64 * stride_gm)[:, None]
-                     + offs_d[None, :] * stride_gd, mask=mask2, other=0.0).to(ACC_DTYPE)
+        q = tl.load(q_h + q_off[:, None] + offs_d[None, :] * stride_qd, mask=mask2, other=0.0).to(ACC_DTYPE)
+        do = tl.load(g_h + g_off[:, None] + offs_d[None, :] * stride_gd, mask=mask2, other=0.0).to(ACC_DTYPE)
         dk += (w * dz)[:, None] * q
         dv += (w * prob)[:, None] * do
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 
 import torch
-from fattn.deform.op import deform_attention
 from torch import nn
+
+from fattn.deform.op import deform_attention
 
 __all__ = ["MultiViewDeformableAttention"]
 

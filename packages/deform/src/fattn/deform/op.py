@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
 from fattn.core import (
     Reason,
     choice_reasons,
@@ -85,6 +86,12 @@ def deform_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw forward launch (inputs already validated). Returns out [B, S, H, Lq, D] (contiguous) and the
     natural-log lse [B, S, H, Lq] (fp32; fp64 for fp64 inputs). `deterministic` only reaches the backward."""
+    return _forward(q, k, v, coords, visibility, width, height, scale, border, align_corners)
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Tensor,
+             visibility: Optional[torch.Tensor], width: int, height: int, scale: float, border: bool,
+             align_corners: bool) -> tuple[torch.Tensor, torch.Tensor]:
     B, S, H, Lq, D = q.shape
     T, P = coords.shape[3], coords.shape[4]
     out = empty((B, S, H, Lq, D), dtype=q.dtype, device=q.device)
@@ -112,26 +119,46 @@ def _bwd_fake(grad_out, q, k, v, coords, visibility, out, lse, width, height, sc
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), coords.new_empty(coords.shape))
 
 
-def _corner_entries(coords: torch.Tensor, width: int, height: int, border: bool, align_corners: bool,
-                    acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _row_alignment(*xs: torch.Tensor) -> int:
+    """The largest of 16, 8, 4, 2, 1 dividing every row start (batch / group / head / query strides, data
+    pointers in elements) of xs: lets the dK / dV gather use vector loads on rows found through a table."""
+    for align in (16, 8, 4, 2):
+        if all(x.data_ptr() % (align * x.element_size()) == 0 and all(st % align == 0 for st in x.stride()[:4])
+               for x in xs):
+            return align
+    return 1
+
+
+def dkdv_block_e(block_d: int, dtype: torch.dtype) -> int:
+    """Entries per step of the dK / dV gather: [BLOCK_E, BLOCK_D] tiles of ~16 fp32 elements a thread."""
+    return max(8, min(64, (1024 if dtype == torch.float64 else 4096) // block_d))
+
+
+def _corner_entries(coords: torch.Tensor, q: torch.Tensor, grad_out: torch.Tensor, width: int, height: int,
+                    border: bool, align_corners: bool, acc: torch.dtype) -> tuple[torch.Tensor, ...]:
     """Every (sample, corner) as a CSR list sorted by the pixel it touches, for the deterministic dK / dV:
-    (order: entry indices 4 * sample + corner sorted by pixel (stable), weights per entry (unsorted),
-    offsets [B*T*HW + 1] into order)."""
+    order (entry indices 4 * sample + corner sorted by pixel, stable), weights per entry (unsorted), the
+    offsets of each sample's query row in q and grad_out (head 0), and offsets [B*T*HW + 1] into order."""
     B, S, Lq, T, P, _ = coords.shape
     n_samples = B * S * Lq * T * P
     sentinel = B * T * width * height
+    dev = coords.device
     # int32 sort keys when they fit: a radix sort of half the passes.
-    key = empty((n_samples * 4,), dtype=torch.int32 if sentinel < 2**31 - 1 else torch.int64, device=coords.device)
-    weight = empty((n_samples * 4,), dtype=acc, device=coords.device)
+    key = empty((n_samples * 4,), dtype=torch.int32 if sentinel < 2**31 - 1 else torch.int64, device=dev)
+    weight = empty((n_samples * 4,), dtype=acc, device=dev)
+    q_off = empty((n_samples,), dtype=torch.int64, device=dev)
+    g_off = empty((n_samples,), dtype=torch.int64, device=dev)
     block = 256
     _corner_keys_kernel[(triton.cdiv(n_samples, block),)](
-        coords.contiguous(), key, weight, n_samples, S * Lq * T * P, T, P, width, height, sentinel,
+        coords.contiguous(), key, weight, q_off, g_off,
+        q.stride(0), q.stride(1), q.stride(3), grad_out.stride(0), grad_out.stride(1), grad_out.stride(3),
+        n_samples, S * Lq * T * P, Lq, T, P, width, height, sentinel,
         ALIGN_CORNERS=align_corners, BORDER=border, ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
         BLOCK=block, num_warps=4,
     )
     sorted_key, order = torch.sort(key, stable=True)
-    offsets = torch.searchsorted(sorted_key, torch.arange(sentinel + 1, device=coords.device, dtype=key.dtype))
-    return order, weight, offsets
+    offsets = torch.searchsorted(sorted_key, torch.arange(sentinel + 1, device=dev, dtype=key.dtype))
+    return order, weight, q_off, g_off, offsets
 
 
 @fused_op("deform_bwd", fake=_bwd_fake)
@@ -167,8 +194,8 @@ def deform_bwd(
     dk = empty(k.shape, dtype=k.dtype, device=dev)
     dv = empty(v.shape, dtype=v.dtype, device=dev)
     dc = empty((H if need_dcoords else 1, *coords.shape), dtype=acc, device=dev)
-    ds = empty((B, S, H, Lq, T * P), dtype=acc, device=dev)
-    pr = empty((B, S, H, Lq, T * P), dtype=acc, device=dev)
+    ds = empty((B, H, S, Lq, T * P), dtype=acc, device=dev)
+    pr = empty((B, H, S, Lq, T * P), dtype=acc, device=dev)
 
     def grid(meta):  # type: ignore[no-untyped-def]
         return (triton.cdiv(Lq, meta["BLOCK_M"]) * B * S * H,)
@@ -182,12 +209,14 @@ def deform_bwd(
         BLOCK_D=block_d, EVEN_D=block_d == D, ALIGN_CORNERS=align_corners, BORDER=border,
         HAS_VIS=visibility is not None, NEED_DCOORDS=need_dcoords, OFFSETS_64=_needs_64bit_offsets(k, v), ACC_DTYPE=_tl_acc(q),
     )
-    order, weight, offsets = _corner_entries(coords, width, height, border, align_corners, acc)
+    order, weight, q_off, g_off, offsets = _corner_entries(coords, q, grad_out, width, height, border,
+                                                           align_corners, acc)
     _deform_bwd_dkdv_kernel[(B * T * HW, H)](
-        q, grad_out, ds, pr, order, weight, offsets, dk, dv,
-        *q.stride(), *grad_out.stride(),
+        q, grad_out, ds, pr, order, weight, q_off, g_off, offsets, dk, dv,
+        q.stride(2), q.stride(4), grad_out.stride(2), grad_out.stride(4),
         S, H, Lq, T, HW, T * P, D, float(scale),
-        BLOCK_D=block_d, EVEN_D=block_d == D, BLOCK_E=max(8, min(64, 4096 // block_d)), ACC_DTYPE=_tl_acc(q), num_warps=4,
+        BLOCK_D=block_d, EVEN_D=block_d == D, BLOCK_E=dkdv_block_e(block_d, q.dtype),
+        ROW_ALIGN=_row_alignment(q, grad_out), ACC_DTYPE=_tl_acc(q), num_warps=4,
     )
     dcoords = dc.sum(0) if need_dcoords else torch.zeros(coords.shape, dtype=acc, device=dev)
     return dq, dk, dv, dcoords.to(coords.dtype)
@@ -268,10 +297,27 @@ def not_supported_reasons(
     if visibility is not None:
         assert isinstance(visibility, torch.Tensor)
         reasons += shape_reasons("visibility", visibility, [B, S, Lq, T], "[B, S, Lq, T]")
+    n_corners = 4 * B * S * Lq * T * coords.shape[4]
+    if n_corners >= 2**31:
+        reasons.append(Reason(f"too many sampling points: 4 * B * S * Lq * T * P = {n_corners} must be < 2**31 "
+                              "(the backward indexes every sample corner in int32); split the batch"))
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.numel() == 0:
             reasons.append(Reason(f"{name} must not be empty, got shape {list(t.shape)}"))
     return reasons
+
+
+def _plain_inference(*tensors: Optional[torch.Tensor]) -> bool:
+    """Plain tensors, no gradient wanted, not traced by torch.compile."""
+    if _is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad)) for t in tensors)
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def deform_attention(
@@ -314,6 +360,12 @@ def deform_attention(
         q, k, v, coords, width, height, scale=scale, padding_mode=padding_mode, align_corners=align_corners,
         visibility=visibility, deterministic=deterministic))
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if _plain_inference(q, k, v, coords, visibility):
+        # Eager inference: launch directly, without the custom-op dispatch (~40 us a call, as much as the
+        # kernel itself on small inputs). Autograd and torch.compile go through `fattn::deform_fwd`.
+        out, _ = _forward(q, k, v, coords, visibility, width, height, sm_scale, padding_mode == "border",
+                          align_corners)
+        return out
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     out, _ = deform_fwd(q, k, v, coords, visibility, width, height, sm_scale, padding_mode == "border",
                         align_corners, deterministic)

@@ -20,6 +20,7 @@ tile accumulates dQ over its key tiles. A preprocess computes delta = rowsum(o *
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -39,10 +40,20 @@ __all__ = [
     "swba_bwd_dkdv_kernel",
     "swba_bwd_dq_kernel",
     "tile_bounds",
+    "autotune_enabled",
+    "candidate_configs",
+    "launch_config",
 ]
 
 # Hopper shared memory per block is 227 KB; leave room for the compiler's own buffers.
 _SMEM_BUDGET = 200 * 1024
+
+
+def autotune_enabled() -> bool:
+    """False when FATTN_SWBA_AUTOTUNE=0 (the package's tests set it): every launch then uses the first
+    config of its class, compiled once and never timed (autotuning compiles and times each candidate
+    for every new shape key, which dominates a GPU test run)."""
+    return os.environ.get("FATTN_SWBA_AUTOTUNE", "1") != "0"
 
 
 @functools.cache
@@ -59,39 +70,74 @@ def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Confi
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-def _prune(configs, named_args, *, acc_rows: str, n_acc: int, fallback: triton.Config, **kwargs):  # type: ignore[no-untyped-def]
-    """Drop configs that cannot run well at this head dim: pipelined tiles over the shared-memory
-    budget, or fp32 accumulators over ~64 registers a thread per accumulator (they spill; checked
-    with ptxas for sm_90 at D = 64, 80, 128, 256). When none is left (fp32 at D > 128), a small
-    single-stage fallback that fits."""
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    elem = named_args["Q"].element_size()
-    budget = _smem_budget(getattr(named_args["Q"], "device", None))
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        resident, streamed = (bm, bn) if acc_rows == "M" else (bn, bm)
-        # The resident tile(s) once, two streamed operands per pipeline stage.
-        smem = (n_acc * resident + c.num_stages * 2 * streamed) * block_d * elem
-        acc_regs = resident * block_d // (32 * c.num_warps)
-        if smem <= budget and acc_regs <= 64:
-            kept.append(c)
-    return kept or [fallback]
+def _head_dim_class(block_d: int, elem: int) -> tuple[int, bool]:
+    return (64 if block_d <= 64 else 128 if block_d <= 128 else 256), elem == 4
 
 
-def _prune_fwd(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
-    # Resident: q and the output accumulator (BLOCK_M rows); streamed: k and v (BLOCK_N rows).
-    return _prune(configs, named_args, acc_rows="M", n_acc=1, fallback=_config(64, 16, 8, 1), **kwargs)
+# Candidates per kernel and (padded head dim class, fp32): a few tilings each, all compiled for sm_90
+# and free of register spills (`python packages/swba/tests/compile_check.py --all` prints registers,
+# spills and shared memory). The first of each list is the default when autotuning is off, and the
+# last is the smallest (kept when shared memory is short, e.g. on consumer GPUs).
+# Resident tiles: fwd q + acc (BLOCK_M rows); dkdv k, v + dk, dv (BLOCK_N rows); dq q, do + dq (BLOCK_M rows).
+FWD_TABLE = {
+    (64, False): [_config(128, 64, 4, 3), _config(128, 64, 8, 3), _config(128, 128, 8, 3), _config(64, 64, 4, 3)],
+    (128, False): [_config(128, 64, 8, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
+    (256, False): [_config(64, 32, 8, 2), _config(64, 64, 8, 2), _config(128, 32, 8, 2), _config(32, 32, 4, 1)],
+    (64, True): [_config(64, 32, 4, 2), _config(128, 64, 8, 3), _config(64, 64, 4, 3)],
+    (128, True): [_config(128, 32, 8, 2), _config(64, 32, 4, 2)],
+    (256, True): [_config(32, 32, 8, 2), _config(32, 16, 4, 2)],
+}
+DKDV_TABLE = {
+    (64, False): [_config(32, 128, 8, 2), _config(32, 128, 8, 3), _config(32, 64, 4, 3), _config(16, 128, 8, 2)],
+    (128, False): [_config(32, 128, 8, 2), _config(16, 128, 8, 2), _config(32, 64, 8, 2)],
+    (256, False): [_config(32, 32, 8, 2), _config(16, 64, 8, 1), _config(16, 32, 8, 2)],
+    (64, True): [_config(32, 64, 4, 2), _config(32, 128, 8, 2), _config(16, 64, 4, 2)],
+    (128, True): [_config(16, 64, 4, 2)],
+    (256, True): [_config(16, 32, 8, 1)],
+}
+DQ_TABLE = {
+    (64, False): [_config(128, 32, 4, 3), _config(128, 64, 8, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
+    (128, False): [_config(128, 32, 8, 3), _config(128, 64, 8, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
+    (256, False): [_config(64, 32, 8, 2), _config(64, 64, 8, 2), _config(32, 32, 4, 2)],
+    (64, True): [_config(64, 32, 4, 2), _config(128, 32, 8, 3)],
+    (128, True): [_config(32, 32, 4, 2)],
+    (256, True): [_config(32, 16, 4, 2)],
+}
 
 
-def _prune_dkdv(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
-    # Resident: k, v and the dk, dv accumulators (BLOCK_N rows); streamed: q and do (BLOCK_M rows).
-    return _prune(configs, named_args, acc_rows="N", n_acc=2, fallback=_config(16, 32, 8, 1), **kwargs)
+def _smem_bytes(c: triton.Config, acc_rows: str, n_acc: int, block_d: int, elem: int) -> int:
+    # The resident tile(s) once, two streamed operands per pipeline stage (matches ptxas within a few KB).
+    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+    resident, streamed = (bm, bn) if acc_rows == "M" else (bn, bm)
+    return (n_acc * resident + max(c.num_stages, 1) * 2 * streamed) * block_d * elem
 
 
-def _prune_dq(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
-    # Resident: q, do and the dq accumulator (BLOCK_M rows); streamed: k and v.
-    return _prune(configs, named_args, acc_rows="M", n_acc=2, fallback=_config(32, 16, 4, 2), **kwargs)
+_KIND = {"fwd": (FWD_TABLE, "M", 1), "dkdv": (DKDV_TABLE, "N", 2), "dq": (DQ_TABLE, "M", 2)}
+
+
+def candidate_configs(kind: str, block_d: int, elem: int, device: torch.device | None = None) -> list[triton.Config]:
+    """The configs `kind` ("fwd", "dkdv", "dq") may run with at this padded head dim and element size:
+    its class's list less those over the device's shared memory (at least the smallest is kept)."""
+    table, acc_rows, n_acc = _KIND[kind]
+    configs = table[_head_dim_class(block_d, elem)]
+    budget = _smem_budget(device)
+    kept = [c for c in configs if _smem_bytes(c, acc_rows, n_acc, block_d, elem) <= budget]
+    return kept or configs[-1:]
+
+
+def _prune(kind: str):  # type: ignore[no-untyped-def]
+    def prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
+        q = named_args["Q"]
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        return candidate_configs(kind, block_d, q.element_size(), getattr(q, "device", None))
+    return prune
+
+
+def launch_config(kind: str, block_d: int, q: torch.Tensor) -> triton.Config:
+    """The config used when autotuning is off: the first candidate (the only config under the interpreter)."""
+    if interpreter_enabled():
+        return {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kind][0]
+    return candidate_configs(kind, block_d, q.element_size(), q.device)[0]
 
 
 if interpreter_enabled():
@@ -101,45 +147,16 @@ if interpreter_enabled():
     DKDV_CONFIGS = [_config(32, 16, 1, 1)]
     DQ_CONFIGS = [_config(16, 32, 1, 1)]
 else:
-    FWD_CONFIGS = [
-        _config(128, 64, 4, 3),
-        _config(128, 64, 8, 3),
-        _config(128, 128, 8, 3),
-        _config(128, 64, 4, 4),
-        _config(128, 128, 8, 4),
-        _config(64, 64, 4, 3),
-        _config(128, 32, 4, 3),
-        _config(64, 32, 4, 2),
-        # head dims above 128
-        _config(64, 64, 8, 2),
-        _config(64, 32, 8, 2),
-    ]
-    DKDV_CONFIGS = [
-        _config(32, 128, 8, 2),
-        _config(32, 128, 8, 3),
-        _config(64, 128, 8, 2),
-        _config(32, 64, 4, 3),
-        _config(64, 64, 8, 2),
-        _config(16, 128, 8, 2),
-        _config(16, 64, 4, 3),
-        # head dims above 128
-        _config(32, 64, 8, 2),
-        _config(16, 64, 8, 2),
-    ]
-    DQ_CONFIGS = [
-        _config(128, 32, 4, 3),
-        _config(128, 64, 8, 3),
-        _config(64, 64, 4, 3),
-        _config(64, 32, 4, 2),
-        _config(64, 16, 4, 2),
-        # head dims above 128
-        _config(64, 64, 8, 2),
-        _config(64, 32, 8, 2),
-    ]
+    FWD_CONFIGS = [c for cs in FWD_TABLE.values() for c in cs]
+    DKDV_CONFIGS = [c for cs in DKDV_TABLE.values() for c in cs]
+    DQ_CONFIGS = [c for cs in DQ_TABLE.values() for c in cs]
 
 # Tuned per (bucketed) sequence lengths, window geometry and head dim; the length buckets keep a
 # growing KV cache from re-tuning on every decoding step.
 _KEY = ["q_bucket", "k_bucket", "block_size", "window", "HEAD_DIM"]
+# Scalars whose values say little to the compiler: specializing them (on == 1, on divisibility by 16)
+# would compile a new variant for many new shapes. Strides stay specialized (vectorized loads).
+_NO_SPECIALIZE = ["n_heads", "kv_group", "n_q", "n_k", "block_size", "window", "q_bucket", "k_bucket"]
 
 
 @triton.jit
@@ -208,17 +225,29 @@ def _visible(q_blk, k_blk, window):
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                offs_d, start, end, n_k, block_size, window, qk_scale,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+               SCALE_NONNEG: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = interp_upcast(_load_rows(k_base, start_n, n_k, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D,
                                      MASKED))
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = tl.dot(q, tl.trans(k))
         if MASKED:
             vis = _visible(q_blk, offs_n // block_size, window) & (offs_n < n_k)[None, :]
-            s = tl.where(vis, s, float("-inf"))
-        m_i, l_i, p, alpha = online_softmax_update(m_i, l_i, s)
+            s = tl.where(vis, qk * qk_scale, float("-inf"))
+            m_i, l_i, p, alpha = online_softmax_update(m_i, l_i, s)
+        elif SCALE_NONNEG:
+            # Interior tile: every score is finite, so the running max is finite after it and needs no
+            # -inf guard; with scale >= 0, max(qk) * scale = max(qk * scale), so the scaling and the
+            # max subtraction fuse into one FMA per score (as in Triton's fused-attention tutorial).
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+        else:
+            m_i, l_i, p, alpha = online_softmax_update(m_i, l_i, qk * qk_scale)
         v = interp_upcast(_load_rows(v_base, start_n, n_k, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D,
                                      MASKED))
         acc = acc * alpha[:, None]
@@ -226,8 +255,8 @@ def _fwd_tiles(acc, m_i, l_i, q, q_blk, k_base, v_base, stride_kn, stride_kd, st
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_fwd})
-@triton.jit
+@triton.autotune(configs=FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune("fwd")})
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def swba_fwd_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -236,8 +265,10 @@ def swba_fwd_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     n_heads, kv_group, n_q, n_k, block_size, window, qk_scale, q_bucket, k_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCALE_NONNEG: tl.constexpr,
 ):
-    """Grid (B * H, cdiv(n_q, BLOCK_M)). Writes O [B, H, n_q, D] and LSE [B, H, n_q] (fp32, natural log)."""
+    """Grid (B * H, cdiv(n_q, BLOCK_M)). Writes O [B, H, n_q, D] and LSE [B, H, n_q] (fp32, natural log).
+    SCALE_NONNEG: qk_scale >= 0 (always, unless a caller passes a negative scale)."""
     # Last query tiles first: with a window wider than the sequence so far (block-causal start)
     # they see the most keys, and starting the longest programs first balances the tail.
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -264,12 +295,13 @@ def swba_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                               offs_d, lo, full_lo, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                               offs_d, full_lo, full_hi, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, False)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                               offs_d, full_hi, hi, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+    for_tiles = (q, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *for_tiles, lo, full_lo, n_k, block_size, window, qk_scale,
+                               BLOCK_N, HEAD_DIM, BLOCK_D, True, SCALE_NONNEG)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *for_tiles, full_lo, full_hi, n_k, block_size, window, qk_scale,
+                               BLOCK_N, HEAD_DIM, BLOCK_D, False, SCALE_NONNEG)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *for_tiles, full_hi, hi, n_k, block_size, window, qk_scale,
+                               BLOCK_N, HEAD_DIM, BLOCK_D, True, SCALE_NONNEG)
     out, lse = online_softmax_finalize(acc, m_i, l_i)
 
     o_base = O + b * stride_ob + h * stride_oh
@@ -340,8 +372,8 @@ def _dkdv_tiles(dk, dv, k, v, k_blk, q_base, do_base, lse_row, delta_row,
     return dk, dv
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_dkdv})
-@triton.jit
+@triton.autotune(configs=DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune("dkdv")})
+@triton.jit(do_not_specialize=[*_NO_SPECIALIZE, "n_kv_heads", "n_splits"])
 def swba_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -424,8 +456,8 @@ def _dq_tiles(dq, q, do, lse2, delta, q_blk, k_base, v_base, stride_kn, stride_k
     return dq
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_dq})
-@triton.jit
+@triton.autotune(configs=DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def swba_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qn, stride_qd,

@@ -21,6 +21,8 @@ from fattn.core import (
     tensor_reasons,
 )
 from fattn.swba.kernels import (
+    autotune_enabled,
+    launch_config,
     swba_bwd_dkdv_kernel,
     swba_bwd_dq_kernel,
     swba_bwd_preprocess_kernel,
@@ -74,6 +76,15 @@ def _kv_group_splits(b: int, h_kv: int, n_k: int, group: int, dev: torch.device)
     return group
 
 
+def _launch(kernel, kind: str, grid, args: tuple, q: torch.Tensor, block_d: int, **constexprs) -> None:  # type: ignore[no-untyped-def]
+    """Launch an autotuned kernel, or with FATTN_SWBA_AUTOTUNE=0 its default config directly (no timing)."""
+    if autotune_enabled():
+        kernel[grid](*args, BLOCK_D=block_d, **constexprs)
+    else:
+        config = launch_config(kind, block_d, q)
+        kernel.fn[grid](*args, BLOCK_D=block_d, **constexprs, **config.all_kwargs())
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())  # type: ignore[return-value]
 
@@ -100,12 +111,10 @@ def swba_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
     def grid(meta):  # type: ignore[no-untyped-def]
         return (b * h, triton.cdiv(n_q, meta["BLOCK_M"]))
 
-    swba_fwd_kernel[grid](
-        q, k, v, out, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        h, h // h_kv, n_q, n_k, block_size, window, scale * _LOG2E, _bucket(n_q), _bucket(n_k),
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-    )
+    args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            h, h // h_kv, n_q, n_k, block_size, window, scale * _LOG2E, _bucket(n_q), _bucket(n_k))
+    _launch(swba_fwd_kernel, "fwd", grid, args, q, max(16, triton.next_power_of_2(d)), HEAD_DIM=d,
+            SCALE_NONNEG=scale >= 0)
     return out, lse
 
 
@@ -153,11 +162,10 @@ def swba_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         return (b * h_kv * n_splits, triton.cdiv(n_k, meta["BLOCK_N"]))
 
     # dK/dV for every key (keys no query sees get exact zeros).
-    swba_bwd_dkdv_kernel[grid_kv](
-        q, k, v, grad_out, lse, delta, dk_out, dv_out,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk_out), *_strides(dv_out),
-        h, h_kv, group, n_splits, *common, HEAD_DIM=d, BLOCK_D=block_d,
-    )
+    args = (q, k, v, grad_out, lse, delta, dk_out, dv_out,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk_out), *_strides(dv_out),
+            h, h_kv, group, n_splits, *common)
+    _launch(swba_bwd_dkdv_kernel, "dkdv", grid_kv, args, q, block_d, HEAD_DIM=d)
     if n_splits > 1:
         dk.copy_(dk_out.view(b, h_kv, n_splits, n_k, d).sum(2))
         dv.copy_(dv_out.view(b, h_kv, n_splits, n_k, d).sum(2))
@@ -165,11 +173,10 @@ def swba_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         def grid_q(meta):  # type: ignore[no-untyped-def]
             return (b * h, triton.cdiv(n_q, meta["BLOCK_M"]))
 
-        swba_bwd_dq_kernel[grid_q](
-            q, k, v, grad_out, lse, delta, dq,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
-            h, h // h_kv, *common, HEAD_DIM=d, BLOCK_D=block_d,
-        )
+        args = (q, k, v, grad_out, lse, delta, dq,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+                h, h // h_kv, *common)
+        _launch(swba_bwd_dq_kernel, "dq", grid_q, args, q, block_d, HEAD_DIM=d)
     return dq, dk, dv
 
 

@@ -1,0 +1,116 @@
+"""Compile the swba kernels for a GPU target without a GPU (run in a process without TRITON_INTERPRET).
+
+    python packages/swba/tests/compile_check.py [--all | --quick] [--arch 90]
+
+--all: every config the autotuner may pick (kernels.candidate_configs) for each dtype / head-dim
+class; --quick (default): the config used when autotuning is off, for fp16 D=64 and bf16 D=128.
+Prints registers, spills and shared memory per kernel / dtype / head dim / config (through
+fattn.core.compile_check); exits 1 when a kernel fails to compile, spills, or needs more shared
+memory than an H100 block has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch
+import triton
+from fattn.core.compile_check import compile_kernel
+from fattn.swba import kernels
+
+_SHARED_LIMIT = 227 * 1024
+_IO = ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")
+_FP32_IO = ("LSE", "DELTA", "DLSE")
+_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_KERNELS = {"fwd": kernels.swba_fwd_kernel, "dkdv": kernels.swba_bwd_dkdv_kernel, "dq": kernels.swba_bwd_dq_kernel}
+
+
+def signature(kernel, dtype: str) -> tuple[dict[str, str], dict[str, int], tuple[str, ...]]:  # type: ignore[no-untyped-def]
+    """(signature, unit strides as constexprs, args hinted divisible by 16), as Triton's launcher
+    specializes contiguous inputs with a head dim that is a multiple of 16."""
+    sig: dict[str, str] = {}
+    for name in (kernel.fn if hasattr(kernel, "configs") else kernel).arg_names:
+        if name in _IO:
+            sig[name] = f"*{dtype}"
+        elif name in _FP32_IO:
+            sig[name] = "*fp32"
+        elif name in ("qk_scale", "scale"):
+            sig[name] = "fp32"
+        elif name.isupper():
+            continue  # constexpr
+        else:
+            sig[name] = "i32"
+    units = {n: 1 for n in sig if n.startswith("stride_") and n.endswith("d")}
+    for n in units:
+        del sig[n]
+    div16 = tuple(n for n, t in sig.items() if t.startswith("*") or n.startswith("stride_"))
+    return sig, units, div16
+
+
+def check(kind: str, dtype: str, head_dim: int, config: triton.Config, arch: int) -> bool:
+    kernel = _KERNELS[kind]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    sig, units, div16 = signature(kernel, dtype)
+    consts = {**units, "HEAD_DIM": head_dim, "BLOCK_D": block_d, **config.kwargs}
+    if kind == "fwd":
+        consts["SCALE_NONNEG"] = True
+    tiles = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
+    rep = compile_kernel(kernel, sig, consts, arch=arch, num_warps=config.num_warps, num_stages=config.num_stages,
+                         divisible_by_16=div16 if head_dim % 16 == 0 else tuple(n for n in div16 if sig[n][0] == "*"),
+                         name=f"{kind} {dtype} D{head_dim} {tiles}")
+    ok = rep.n_spills == 0 and rep.shared_bytes <= _SHARED_LIMIT
+    print(("ok   " if ok else "FAIL ") + str(rep), flush=True)
+    return ok
+
+
+def check_preprocess(dtype: str, head_dim: int, arch: int) -> bool:
+    kernel = kernels.swba_bwd_preprocess_kernel
+    sig, units, div16 = signature(kernel, dtype)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    rep = compile_kernel(kernel, sig, {**units, "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": 64,
+                                       "HAS_DLSE": False}, arch=arch, divisible_by_16=div16,
+                         name=f"preprocess {dtype} D{head_dim}")
+    ok = rep.n_spills == 0
+    print(("ok   " if ok else "FAIL ") + str(rep), flush=True)
+    return ok
+
+
+class _Probe:
+    """What candidate_configs reads of q, for a device with H100's shared memory."""
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = _TORCH[dtype]
+        self.device = torch.device("cuda")
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--all", action="store_true", help="every candidate config of every class")
+    parser.add_argument("--quick", action="store_true", help="the default configs of fp16 D=64 and bf16 D=128")
+    parser.add_argument("--arch", type=int, default=90)
+    args = parser.parse_args()
+    if args.all:
+        classes = [("fp16", 64), ("bf16", 128), ("bf16", 80), ("fp16", 256), ("fp32", 64), ("fp32", 96), ("fp32", 256)]
+    else:
+        classes = [("fp16", 64), ("bf16", 128)]
+    ok = True
+    for dtype, d in classes:
+        block_d = max(16, triton.next_power_of_2(d))
+        elem = _Probe(dtype).element_size()
+        for kind in _KERNELS:
+            configs = kernels.candidate_configs(kind, block_d, elem)  # no device: the Hopper budget
+            for config in configs if args.all else configs[:1]:
+                ok &= check(kind, dtype, d, config, args.arch)
+        ok &= check_preprocess(dtype, d, args.arch)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
