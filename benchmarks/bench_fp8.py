@@ -20,6 +20,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fattn.core.testing import device
 from fattn.fp8 import fp8_attention, quantize
 

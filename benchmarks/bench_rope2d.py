@@ -8,8 +8,13 @@ Each record's extra_info carries `max_err`: the forward output's max abs error a
 reference (computed on the first two images of the batch), so accuracy is compared in the same run.
 The peer `rope_fused` is found with `peer_path("rope_fused")` (file `fa_rope_full.py` exported from
 github.com/v1kstrand/triton_fused_rope_flash_attn); it only knows square grids with 0 or 1 class token,
-so on the register shape it runs the closest equivalent (class token only, N = 1 + 37*37). Its
-autotuning space is cut to group size 4 (see `_load_peer`; FATTN_PEER_FULL_TUNE=1 keeps all 72 configs).
+so on the register shape it runs the closest equivalent (class token only, N = 1 + 37*37).
+
+Warm-up budget (the whole file must run in ~2.5 minutes on an H100/H200): the peer compiles every
+autotuning config for every shape (its sizes are constexprs), so its 72 configs per kernel are cut to
+its 2 most plausible Hopper tilings per kernel (FATTN_PEER_TUNE=group4: the 24 configs of group size 4;
+FATTN_PEER_TUNE=full or FATTN_PEER_FULL_TUNE=1: all 72). Eager PyTorch (slow, and no warm-up cost to
+compare) is only run with FATTN_BENCH_FULL=1.
 """
 
 from __future__ import annotations
@@ -23,10 +28,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from fattn.rope2d import axial_angles, rope2d_attention
-from fattn.rope2d.reference import rope2d_attention_reference
 
 from benchmarks.harness import peer_path
+from fattn.rope2d import axial_angles, rope2d_attention
+from fattn.rope2d.reference import rope2d_attention_reference
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,11 @@ GPU_SHAPES = [
     Shape("vit_l14_518_reg4", 32, 16, 37, 5, 64),
 ]
 SMOKE_SHAPES = [Shape("smoke", 1, 2, 3, 1, 16)]
-IMPLS = ["fattn", "torch_compile", "eager", "rope_fused", "sdpa_norope"]
+IMPLS = ["fattn", "torch_compile", "rope_fused", "sdpa_norope"]
+if os.environ.get("FATTN_BENCH_FULL") == "1":
+    # fattn_inloop: fattn with FATTN_ROPE2D_PREROTATE=0 (q/k rotated inside every attention program, the
+    # round-1 path), to re-check the default's choice of pre-rotating
+    IMPLS[1:1] = ["fattn_inloop", "eager"]
 MODES = ["fwd", "fwd+bwd"]
 
 
@@ -86,14 +95,29 @@ def _load_peer():  # type: ignore[no-untyped-def]
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    if os.environ.get("FATTN_PEER_FULL_TUNE") != "1":
-        # The peer autotunes 72 configs per kernel, 3x of them differing only in the program-order
-        # group size (GROUP_M/GROUP_N in 2, 4, 8): keep group 4 so its tuning compiles ~80 kernels, not ~230.
-        for name in ("_attn_fwd", "_attn_bwd_dk_dv_rope", "_attn_bwd_dq_rope"):
-            tuner = getattr(module, name, None)
-            if tuner is not None and hasattr(tuner, "configs"):
-                kept = [c for c in tuner.configs if c.kwargs.get("GROUP_M", c.kwargs.get("GROUP_N", 4)) == 4]
-                tuner.configs = kept or tuner.configs
+    tune = "full" if os.environ.get("FATTN_PEER_FULL_TUNE") == "1" else os.environ.get("FATTN_PEER_TUNE", "small")
+    if tune == "full":
+        return module
+    # (BLOCK_Q, BLOCK_KV) kept per kernel with its group size 4, 4 warps, 3 stages (the classic Hopper
+    # flash-attention tilings in its own search space); "group4" keeps every config of group size 4.
+    small = {"_attn_fwd": {(128, 64), (64, 64)}, "_attn_bwd_dk_dv_rope": {(32, 128), (64, 64)},
+             "_attn_bwd_dq_rope": {(128, 32), (64, 64)}, "_attn_bwd_preprocess": {(128, None)}}
+    for name, tiles in small.items():
+        tuner = getattr(module, name, None)
+        if tuner is None or not hasattr(tuner, "configs"):
+            continue
+
+        def keep(c, tiles=tiles) -> bool:  # type: ignore[no-untyped-def]
+            if c.kwargs.get("GROUP_M", c.kwargs.get("GROUP_N", 4)) != 4:
+                return False
+            if tune == "group4":
+                return True
+            return ((c.kwargs.get("BLOCK_Q"), c.kwargs.get("BLOCK_KV")) in tiles and c.num_warps == 4
+                    and c.num_stages == 3)
+
+        if tune == "group4" and name == "_attn_bwd_preprocess":
+            continue
+        tuner.configs = [c for c in tuner.configs if keep(c)] or tuner.configs
     return module
 
 
@@ -109,7 +133,7 @@ def _case(impl: str, shape: Shape, dtype: torch.dtype, dev: torch.device, smoke:
     angles = axial_angles(shape.side, shape.side, shape.D, axis_order=axis_order, device=dev)
     cos, sin = angles.cos(), angles.sin()
 
-    if impl == "fattn":
+    if impl in ("fattn", "fattn_inloop"):
         def fwd(q, k, v):  # type: ignore[no-untyped-def]
             return rope2d_attention(q, k, v, angles, n_prefix=n_prefix)
     elif impl == "torch_compile":
@@ -150,7 +174,11 @@ def _case(impl: str, shape: Shape, dtype: torch.dtype, dev: torch.device, smoke:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape_idx", range(3), ids=[s.name for s in GPU_SHAPES])
-def test_rope2d(measure, smoke: bool, shape_idx: int, impl: str, mode: str) -> None:  # type: ignore[no-untyped-def]
+def test_rope2d(measure, smoke: bool, shape_idx: int, impl: str, mode: str,  # type: ignore[no-untyped-def]
+                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FATTN_ROPE2D_AUTOTUNE", "1")  # in case the package's tests/conftest.py ran in this process
+    if impl == "fattn_inloop":
+        monkeypatch.setenv("FATTN_ROPE2D_PREROTATE", "0")
     if smoke:
         if shape_idx:
             pytest.skip("smoke run: one tiny shape")

@@ -17,6 +17,7 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton
+
 from fattn.core.compile_check import compile_kernel
 from fattn.fp8 import kernels
 
@@ -38,16 +39,22 @@ def _compile(kernel, sig: dict[str, str], consts: dict[str, object], name: str, 
                           divisible_by_16=divisible)
 
 
-def forward(q_dtype: str, d: int, bm: int, bn: int, warps: int, stages: int, causal: bool, arch: int = 90):
-    """The FP8 forward: q_dtype "fp8e4nv" (e4m3 inputs) or "bf16" (Q quantized in the kernel)."""
+def forward(q_dtype: str, d: int, bm: int, bn: int, warps: int, stages: int, causal: bool, arch: int = 90,
+            tma: bool = False):
+    """The FP8 forward: q_dtype "fp8e4nv" (e4m3 inputs) or "bf16" (Q quantized in the kernel); tma: K/V
+    through tensor descriptors (what op.py passes on Hopper)."""
     unit = ["stride_qd", "stride_kd", "stride_vn", "stride_od", "stride_dod"]  # V tokens-contiguous
     sig = {"Q": f"*{q_dtype}", "K": "*fp8e4nv", "V": "*fp8e4nv", "Q_descale": "*fp32", "K_descale": "*fp32",
            "V_descale": "*fp32", "Out": "*bf16", "Lse": "*fp32", "DO": "*bf16", "Delta": "*fp32",
            **_strides(["q", "k", "v", "o", "do"], unit), **TAIL}
     consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": causal, "FP8": True, "BWD_PREP": False,
-              **dict.fromkeys(unit, 1)}
+              "TMA": tma, **dict.fromkeys(unit, 1)}
+    if tma:
+        sig.update(K_desc=f"tensordesc<fp8e4nv[{bn}, {d}]>", V_desc=f"tensordesc<fp8e4nv[{d}, {bn}]>")
+    else:
+        consts.update(K_desc=None, V_desc=None)
     return _compile(kernels._attn_fwd_kernel, sig, consts, f"fwd q={q_dtype} D{d} {bm}x{bn} w{warps} s{stages}"
-                    f"{' causal' if causal else ''}", arch, warps, stages)
+                    f"{' causal' if causal else ''}{' tma' if tma else ''}", arch, warps, stages)
 
 
 def backward(which: str, dtype: str, d: int, bm: int, bn: int, warps: int, stages: int, arch: int = 90):
@@ -58,7 +65,8 @@ def backward(which: str, dtype: str, d: int, bm: int, bn: int, warps: int, stage
         sig = {"Q": t, "K": t, "V": t, "Q_descale": "*fp32", "K_descale": "*fp32", "V_descale": "*fp32",
                "Out": "*fp32", "Lse": "*fp32", "DO": t, "Delta": "*fp32",
                **_strides(["q", "k", "v", "o", "do"], unit), **TAIL}
-        consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": True, "FP8": False, "BWD_PREP": True}
+        consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": True, "FP8": False, "BWD_PREP": True,
+                  "K_desc": None, "V_desc": None, "TMA": False}
         kernel = kernels._attn_fwd_kernel
     else:
         outs = ["dk", "dv"] if which == "dkdv" else ["dq"]
@@ -92,29 +100,37 @@ def quantization(dtype: str, d: int, arch: int = 90) -> list:  # type: ignore[ty
     ]
 
 
-def _check_forward(report) -> None:  # type: ignore[no-untyped-def]
+def _check_forward(report, tma: bool = False) -> None:  # type: ignore[no-untyped-def]
     ptx = report.ptx
     if report.arch == 90:
         assert "wgmma.mma_async" in ptx and "e4m3.e4m3" in ptx, f"{report.name}: no FP8 wgmma"
-    assert "cp.async" in ptx, f"{report.name}: K/V loads are not pipelined"
+    if tma:
+        assert "cp.async.bulk.tensor" in ptx, f"{report.name}: K/V are not loaded by TMA"
+    else:
+        assert "cp.async" in ptx, f"{report.name}: K/V loads are not pipelined"
 
 
 def main(full: bool) -> None:
+    os.environ.pop("FATTN_FP8_TUNE_LIMIT", None)  # every config
     reports = []
     if not full:
-        for q_dtype, d, bm, bn in [("fp8e4nv", 128, 128, 64), ("bf16", 64, 128, 128)]:
-            r = forward(q_dtype, d, bm, bn, 8, 3, causal=True)
-            _check_forward(r)
+        for q_dtype, d, bm, bn, warps, stages, tma in [("fp8e4nv", 128, 128, 64, 8, 3, False),
+                                                        ("bf16", 64, 128, 128, 8, 3, False),
+                                                        ("fp8e4nv", 128, 64, 128, 4, 2, True)]:
+            r = forward(q_dtype, d, bm, bn, warps, stages, causal=True, tma=tma)
+            _check_forward(r, tma)
             assert r.n_spills == 0, str(r)
             reports.append(r)
     else:
         for d in (32, 64, 128, 256):
             for q_dtype in ("fp8e4nv", "bf16"):
-                for c in kernels._fwd_prune(kernels._fwd_configs(), {"Q": _Elem(1)}, HEAD_DIM=d, FP8=True):
-                    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-                    r = forward(q_dtype, d, bm, bn, c.num_warps, c.num_stages, causal=True)
-                    _check_forward(r)
-                    reports.append(r)
+                for c in kernels._fwd_prune(kernels._fwd_configs(), {"Q": _Elem(1)}, HEAD_DIM=d, FP8=True,
+                                            K_desc=True):
+                    bm, bn, tma = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs.get("TMA", False)
+                    for causal in (True, False):
+                        r = forward(q_dtype, d, bm, bn, c.num_warps, c.num_stages, causal=causal, tma=tma)
+                        _check_forward(r, tma)
+                        reports.append(r)
         reports.append(forward("fp8e4nv", 128, 128, 64, 8, 3, causal=False, arch=89))
         for dtype, elem in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
             for d in (64, 128, 256):

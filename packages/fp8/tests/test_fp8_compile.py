@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from fattn.core.compile_check import run_compile_script
 
 

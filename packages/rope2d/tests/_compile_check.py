@@ -1,106 +1,123 @@
 """Compile the rope2d kernels for a GPU target without a GPU (run in a process WITHOUT TRITON_INTERPRET).
 
-Usage: python _compile_check.py [arch ...]   (default 90). Prints one line per kernel/config with
-registers, spill stack bytes and shared memory, and exits non-zero on a compile error or too much shared memory.
+Usage: python _compile_check.py [arch ...] [--quick] [--dims 64,128]  (default 90; all: bf16 and fp32,
+D 64/128/256, every config for interleaved pairs, the first for rotate-half; fp16 uses bf16's resources). Prints one line per kernel/config with
+registers, spilled bytes (ptxas -v) and shared memory, and exits non-zero on a compile error, a spill in
+a D <= 128 config, or too much shared memory. --quick: D=64 bf16, each kernel's first config, both rotation paths (for the test).
+The generic plumbing is fattn.core.compile_check; this file only knows the rope2d signatures and configs.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-import re
-import subprocess
 import sys
-import tempfile
 
-import triton
+import torch
+
+from fattn.core.compile_check import compile_kernel
 from fattn.rope2d import kernels as K
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 SMEM_LIMIT = 227 * 1024
 TY = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
 
-def _sig(names: list[str], dtype: str, constexprs: dict) -> dict[str, str]:
-    # contiguous channels: a launch passes stride 1, which Triton specializes to a constant
-    for n in names:
-        if n.startswith("stride") and n.endswith("d"):
-            constexprs[n] = 1
-    sig = {}
+def _signature(names: list[str], dtype: str, constexprs: dict) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Types of the non-constexpr arguments, and those a launch sees as multiples of 16 (aligned
+    pointers, strides of contiguous D % 16 == 0 tensors)."""
+    sig, div16 = {}, []
     for n in names:
         if n in constexprs:
-            sig[n] = "constexpr"
-        elif n.endswith("_ptr"):
+            continue
+        if n.endswith("_ptr"):
             sig[n] = "*fp32" if n.split("_")[0] in ("cos", "sin", "lse", "delta") else TY[dtype]
+            div16.append(n)
         elif n.startswith("stride"):
             sig[n] = "i32"
+            div16.append(n)
         elif n in ("qk_scale", "sm_scale"):
             sig[n] = "fp32"
-        else:
+        else:  # H, N, n_prefix
             sig[n] = "i32"
-    return sig
+    return sig, tuple(div16)
 
 
-def _resources(c, arch: int) -> tuple[int, int]:  # type: ignore[no-untyped-def]
-    """(registers, spill bytes) from `cuobjdump --dump-resource-usage` of the cubin (no GPU needed)."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(c.asm["cubin"])
-        f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+)", text)
-    stack = re.search(r"STACK:(\d+)", text)
-    return int(regs.group(1)) if regs else -1, int(stack.group(1)) if stack else -1
+def _unit_strides(names: list[str]) -> dict[str, int]:
+    # contiguous channels: a launch passes stride 1, which Triton specializes to the constant 1
+    return {n: 1 for n in names if n.startswith("stride") and n.endswith("d")}
 
 
-def _attrs(names: list[str], constexprs: dict) -> dict:
-    """What a real launch specializes: pointers and strides divisible by 16 (aligned, D a multiple of 16)."""
-    div = [(i,) for i, n in enumerate(names) if n not in constexprs and (n.endswith("_ptr") or n.startswith("stride"))]
-    return {k: [["tt.divisibility", 16]] for k in div}
+def _check(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int, label: str,  # type: ignore[no-untyped-def]
+           spills_allowed: bool) -> int:
+    jit = kernel
+    while not hasattr(jit, "arg_names"):  # @triton.autotune wraps the JITFunction in .fn
+        jit = jit.fn
+    names = list(jit.arg_names)
+    ce = {**_unit_strides(names), **constexprs}
+    sig, div16 = _signature(names, dtype, ce)
+    try:
+        rep = compile_kernel(kernel, sig, ce, num_warps=num_warps, num_stages=num_stages, divisible_by_16=div16,
+                             arch=ARCH[0], name=label)
+    except Exception as e:  # report every failing config, then fail
+        print(f"FAIL {label}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+        return 1
+    bad = rep.shared_bytes > SMEM_LIMIT or (rep.n_spills > 0 and not spills_allowed)
+    flag = "  <-- SHARED MEMORY OVER LIMIT" if rep.shared_bytes > SMEM_LIMIT else ("  <-- SPILLS" if rep.n_spills else "")
+    print(f"{label}: regs {rep.n_regs} spills {rep.n_spills} smem {rep.shared_bytes}{flag}", flush=True)
+    return int(bad)
 
 
-def _compile(jit_fn, dtype: str, constexprs: dict, arch: int):  # type: ignore[no-untyped-def]
-    src = ASTSource(fn=jit_fn, signature=_sig(jit_fn.arg_names, dtype, constexprs), constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 128))
+ARCH = [90]
 
 
-def main(archs: list[int], quick: bool = False) -> int:
-    """quick: fp16 and bf16 at D=64 with the first surviving config only (for the test suite)."""
+def main(archs: list[int], quick: bool = False, only_dims: tuple[int, ...] = ()) -> int:
     bad = 0
-    dtypes, dims = (("fp16", "bf16"), (64,)) if quick else (("fp16", "bf16", "fp32"), (64, 80, 128, 256))
+    dtypes, dims = (("bf16",), (64,)) if quick else (("bf16", "fp32"), (64, 128, 256))
+    dims = only_dims or dims
     for arch, dtype, d in itertools.product(archs, dtypes, dims):
+        ARCH[0] = arch
         meta = K._meta(d, "interleaved")
-        for name, kern, configs, tiles in (("fwd", K._rope2d_fwd_kernel, K._FWD_CONFIGS, K._FWD_TILES),
-                                           ("dkdv", K._rope2d_bwd_dkdv_kernel, K._DKDV_CONFIGS, K._DKDV_TILES),
-                                           ("dq", K._rope2d_bwd_dq_kernel, K._DQ_CONFIGS, K._DQ_TILES)):
-            kept = K._pruner(tiles)(configs, {"N": 4096, **meta})
-            for cfg in kept[:1] if quick else kept:
-                for interleaved in (True,) if quick else (True, False):
-                    ce = {**meta, "INTERLEAVED": interleaved, **cfg.kwargs}
-                    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-                    sig = _sig(kern.fn.arg_names, dtype, ce)
-                    src = ASTSource(fn=kern.fn, signature=sig, constexprs=ce, attrs=_attrs(kern.fn.arg_names, ce))
-                    try:
-                        c = triton.compile(src, target=GPUTarget("cuda", arch, 128), options=opts)
-                    except Exception as e:
-                        print(f"FAIL sm{arch} {name} {dtype} D{d} {cfg}: {e}")
-                        bad += 1
-                        continue
-                    shared = c.metadata.shared
-                    regs, spills = _resources(c, arch)
-                    # spills cost speed (reported); too much shared memory fails the launch (an error)
-                    flag = "  <-- SPILLS" if spills else ""
-                    if shared > SMEM_LIMIT:
-                        flag = "  <-- SHARED MEMORY OVER LIMIT"
-                        bad += 1
-                    if flag or interleaved:
-                        print(f"sm{arch} {name:4s} {dtype} D{d:3d} M{cfg.kwargs['BLOCK_M']:3d} N{cfg.kwargs['BLOCK_N']:3d} "
-                              f"w{cfg.num_warps} s{cfg.num_stages}: regs {regs} stack {spills} "
-                              f"smem {shared}{flag}", flush=True)
+        for interleaved in (True,) if quick else (True, False):
+            base = {**meta, "INTERLEAVED": interleaved}
+            tag = f"sm{arch} {dtype} D{d} {'il' if interleaved else 'half'}"
+            rot = {k: base[k] for k in ("D", "DH", "BLOCK_DH", "INTERLEAVED")}
+            bad += _check(K._rope2d_rotate_kernel, dtype, {**rot, "BLOCK": K._rotate_block(d)}, 4, 1,
+                          f"{tag} rotate", spills_allowed=False)
+            for name, kern, configs, tiles, fp32_tiles, flag in (
+                ("fwd", K._rope2d_fwd_kernel, K._FWD_CONFIGS, K._FWD_TILES, K._FWD_TILES_FP32, "PREROTATED_K"),
+                ("dkdv", K._rope2d_bwd_dkdv_kernel, K._DKDV_CONFIGS, K._DKDV_TILES, K._DKDV_TILES_FP32, "PREROTATED"),
+                ("dq", K._rope2d_bwd_dq_kernel, K._DQ_CONFIGS, K._DQ_TILES, K._DQ_TILES_FP32, "PREROTATED"),
+            ):
+                q = torch.empty(0, dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+                kept = K._pruner(tiles, fp32_tiles)(configs, {"N": 4096, "q_ptr": q, **meta})
+                if not interleaved or quick:
+                    kept = kept[:1]  # the pairing only changes the loads: one config suffices
+                for cfg, prerotated in itertools.product(kept, (False, True)):
+                    ce = {**base, flag: prerotated, **cfg.kwargs}
+                    label = (f"{tag} {name:4s} pre{int(prerotated)} M{cfg.kwargs['BLOCK_M']:3d} "
+                             f"N{cfg.kwargs['BLOCK_N']:3d} w{cfg.num_warps} s{cfg.num_stages}")
+                    # spills cost speed, not correctness: tolerated for D > 128 and fp32 (not the fast paths)
+                    bad += _check(kern, dtype, ce, cfg.num_warps, cfg.num_stages, label,
+                                  spills_allowed=d > 128 or dtype == "fp32")
+            if not quick:
+                # Triton turns scalar int arguments equal to 1 into constants (H=1, N=1, one class token):
+                # every kernel must still compile with them
+                ones = {"H": 1, "N": 1, "n_prefix": 1}
+                for kern, flag in ((K._rope2d_fwd_kernel, "PREROTATED_K"), (K._rope2d_bwd_dkdv_kernel, "PREROTATED"),
+                                   (K._rope2d_bwd_dq_kernel, "PREROTATED")):
+                    for prerotated in (False, True):
+                        ce = {**base, flag: prerotated, "BLOCK_M": 16, "BLOCK_N": 16, **ones}
+                        bad += _check(kern, dtype, ce, 4, 2, f"{tag} {kern.fn.__name__} pre{int(prerotated)} H=N=n_prefix=1",
+                                      spills_allowed=True)
+                bad += _check(K._rope2d_rotate_kernel, dtype, {**rot, "BLOCK": K._rotate_block(d), **ones}, 4, 1,
+                              f"{tag} rotate H=N=n_prefix=1", spills_allowed=True)
+                bad += _check(K._bwd_delta_kernel, dtype, {"D": d, "BLOCK_D": base["BLOCK_D"], "BLOCK_M": 64, "H": 1,
+                                                           "N": 1}, 4, 1, f"{tag} delta H=N=1", spills_allowed=True)
     return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--quick"]
-    sys.exit(main([int(a) for a in args] or [90], quick="--quick" in sys.argv))
+    argv = sys.argv[1:]
+    dims_arg = argv[argv.index("--dims") + 1] if "--dims" in argv else ""
+    archs = [int(a) for a in argv if a.isdigit() and a != dims_arg]
+    sys.exit(main(archs or [90], quick="--quick" in argv,
+                  only_dims=tuple(int(d) for d in dims_arg.split(",") if d)))

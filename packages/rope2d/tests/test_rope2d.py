@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from fattn.core.testing import (
     assert_close,
     assert_deterministic,
@@ -78,6 +79,42 @@ def test_forward_backward_noncontiguous(case: dict) -> None:
 @pytest.mark.parametrize("case", cases(GPU_CASES, gpu_only_dims=lambda row: True))
 def test_forward_backward_gpu(case: dict) -> None:
     _run(case, noncontiguous=case["D"] == 80)
+
+
+PREROTATE_CASES = [CPU_CASES[0], CPU_CASES[3], CPU_CASES[5]]
+GPU_PREROTATE_CASES = [GPU_CASES[3], GPU_CASES[5]]
+
+
+@pytest.mark.parametrize("mode", ["0", "1"])
+@pytest.mark.parametrize("case", cases(PREROTATE_CASES) + cases(GPU_PREROTATE_CASES, gpu_only_dims=lambda row: True))
+def test_prerotate_paths(case: dict, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways of rotating: inside the attention loops ("0") or once into a scratch slab ("1");
+    the default picks per pass (see kernels.PREROTATE_ENV), so force each one on every pass here."""
+    monkeypatch.setenv("FATTN_ROPE2D_PREROTATE", mode)
+    _run(case, noncontiguous=mode == "1")
+
+
+@pytest.mark.parametrize(("mode", "min_q_tiles", "expected"), [("0", 4, (0, 0)), ("1", 4, (1, 2)),
+                                                               ("auto", 4, (0, 2)), ("auto", 1, (1, 2))])
+def test_prerotate_mode_dispatch(mode: str, min_q_tiles: int, expected: tuple[int, int],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which passes pre-rotate (so that test_prerotate_paths does cover both kernels' paths); "auto"
+    pre-rotates the forward's k from PREROTATE_MIN_Q_TILES q tiles of 128 (lowered here: small N)."""
+    from fattn.rope2d import kernels
+
+    monkeypatch.setattr(kernels, "PREROTATE_MIN_Q_TILES", min_q_tiles)
+    n_tokens = 13
+    calls: list[int] = []
+    rotated = kernels._rotated
+    monkeypatch.setattr(kernels, "_rotated", lambda *a, **kw: calls.append(1) or rotated(*a, **kw))
+    monkeypatch.setenv("FATTN_ROPE2D_PREROTATE", mode)
+    d, n_prefix = 8, n_tokens - 12
+    q, k, v = (randn([1, 1, n_tokens, d], requires_grad=True) for _ in range(3))
+    angles = randn([12, d // 2])
+    out = rope2d_attention(q, k, v, angles, n_prefix=n_prefix)
+    n_fwd = len(calls)
+    out.sum().backward()
+    assert (n_fwd, len(calls) - n_fwd) == expected
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

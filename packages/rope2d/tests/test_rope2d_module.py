@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fattn.core.testing import assert_close, device, on_gpu
 from fattn.rope2d import RoPE2dAttention, axial_angles
 from fattn.rope2d.reference import rope2d_attention_reference

@@ -5,7 +5,9 @@ With FP8 inputs both products run on FP8 tensor cores: S = Q8 K8^T (fp32 accumul
 the per-head descales, the online softmax runs in fp32, and P is quantized to e4m3 (times 2^8, so
 small probabilities stay normal numbers) for the FP8 product P8 V8. The same kernel, with FP8 off,
 is the full-precision forward that the backward pass recomputes (it writes the log-sum-exp and
-delta = rowsum(dO * O) instead of O).
+delta = rowsum(dO * O) instead of O). On Hopper, K and V tiles can come through TMA tensor
+descriptors (config TMA=True, see op.py for when): besides saving the per-thread address registers
+this lets one-warpgroup programs of 64 x 128 tiles fit three to an SM.
 
 Full-precision Q is quantized inside the forward kernel, one scale per query row (no extra pass).
 K and V (`_quant_stats_kernel`, `_quant_finalize_kernel`, `_quant_apply_kernel`): amax per
@@ -22,10 +24,19 @@ block owns dQ: no atomics, deterministic.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
 from fattn.core.runtime import INTERPRET, interpreter_enabled
 from fattn.core.triton_helpers import LOG2E, interp_upcast, online_softmax_finalize
+
+
+def _tune_limit() -> int:
+    """FATTN_FP8_TUNE_LIMIT=n: autotune over at most n configs per kernel (0: all). The GPU tests set
+    it (tests/conftest.py) to keep tuning short; read when a new shape is tuned."""
+    return int(os.environ.get("FATTN_FP8_TUNE_LIMIT", "0") or 0)
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn
 # P in [0, 1] is stored in e4m3 times 2^8 (at most 256 < 448): exact (a power of two), and
@@ -75,16 +86,27 @@ def _load_tile_t(base, offs_n, n_limit, offs_d, stride_n, stride_d, MASK: tl.con
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-               offs_m, offs_d, lo, hi, N_K, diag, qk_scale,
-               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, FP8: tl.constexpr):
+               K_desc, V_desc, k_row, v_row,
+               offs_m, offs_d, lo, hi, N_K, diag, qk_scale, HEAD_DIM: tl.constexpr,
+               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, FP8: tl.constexpr,
+               TMA: tl.constexpr):
     """Key tiles [lo, hi): MASK says whether they need the bounds / causal mask.
 
     m_i is the running max of the base-2 logits. With FP8, p and l_i carry a factor 2^8 (P_SCALE_LOG2)
     that the final acc / l_i cancels: it is folded into the exponent, so it costs nothing.
+    TMA: K and V tiles come through tensor descriptors (K as [rows, D] rows k_row + n, V tokens-contiguous
+    as [rows, N_K] rows v_row + d): no per-thread addresses, so fewer registers (one-warpgroup programs
+    fit two or three to an SM, and run out of phase: one's softmax overlaps another's tensor-core
+    work; the warpgroups of one program still meet at a barrier every tile).
     """
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = interp_upcast(_load_tile_t(k_base, offs_n, N_K, offs_d, stride_kn, stride_kd, MASK))
+        if TMA:
+            # Rows past N_K belong to the next head (finite e4m3 values), or are zero past the tensor's
+            # end: the MASK tile sets their logits to -inf.
+            k_t = K_desc.load([k_row + start_n, 0]).T
+        else:
+            k_t = interp_upcast(_load_tile_t(k_base, offs_n, N_K, offs_d, stride_kn, stride_kd, MASK))
         s = tl.dot(q, k_t)  # raw logits, fp32; qk_scale [BLOCK_M] > 0 is applied inside the exp2 below
         if MASK:
             keep = (offs_n < N_K)[None, :]
@@ -100,7 +122,10 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         p = tl.math.exp2(s * qk_scale[:, None] - m_ref[:, None])  # one FMA and one exp2 per logit
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-        v = interp_upcast(_load_tile(v_base, offs_n, N_K, offs_d, stride_vn, stride_vd, MASK))
+        if TMA:
+            v = V_desc.load([v_row, start_n]).T  # columns past N_K read as 0
+        else:
+            v = interp_upcast(_load_tile(v_base, offs_n, N_K, offs_d, stride_vn, stride_vd, MASK))
         if FP8:
             pv = tl.dot(_to_e4m3(p), v)
         elif v.dtype == tl.float32:
@@ -122,37 +147,65 @@ def seq_bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
+def _set_tma_blocks(nargs: dict) -> None:  # type: ignore[type-arg]
+    """Config pre-hook: the TMA descriptors' tile shapes follow the config's BLOCK_N."""
+    if nargs.get("K_desc") is not None:
+        bn, d = nargs["BLOCK_N"], nargs["HEAD_DIM"]
+        nargs["K_desc"].block_shape = [bn, d]
+        nargs["V_desc"].block_shape = [d, bn]
+
+
 def _fwd_configs() -> list[triton.Config]:
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        # 8 warps: with 4, the 128-row fp32 accumulator and logits spill at D >= 64 (ptxas, sm_90)
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_set_tma_blocks)
+        # 8 warps at BLOCK_M = 128: with 4, the 128-row fp32 accumulator and logits spill (ptxas, sm_90)
         for bm, bn, w, s in [
             (128, 128, 8, 3),
-            (128, 128, 8, 2),
             (128, 64, 8, 3),
             (128, 64, 8, 4),
+            # One warpgroup per program: 239 registers, so two programs share an SM and, unlike the two
+            # warpgroups of one 8-warp program (which meet at a barrier every key tile), run out of
+            # phase: one's softmax overlaps the other's tensor-core work.
+            (64, 64, 4, 3),
             (64, 64, 8, 3),
-            (64, 128, 8, 3),
             (64, 32, 8, 3),
         ]
     ]
+    # FP8 on Hopper with TMA-able K/V (see op.py): K/V tiles through tensor descriptors. No per-thread
+    # address registers: one warpgroup on 64 x 128 tiles takes 168 registers and 73 KB (2 stages), so
+    # three programs fit an SM and overlap each other's softmax and tensor-core work (ptxas, sm_90).
+    configs += [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TMA": True}, num_warps=w, num_stages=s,
+                      pre_hook=_set_tma_blocks)
+        for bm, bn, w, s in [(64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)]
+    ]
+    return configs
 
 
 def _fwd_prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
     """Drop configs whose pipelined K/V tiles exceed Hopper's 227 KB of shared memory, BLOCK_N < 32
-    for FP8 (the P @ V product needs a reduction of at least 32), and tiles over 64 at D = 256
-    (they spill registers, ptxas sm_90)."""
+    for FP8 (the P @ V product needs a reduction of at least 32), tiles over 64 at D = 256 (they
+    spill registers, ptxas sm_90), and TMA configs when the launch has no descriptors."""
     d = kwargs["HEAD_DIM"]
     fp8 = kwargs["FP8"]
+    tma = kwargs.get("K_desc") is not None
     elem = 1 if fp8 else named_args["Q"].element_size()
     out = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if c.kwargs.get("TMA", False) and not tma:
+            continue
         smem = bm * d * elem + c.num_stages * 2 * bn * d * elem  # Q, then K and V per pipeline stage
-        if smem <= 220 * 1024 and (not fp8 or bn >= 32) and (d < 256 or (bm <= 64 and bn <= 64)):
+        # one warpgroup (4 warps) holds a 64-row tile: only for FP8 at D <= 128 (it spills beyond)
+        one_wg_ok = c.num_warps == 8 or (fp8 and d <= 128)
+        if smem <= 220 * 1024 and (not fp8 or bn >= 32) and (d < 256 or (bm <= 64 and bn <= 64)) and one_wg_ok:
             out.append(c)
+    limit = _tune_limit()
+    if limit and len(out) > limit:
+        # tests: the first configs only (TMA ones first when there are descriptors)
+        out = sorted(out, key=lambda c: not c.kwargs.get("TMA", False))[:limit]
     return out or [_SMALLEST]
 
 
@@ -169,6 +222,7 @@ def _attn_fwd_kernel(
     H, GROUP, N_Q, N_K, sm_scale, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, FP8: tl.constexpr, BWD_PREP: tl.constexpr,
+    K_desc=None, V_desc=None, TMA: tl.constexpr = False,
 ):
     """One program: BLOCK_M queries of one (batch, head).
 
@@ -192,6 +246,10 @@ def _attn_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q = interp_upcast(_load_tile(q_base, offs_m, N_Q, offs_d, stride_qn, stride_qd, True))
+    # TMA: first row of this (batch, KV head) in the 2-D views [B*Hkv*N_K, D] of K and [B*Hkv*D, N_K] of V
+    bhk = b * hkv_total + hk
+    k_row = bhk * N_K
+    v_row = bhk * HEAD_DIM
 
     # qk_scale: per query row, base 2; the logits are dot(q, k) * qk_scale
     qk_scale = tl.full([BLOCK_M], sm_scale * LOG2E, dtype=tl.float32)
@@ -225,11 +283,13 @@ def _attn_fwd_kernel(
     # Tiles below full_hi need no mask at all (inside the sequence and under the diagonal).
     full_hi = (tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                               K_desc, V_desc, k_row, v_row,
                                offs_m, offs_d, 0, full_hi, N_K, diag, qk_scale,
-                               BLOCK_N, CAUSAL, False, FP8)
+                               HEAD_DIM, BLOCK_N, CAUSAL, False, FP8, TMA)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                               K_desc, V_desc, k_row, v_row,
                                offs_m, offs_d, full_hi, hi, N_K, diag, qk_scale,
-                               BLOCK_N, CAUSAL, True, FP8)
+                               HEAD_DIM, BLOCK_N, CAUSAL, True, FP8, TMA)
     out, lse = online_softmax_finalize(acc, m_i, l_i)
     row_ok = offs_m < N_Q
     if FP8:
@@ -386,6 +446,8 @@ def _bwd_prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
         smem = (2 * max(bm, bn) + c.num_stages * 2 * min(bm, bn)) * d * elem
         if smem <= 220 * 1024 and (d < 256 or max(bm, bn) <= 64):
             out.append(c)
+    if _tune_limit():
+        out = out[:_tune_limit()]
     return out or [_SMALLEST]
 
 

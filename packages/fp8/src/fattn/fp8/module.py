@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from fattn.fp8.op import fp8_attention
 from torch import nn
+
+from fattn.fp8.op import fp8_attention
 
 __all__ = ["FP8Attention"]
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
+
 from fattn.core import (
     Reason,
     choice_reasons,
@@ -134,7 +137,33 @@ def _launch(name: str, kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Non
     if config is None:
         kernel[grid](*args, **kwargs)
     else:
+        if config.pre_hook is not None:
+            config.pre_hook({**dict(zip(kernel.fn.arg_names, args)), **kwargs, **config.all_kwargs()})
         kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+
+
+# FATTN_FP8_TMA: "auto" (default: TMA K/V loads on Hopper when the layout allows), "0" (never), "1" (also
+# under the interpreter: tests of the TMA path).
+_TMA_MODE = os.environ.get("FATTN_FP8_TMA", "auto")
+
+
+def _tma_descriptors(k8: torch.Tensor, v8: torch.Tensor) -> tuple[Any, Any]:
+    """(K_desc, V_desc) over the 2-D views [B*Hkv*Nk, D] of K and [B*Hkv*D, Nk] of tokens-contiguous V,
+    or (None, None) where the kernel must use pointer loads. TMA needs sm_90+, 16-byte aligned bases
+    and row strides (Nk a multiple of 16 for V's rows) and int32 coordinates."""
+    if _TMA_MODE == "0" or (_TMA_MODE != "1" and (interpreter_enabled() or not k8.is_cuda)):
+        return None, None
+    if k8.is_cuda and torch.cuda.get_device_capability(k8.device)[0] < 9:
+        return None, None
+    b, h_kv, n_k, d = k8.shape
+    v_t = v8.transpose(2, 3)
+    if (n_k == 0 or n_k % 16 or b * h_kv * max(n_k, d) >= 2**31 or not k8.is_contiguous()
+            or not v_t.is_contiguous() or k8.data_ptr() % 16 or v8.data_ptr() % 16):
+        return None, None
+    # block shapes are placeholders: the config's pre-hook sets them from BLOCK_N
+    k_desc = TensorDescriptor.from_tensor(k8.view(b * h_kv * n_k, d), block_shape=[16, d])
+    v_desc = TensorDescriptor.from_tensor(v_t.reshape(b * h_kv * d, n_k), block_shape=[d, 16])
+    return k_desc, v_desc
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,12 +181,13 @@ def _fwd_launch(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_descale:
     def grid(meta):  # type: ignore[no-untyped-def]
         return (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
 
+    k_desc, v_desc = _tma_descriptors(k8, v8)
     _launch(
         "fwd", _attn_fwd_kernel, grid,
         q8, k8, v8, q_descale, k_descale, v_descale, out, out, out, out,
         *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(), *out.stride(),
         h, h // h_kv, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k),
-        HEAD_DIM=d, CAUSAL=causal, FP8=True, BWD_PREP=False,
+        HEAD_DIM=d, CAUSAL=causal, FP8=True, BWD_PREP=False, K_desc=k_desc, V_desc=v_desc,
     )
     return out
 

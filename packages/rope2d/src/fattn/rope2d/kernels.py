@@ -14,13 +14,22 @@ is loaded; online softmax in base 2 with fp32 accumulation. Backward, determinis
 as in FlashAttention-2: one kernel per k tile accumulates dk, dv over q tiles; one per q tile
 accumulates dq over k tiles. dq and dk are accumulated in the rotated basis and rotated back by the
 inverse rotation before the store.
+
+Pre-rotation (PREROTATED flags, see PREROTATE_ENV): the streamed operand (k in the forward, q and k in
+the backward) can instead be rotated once by `_rope2d_rotate_kernel` into a contiguous scratch slab
+(a halves then b halves, storage dtype: bit-identical to rotating in the loop), which the loops then
+load like plain flash attention, with no fp32 cos/sin tiles and no rotation per visited tile.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+from fattn.core import empty
 from fattn.core.runtime import interpreter_enabled
 from fattn.core.triton_helpers import (
     LOG2E,
@@ -30,7 +39,7 @@ from fattn.core.triton_helpers import (
     probs_from_lse,
 )
 
-__all__ = ["rope2d_fwd_launch", "rope2d_bwd_launch", "pair_block"]
+__all__ = ["rope2d_fwd_launch", "rope2d_bwd_launch", "pair_block", "prerotate_mode"]
 
 
 def pair_block(head_dim: int) -> int:
@@ -50,47 +59,86 @@ def _configs(table: dict[int, list[tuple[int, int, int, int]]]) -> list[triton.C
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per pair-block width BLOCK_DH (16/32: D <= 64; 64: D <= 128;
 # 128: D <= 256), chosen from sm_90 compiles (tests/_compile_check.py prints registers, spills and
 # shared memory). For dkdv, the BLOCK_N tile is the program's own and BLOCK_M the streamed one.
+# Few per class on purpose: every config is compiled (and timed) on first use of a shape, so D <= 64
+# (every ViT) keeps 2-3 Hopper tilings per kernel, spill-free in both rotation paths (ptxas -v).
 _FWD_TILES = {
-    32: [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3)],
-    64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3)],
+    32: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+    64: [(128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3)],
     128: [(64, 32, 8, 2), (32, 32, 4, 2)],
 }
 _DKDV_TILES = {
-    32: [(64, 64, 8, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 64, 8, 2), (64, 128, 8, 2)],
+    32: [(64, 64, 8, 2), (32, 128, 8, 3)],
     64: [(32, 64, 8, 2), (64, 64, 8, 2)],
     128: [(32, 32, 8, 1), (16, 32, 4, 2)],  # D > 128 spills registers in every tile tried
 }
 _DQ_TILES = {
-    32: [(64, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3)],
-    64: [(64, 32, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+    32: [(64, 64, 8, 3), (128, 64, 8, 2)],
+    64: [(64, 32, 8, 2), (64, 64, 8, 2)],
     128: [(32, 32, 8, 1), (64, 16, 8, 1)],  # (spills too)
 }
+# fp32 inputs double every tile's shared memory: where some of the class's tiles exceed sm_90's 227 KB
+# (D 65-128), these replace them.
+_FWD_TILES_FP32 = {64: [(64, 32, 8, 2)]}
+_DKDV_TILES_FP32 = {64: [(32, 64, 8, 2)]}
+_DQ_TILES_FP32 = {64: [(64, 32, 8, 2)]}
 _INTERPRETER_TILES = {c: [(16, 16, 1, 1)] for c in (32, 64, 128)}  # one small config: fast CPU tests
 
 if interpreter_enabled():
     _FWD_TILES = _DKDV_TILES = _DQ_TILES = _INTERPRETER_TILES
-_FWD_CONFIGS = _configs(_FWD_TILES)
-_DKDV_CONFIGS = _configs(_DKDV_TILES)
-_DQ_CONFIGS = _configs(_DQ_TILES)
+    _FWD_TILES_FP32 = _DKDV_TILES_FP32 = _DQ_TILES_FP32 = {}
+_FWD_CONFIGS = _configs({**_FWD_TILES, -1: [t for tiles in _FWD_TILES_FP32.values() for t in tiles]})
+_DKDV_CONFIGS = _configs({**_DKDV_TILES, -1: [t for tiles in _DKDV_TILES_FP32.values() for t in tiles]})
+_DQ_CONFIGS = _configs({**_DQ_TILES, -1: [t for tiles in _DQ_TILES_FP32.values() for t in tiles]})
+
+# FATTN_ROPE2D_AUTOTUNE=0: the first tile of each class only, no timing (the test suite sets it: it
+# checks numerics on many shapes, where autotuning would compile and time every tile for each new N).
+AUTOTUNE_ENV = "FATTN_ROPE2D_AUTOTUNE"
+# FATTN_ROPE2D_PREROTATE: "auto" (default), "1" (always), "0" (never: rotate k inside every attention
+# program, the round-1 path). Pre-rotating writes rotated q/k once to a scratch buffer (one read and one
+# write of the tensor) so the attention loops stream them like plain flash attention, instead of each
+# program re-reading the fp32 cos/sin tiles and rotating every k (fwd/dq) or q (dkdv) tile it visits.
+PREROTATE_ENV = "FATTN_ROPE2D_PREROTATE"
+# "auto" pre-rotates k in the forward once a k tile would be rotated by at least this many q-tile programs
+# (N >= 4 * 128): below it the forward is memory-bound and the extra pass costs more than it saves.
+PREROTATE_MIN_Q_TILES = 4
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "1") != "0"
+
+
+def prerotate_mode() -> str:
+    mode = os.environ.get(PREROTATE_ENV, "auto")
+    return mode if mode in ("0", "1") else "auto"
 
 
 def _head_dim_class(block_dh: int) -> int:
     return 32 if block_dh <= 32 else block_dh
 
 
-def _pruner(table: dict[int, list[tuple[int, int, int, int]]]):  # type: ignore[no-untyped-def]
+def _pruner(table: dict[int, list[tuple[int, int, int, int]]],  # type: ignore[no-untyped-def]
+            fp32_table: dict[int, list[tuple[int, int, int, int]]] | None = None):
     def prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
-        """Keep the tiles of this head-dim class; for short sequences drop tiles far longer than N."""
+        """Keep the tiles of this head-dim class (and dtype); for short sequences drop tiles far longer than N."""
         block_dh = kwargs.get("BLOCK_DH", named_args.get("BLOCK_DH"))
         n = named_args["N"]
-        wanted = set(table[_head_dim_class(block_dh)])
+        cls = _head_dim_class(block_dh)
+        q = named_args.get("q_ptr")
+        fp32 = getattr(q, "dtype", None) == torch.float32
+        order = (fp32_table or {}).get(cls) if fp32 else None
+        order = order or table[cls]
         kept = [c for c in configs
-                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in order]
+        kept.sort(key=lambda c: order.index((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)))
         short = [c for c in kept if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(64, n)]
-        return short or kept
+        kept = short or kept
+        return kept if _autotune_enabled() else kept[:1]
 
     return prune
 
+
+# Kernels do not specialize H, N and n_prefix (Triton would compile a variant for each value that is 1
+# or a multiple of 16): they only bound loops and masks, and every variant costs a compile at warm-up.
 
 # --------------------------------------------------------------------------------------------
 # Tile helpers. Big offsets (batch, head, tile start) are int64 scalars folded into the base
@@ -222,11 +270,61 @@ def _load_rotated(base, cos_ptr, sin_ptr, start, n_tokens, n_prefix, stride_n, s
     return r_a, r_b, cos, sin
 
 
+@triton.jit
+def _load_qk(base, cos_ptr, sin_ptr, start, n_tokens, n_prefix, stride_n, stride_d,
+             BLOCK: tl.constexpr, D: tl.constexpr, DH: tl.constexpr, BLOCK_DH: tl.constexpr,
+             INTERLEAVED: tl.constexpr, PREROTATED: tl.constexpr):
+    """Rotated a/b halves of a q or k tile: straight from a pre-rotated scratch slab (contiguous, a
+    channels then b channels, as `_rope2d_rotate_kernel` writes it) or rotated here from the input."""
+    if PREROTATED:
+        x_a, x_b = _load_halves(base, start, n_tokens, stride_n, stride_d, BLOCK, D, DH, BLOCK_DH, False)
+        r_a = interp_upcast(x_a)
+        r_b = interp_upcast(x_b)
+    else:
+        r_a, r_b, _, _ = _load_rotated(base, cos_ptr, sin_ptr, start, n_tokens, n_prefix, stride_n, stride_d, 1.0,
+                                       BLOCK, D, DH, BLOCK_DH, INTERLEAVED)
+    return r_a, r_b
+
+
+@triton.jit(do_not_specialize=["H", "N", "n_prefix"])
+def _rope2d_rotate_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, stride_xb, stride_xh, stride_xn, stride_xd,
+                          H, N, n_prefix, D: tl.constexpr, DH: tl.constexpr, BLOCK_DH: tl.constexpr,
+                          INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr):
+    """out = rotated x in the storage dtype, contiguous [B, H, N, D] with the a halves of the pairs in
+    channels [0, D/2) and the b halves in [D/2, D) (any pairing: q.k is a sum over pairs)."""
+    start, pid_bh = _tile_and_head(N, BLOCK)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    r_a, r_b, _, _ = _load_rotated(x_ptr + b * stride_xb + h * stride_xh, cos_ptr, sin_ptr, start, N, n_prefix,
+                                   stride_xn, stride_xd, 1.0, BLOCK, D, DH, BLOCK_DH, INTERLEAVED)
+    _store_halves(out_ptr + pid_bh.to(tl.int64) * N * D, start, N, r_a, r_b, BLOCK, D, DH, BLOCK_DH, False)
+
+
+@triton.jit
+def _fwd_tile(q_a, q_b, m_i, l_i, acc, k_base, v_base, cos_ptr, sin_ptr, start_n, N, n_prefix,
+              stride_kn, stride_kd, stride_vn, stride_vd,
+              D: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
+              INTERLEAVED: tl.constexpr, PREROTATED_K: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASK_KEYS: tl.constexpr):
+    """One k/v tile of the forward's online softmax. Only the last (partial) tile masks its keys: the
+    select on every score is ALU work on the softmax path, which bounds flash attention at D=64."""
+    k_a, k_b = _load_qk(k_base, cos_ptr, sin_ptr, start_n, N, n_prefix, stride_kn, stride_kd,
+                        BLOCK_N, D, DH, BLOCK_DH, INTERLEAVED, PREROTATED_K)
+    scores = tl.dot(q_b, tl.trans(k_b), tl.dot(q_a, tl.trans(k_a)))
+    if MASK_KEYS:
+        scores = tl.where((start_n + tl.arange(0, BLOCK_N) < N)[None, :], scores, float("-inf"))
+    m_i, l_i, p, alpha = online_softmax_update(m_i, l_i, scores)
+    v = interp_upcast(_load_rows(v_base, start_n, N, stride_vn, stride_vd, BLOCK_N, D, BLOCK_D))
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_i, l_i, acc
+
+
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_FWD_CONFIGS, key=["N", "BLOCK_DH", "INTERLEAVED"], prune_configs_by={"early_config_prune": _pruner(_FWD_TILES)})
-@triton.jit
+@triton.autotune(configs=_FWD_CONFIGS, key=["N", "BLOCK_DH", "INTERLEAVED", "PREROTATED_K"],
+                 prune_configs_by={"early_config_prune": _pruner(_FWD_TILES, _FWD_TILES_FP32)})
+@triton.jit(do_not_specialize=["H", "N", "n_prefix"])
 def _rope2d_fwd_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -234,9 +332,10 @@ def _rope2d_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     H, N, n_prefix, qk_scale,
     D: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
+    INTERLEAVED: tl.constexpr, PREROTATED_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """One program per (q tile, batch*head). PREROTATED_K: k points at the rotated scratch slab."""
     start_m, pid_bh = _tile_and_head(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -251,14 +350,15 @@ def _rope2d_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        k_a, k_b, _, _ = _load_rotated(k_base, cos_ptr, sin_ptr, start_n, N, n_prefix, stride_kn, stride_kd, 1.0,
-                                       BLOCK_N, D, DH, BLOCK_DH, INTERLEAVED)
-        scores = tl.dot(q_b, tl.trans(k_b), tl.dot(q_a, tl.trans(k_a)))
-        scores = tl.where((start_n + tl.arange(0, BLOCK_N) < N)[None, :], scores, float("-inf"))
-        m_i, l_i, p, alpha = online_softmax_update(m_i, l_i, scores)
-        v = interp_upcast(_load_rows(v_base, start_n, N, stride_vn, stride_vd, BLOCK_N, D, BLOCK_D))
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(q_a, q_b, m_i, l_i, acc, k_base, v_base, cos_ptr, sin_ptr, start_n, N, n_prefix,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, D, DH, BLOCK_D, BLOCK_DH,
+                                  INTERLEAVED, PREROTATED_K, BLOCK_N, False)
+    if n_full < N:
+        m_i, l_i, acc = _fwd_tile(q_a, q_b, m_i, l_i, acc, k_base, v_base, cos_ptr, sin_ptr, n_full, N, n_prefix,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, D, DH, BLOCK_D, BLOCK_DH,
+                                  INTERLEAVED, PREROTATED_K, BLOCK_N, True)
 
     out, lse = online_softmax_finalize(acc, m_i, l_i)
     # o [B, H, N, D] and lse [B, H, N] are contiguous
@@ -270,7 +370,7 @@ def _rope2d_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Backward
 # --------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["H", "N"])
 def _bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, stride_dob, stride_doh, stride_don, stride_dod, H, N,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(o * do), the softmax-backward correction term, [B, H, N] fp32."""
@@ -284,8 +384,9 @@ def _bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, stride_dob, stride_doh, stride_d
     tl.store(delta_ptr + pid_bh.to(tl.int64) * N + rows, delta, mask=rows < N)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["N", "BLOCK_DH", "INTERLEAVED"], prune_configs_by={"early_config_prune": _pruner(_DKDV_TILES)})
-@triton.jit
+@triton.autotune(configs=_DKDV_CONFIGS, key=["N", "BLOCK_DH", "INTERLEAVED", "PREROTATED"],
+                 prune_configs_by={"early_config_prune": _pruner(_DKDV_TILES, _DKDV_TILES_FP32)})
+@triton.jit(do_not_specialize=["H", "N", "n_prefix"])
 def _rope2d_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -294,10 +395,11 @@ def _rope2d_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_don, stride_dod,
     H, N, n_prefix, sm_scale,
     D: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
+    INTERLEAVED: tl.constexpr, PREROTATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (k tile, batch*head): dk and dv of the tile, summed over all q tiles."""
+    """One program per (k tile, batch*head): dk and dv of the tile, summed over all q tiles.
+    PREROTATED: q and k point at the rotated scratch slabs."""
     start_n, pid_bh = _tile_and_head(N, BLOCK_N)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -307,18 +409,17 @@ def _rope2d_bwd_dkdv_kernel(
     do_base = do_ptr + b * stride_dob + h * stride_doh
     row_base = pid_bh.to(tl.int64) * N  # lse, delta: [B, H, N]
     qk_scale = sm_scale * LOG2E
-    col_ok = (start_n + tl.arange(0, BLOCK_N)) < N
 
-    k_a, k_b, _kcos, _ksin = _load_rotated(k_base, cos_ptr, sin_ptr, start_n, N, n_prefix, stride_kn, stride_kd, 1.0,
-                                           BLOCK_N, D, DH, BLOCK_DH, INTERLEAVED)
+    k_a, k_b = _load_qk(k_base, cos_ptr, sin_ptr, start_n, N, n_prefix, stride_kn, stride_kd,
+                        BLOCK_N, D, DH, BLOCK_DH, INTERLEAVED, PREROTATED)
     v = interp_upcast(_load_rows(v_base, start_n, N, stride_vn, stride_vd, BLOCK_N, D, BLOCK_D))
 
     dk_a = tl.zeros([BLOCK_N, BLOCK_DH], tl.float32)
     dk_b = tl.zeros([BLOCK_N, BLOCK_DH], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, N, BLOCK_M):
-        q_a, q_b, _, _ = _load_rotated(q_base, cos_ptr, sin_ptr, start_m, N, n_prefix, stride_qn, stride_qd, 1.0,
-                                       BLOCK_M, D, DH, BLOCK_DH, INTERLEAVED)
+        q_a, q_b = _load_qk(q_base, cos_ptr, sin_ptr, start_m, N, n_prefix, stride_qn, stride_qd,
+                            BLOCK_M, D, DH, BLOCK_DH, INTERLEAVED, PREROTATED)
         do = interp_upcast(_load_rows(do_base, start_m, N, stride_don, stride_dod, BLOCK_M, D, BLOCK_D))
         rows = start_m + tl.arange(0, BLOCK_M)
         lse = tl.load(lse_ptr + row_base + rows, mask=rows < N, other=float("-inf"))
@@ -329,8 +430,8 @@ def _rope2d_bwd_dkdv_kernel(
         scores_t = tl.dot(k_b, tl.trans(q_b), tl.dot(k_a, tl.trans(q_a))) * qk_scale
         lse2 = lse * LOG2E
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # padded q rows -> p = 0
+        # Rows of padded keys (beyond N) are not masked: they only feed rows of dk/dv that are never stored.
         p_t = tl.math.exp2(scores_t - lse2[None, :])
-        p_t = tl.where(col_ok[:, None], p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = (p_t * (dp_t - delta[None, :])).to(q_a.dtype)
@@ -345,8 +446,28 @@ def _rope2d_bwd_dkdv_kernel(
     _store_rows(dv_ptr + slab, start_n, N, dv, BLOCK_N, D, D, BLOCK_D)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=["N", "BLOCK_DH", "INTERLEAVED"], prune_configs_by={"early_config_prune": _pruner(_DQ_TILES)})
 @triton.jit
+def _dq_tile(q_a, q_b, do, lse, delta, dq_a, dq_b, k_base, v_base, cos_ptr, sin_ptr, start_n, N, n_prefix,
+             stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
+             D: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
+             INTERLEAVED: tl.constexpr, PREROTATED: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr):
+    """One k/v tile of dq. Only the last (partial) tile masks its keys (zero-padded keys would otherwise
+    get probability exp2(-lse), which can overflow)."""
+    k_a, k_b = _load_qk(k_base, cos_ptr, sin_ptr, start_n, N, n_prefix, stride_kn, stride_kd,
+                        BLOCK_N, D, DH, BLOCK_DH, INTERLEAVED, PREROTATED)
+    v = interp_upcast(_load_rows(v_base, start_n, N, stride_vn, stride_vd, BLOCK_N, D, BLOCK_D))
+    scores = (tl.dot(q_b, tl.trans(k_b), tl.dot(q_a, tl.trans(k_a)))) * qk_scale
+    if MASK_KEYS:
+        scores = tl.where((start_n + tl.arange(0, BLOCK_N) < N)[None, :], scores, float("-inf"))
+    p = probs_from_lse(scores, lse)
+    dp = tl.dot(do, tl.trans(v))
+    ds = (p * (dp - delta[:, None])).to(k_a.dtype)
+    return dq_a + tl.dot(ds, k_a), dq_b + tl.dot(ds, k_b)
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=["N", "BLOCK_DH", "INTERLEAVED", "PREROTATED"],
+                 prune_configs_by={"early_config_prune": _pruner(_DQ_TILES, _DQ_TILES_FP32)})
+@triton.jit(do_not_specialize=["H", "N", "n_prefix"])
 def _rope2d_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -355,10 +476,11 @@ def _rope2d_bwd_dq_kernel(
     stride_dob, stride_doh, stride_don, stride_dod,
     H, N, n_prefix, sm_scale,
     D: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
+    INTERLEAVED: tl.constexpr, PREROTATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (q tile, batch*head): dq of the tile, summed over all k tiles."""
+    """One program per (q tile, batch*head): dq of the tile, summed over all k tiles.
+    PREROTATED: q and k point at the rotated scratch slabs."""
     start_m, pid_bh = _tile_and_head(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -369,8 +491,8 @@ def _rope2d_bwd_dq_kernel(
     row_base = pid_bh.to(tl.int64) * N
     qk_scale = sm_scale * LOG2E
 
-    q_a, q_b, _qcos, _qsin = _load_rotated(q_base, cos_ptr, sin_ptr, start_m, N, n_prefix, stride_qn, stride_qd, 1.0,
-                                       BLOCK_M, D, DH, BLOCK_DH, INTERLEAVED)
+    q_a, q_b = _load_qk(q_base, cos_ptr, sin_ptr, start_m, N, n_prefix, stride_qn, stride_qd,
+                        BLOCK_M, D, DH, BLOCK_DH, INTERLEAVED, PREROTATED)
     do = interp_upcast(_load_rows(do_base, start_m, N, stride_don, stride_dod, BLOCK_M, D, BLOCK_D))
     rows = start_m + tl.arange(0, BLOCK_M)
     lse = tl.load(lse_ptr + row_base + rows, mask=rows < N, other=float("-inf"))
@@ -378,17 +500,15 @@ def _rope2d_bwd_dq_kernel(
 
     dq_a = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
     dq_b = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        k_a, k_b, _, _ = _load_rotated(k_base, cos_ptr, sin_ptr, start_n, N, n_prefix, stride_kn, stride_kd, 1.0,
-                                       BLOCK_N, D, DH, BLOCK_DH, INTERLEAVED)
-        v = interp_upcast(_load_rows(v_base, start_n, N, stride_vn, stride_vd, BLOCK_N, D, BLOCK_D))
-        scores = (tl.dot(q_b, tl.trans(k_b), tl.dot(q_a, tl.trans(k_a)))) * qk_scale
-        scores = tl.where((start_n + tl.arange(0, BLOCK_N) < N)[None, :], scores, float("-inf"))
-        p = probs_from_lse(scores, lse)
-        dp = tl.dot(do, tl.trans(v))
-        ds = (p * (dp - delta[:, None])).to(k_a.dtype)
-        dq_a += tl.dot(ds, k_a)
-        dq_b += tl.dot(ds, k_b)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq_a, dq_b = _dq_tile(q_a, q_b, do, lse, delta, dq_a, dq_b, k_base, v_base, cos_ptr, sin_ptr, start_n, N,
+                              n_prefix, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, D, DH, BLOCK_D,
+                              BLOCK_DH, INTERLEAVED, PREROTATED, BLOCK_N, False)
+    if n_full < N:
+        dq_a, dq_b = _dq_tile(q_a, q_b, do, lse, delta, dq_a, dq_b, k_base, v_base, cos_ptr, sin_ptr, n_full, N,
+                              n_prefix, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, D, DH, BLOCK_D,
+                              BLOCK_DH, INTERLEAVED, PREROTATED, BLOCK_N, True)
 
     cos, sin = _load_cos_sin(cos_ptr, sin_ptr, start_m, N, n_prefix, BLOCK_M, DH, BLOCK_DH)
     dq_a, dq_b = _rotate_back(dq_a * sm_scale, dq_b * sm_scale, cos, sin)
@@ -408,16 +528,51 @@ def _meta(head_dim: int, pairing: str) -> dict[str, int | bool]:
     }
 
 
+def _rotate_block(head_dim: int) -> int:
+    """Rows per program of the rotation pass: 64, or 32 for D > 128 (64 x 256 fp32 spills registers)."""
+    return 64 if head_dim <= 128 else 32
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_prefix: int, pairing: str) -> torch.Tensor:
+    """Rotated x (storage dtype) in a fresh contiguous [B, H, N, D] slab, pair halves split (a | b)."""
+    B, H, N, D = x.shape
+    out = empty((B, H, N, D), dtype=x.dtype, device=x.device)
+    meta = _meta(D, pairing)
+    block = _rotate_block(D)
+    _rope2d_rotate_kernel[(triton.cdiv(N, block) * B * H,)](
+        x, cos, sin, out, *x.stride(), H, N, n_prefix,
+        D=D, DH=meta["DH"], BLOCK_DH=meta["BLOCK_DH"], INTERLEAVED=meta["INTERLEAVED"], BLOCK=block,
+        num_warps=4,
+    )
+    return out
+
+
+def _fwd_prerotates_k(N: int) -> bool:
+    mode = prerotate_mode()
+    if mode != "auto":
+        return mode == "1"
+    return triton.cdiv(N, 128) >= PREROTATE_MIN_Q_TILES
+
+
+def _bwd_prerotates() -> bool:
+    # The backward visits every (q tile, k tile) pair twice (dkdv and dq kernels), rotating the streamed
+    # operand each time: one rotation pass of q and k is always cheaper there.
+    return prerotate_mode() != "0"
+
+
 def rope2d_fwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       out: torch.Tensor, lse: torch.Tensor, n_prefix: int, pairing: str, scale: float) -> None:
     """out: contiguous [B, H, N, D]; lse: contiguous [B, H, N] fp32; cos/sin: contiguous [HW, D/2] fp32."""
     B, H, N, D = q.shape
+    prerotate = _fwd_prerotates_k(N)
+    if prerotate:
+        k = _rotated(k, cos, sin, n_prefix, pairing)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
     _rope2d_fwd_kernel[grid](
         q, k, v, cos, sin, out, lse,
         *q.stride(), *k.stride(), *v.stride(),
         H, N, n_prefix, scale * 1.4426950408889634,
-        **_meta(D, pairing),
+        **_meta(D, pairing), PREROTATED_K=prerotate,
     )
 
 
@@ -433,12 +588,17 @@ def rope2d_bwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
         out, grad_out, delta, *grad_out.stride(), H, N,
         D=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_block,
     )
+    prerotate = _bwd_prerotates()
+    if prerotate:
+        q, k = _rotated(q, cos, sin, n_prefix, pairing), _rotated(k, cos, sin, n_prefix, pairing)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     grid_n = lambda m: (triton.cdiv(N, m["BLOCK_N"]) * B * H,)
     _rope2d_bwd_dkdv_kernel[grid_n](
         q, k, v, cos, sin, grad_out, lse, delta, dk, dv, *strides, H, N, n_prefix, scale, **meta,
+        PREROTATED=prerotate,
     )
     grid_m = lambda m: (triton.cdiv(N, m["BLOCK_M"]) * B * H,)
     _rope2d_bwd_dq_kernel[grid_m](
         q, k, v, cos, sin, grad_out, lse, delta, dq, *strides, H, N, n_prefix, scale, **meta,
+        PREROTATED=prerotate,
     )

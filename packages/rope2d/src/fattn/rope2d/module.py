@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from fattn.rope2d.op import AXIS_ORDERS, PAIRINGS, axial_angles, rope2d_attention
 from torch import nn
+
+from fattn.rope2d.op import AXIS_ORDERS, PAIRINGS, axial_angles, rope2d_attention
 
 __all__ = ["RoPE2dAttention"]
 
