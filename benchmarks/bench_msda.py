@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from fattn.core.testing import device
-from fattn.msda import ms_deform_attn, ms_deform_attn_reference
 
 from benchmarks.harness import peer_path
+from fattn.core.testing import device
+from fattn.msda import ms_deform_attn, ms_deform_attn_reference
 
 
 @dataclass(frozen=True)
@@ -224,6 +224,27 @@ def test_msda(measure, smoke: bool, shape: Shape, dtype_name: str, op: str, impl
         def call() -> None:
             torch.autograd.grad(fn(**inputs), leaves, grad_out)
 
+    extra = {}
+    if impl.startswith("fattn"):
+        call()  # autotunes the kernels for this shape: record which schedule won (see kernels.py)
+        extra["config"] = _chosen_configs(op)
     flops, moved = _work(shape, dtype, op)
     measure.run(call, op=f"msda {op}", impl=impl, shape=f"{shape.name}-{dtype_name}", size=shape.queries,
-                flops=flops, bytes_moved=moved, dtype=dtype_name)
+                flops=flops, bytes_moved=moved, dtype=dtype_name, **extra)
+
+
+def _chosen_configs(op: str) -> str:
+    """The autotuner's pick for the last launch of each kernel, e.g. 'fwd BQ16 W4 unrolled persistent x6'."""
+    from fattn.msda import kernels
+
+    def describe(kernel) -> str:  # type: ignore[no-untyped-def]
+        c = getattr(kernel, "best_config", None)
+        if c is None:
+            return "?"
+        kw = c.kwargs
+        unrolled = " unrolled" if kw.get("UNROLL_LEVELS") else ""
+        persistent = f" persistent x{kw['PROGRAMS_PER_SLOT']}" if kw.get("PERSISTENT") else ""
+        return f"BQ{kw.get('BLOCK_Q')} W{c.num_warps}{unrolled}{persistent}"
+
+    out = f"fwd {describe(kernels.msda_fwd_kernel)}"
+    return out if op == "fwd" else f"{out}; bwd {describe(kernels.msda_bwd_kernel)}"

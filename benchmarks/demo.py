@@ -139,7 +139,7 @@ def case_rope2d(dev: torch.device, tiny: bool) -> Case:
 
 def case_fp8(dev: torch.device, tiny: bool) -> Case:
     from fattn.fp8 import fp8_attention
-    from fattn.fp8.reference import attention_reference
+    from fattn.fp8.reference import attention as attention_reference
 
     if tiny:
         b, h, n, d, dtype = 1, 2, 37, 64, torch.float16

@@ -1,7 +1,11 @@
-"""Compile the msda kernels for sm_90 / sm_80 without a GPU (run in a process without TRITON_INTERPRET).
+"""Compile the msda kernels for sm_90 (and sm_80) without a GPU, with fattn.core.compile_check.
 
-Prints one line per kernel/config: registers, spills, shared memory. Exit code 1 on a compile error.
-Usage: python packages/msda/tests/compile_check.py [--quick]
+Prints one line per kernel / dtype / config: registers, spilled bytes, shared memory. Exits 1 on a
+compile error, a spill over MAX_SPILL_BYTES, or shared memory over the sm_90 limit.
+
+    python packages/msda/tests/compile_check.py           # every config the autotuner may keep, sm_90
+    python packages/msda/tests/compile_check.py --quick   # what the test runs: the test-mode configs
+    python packages/msda/tests/compile_check.py --sm80    # also Ampere
 """
 
 from __future__ import annotations
@@ -11,122 +15,138 @@ import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
 
-import re
-import subprocess
-import tempfile
-
 import triton
-from fattn.msda.kernels import msda_bwd_kernel, msda_fwd_kernel, msda_value_grad_kernel
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import triton.language as tl
 
-TL = {"fp16": triton.language.float32, "bf16": triton.language.float32, "fp32": triton.language.float32,
-      "fp64": triton.language.float64}
+from fattn.core.compile_check import compile_kernel
+from fattn.msda import kernels
+
+ACC = {"fp16": tl.float32, "bf16": tl.float32, "fp32": tl.float32, "fp64": tl.float64}
+# ptxas sometimes trades a few spilled words for occupancy at 8 warps; more than this is a tiling bug.
+MAX_SPILL_BYTES = 64
+MAX_SHARED = 227 * 1024
+
+# What Triton's launcher specializes for contiguous inputs with D % 16 == 0: unit strides become
+# constants, pointers and the row strides carry a divisibility-by-16 hint (vector loads / atomics).
+UNIT_STRIDES = ("stride_vd", "stride_lc", "stride_ap", "stride_gc")
+DIV16 = ("value_ptr", "shapes_ptr", "starts_ptr", "loc_ptr", "attn_ptr", "out_ptr", "grad_out_ptr",
+         "grad_value_ptr", "grad_loc_ptr", "grad_attn_ptr", "dest_ptr", "coef_ptr", "row_start_ptr", "src_ptr",
+         "stride_vn", "stride_vs", "stride_vm", "stride_gn", "stride_gq", "D")
 
 
 def _strides(prefix: str, names: str) -> dict[str, str]:
-    return {f"stride_{prefix}{c}": "i64" if c == "x" else "i32" for c in names}
+    return {f"stride_{prefix}{c}": "i32" for c in names}
 
 
-# What Triton's launcher specializes at run time for contiguous inputs with D % 16 == 0: unit strides
-# become constants and pointers / row strides carry a divisibility-by-16 hint (enables vector loads).
-UNIT_STRIDES = {"stride_vd", "stride_lc", "stride_ap", "stride_gc"}
-DIV16 = {"stride_vn", "stride_vs", "stride_vm", "stride_gn", "stride_gq", "D"}
-
-
-def _source(fn, sig: dict[str, str], consts: dict) -> ASTSource:
-    for name in UNIT_STRIDES & set(sig):
-        sig[name] = "constexpr"
-        consts[name] = 1
-    for name in consts:
-        sig[name] = "constexpr"
-    names = list(fn.arg_names)
-    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
-             if k in DIV16 or (v.startswith("*") and k in names)}
-    return ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-
-
-def compile_fwd(dt: str, block_q: int, block_d: int, arch: int, warps: int = 4):
+def _common(dt: str, d: int, levels: int, cfg: triton.Config) -> tuple[dict[str, str], dict]:
     sig = {"value_ptr": f"*{dt}", "shapes_ptr": "*i64", "starts_ptr": "*i64", "loc_ptr": f"*{dt}",
-           "attn_ptr": f"*{dt}", "out_ptr": f"*{dt}", "Lq": "i32", "M": "i32", "D": "i32", "L": "i32",
-           "LQ_BUCKET": "i32"}
+           "attn_ptr": f"*{dt}", "Lq": "i32", "M": "i32", "D": "i32", "LQ_BUCKET": "i32"}
     sig |= _strides("v", "nsmd") | _strides("l", "nqmlpc") | _strides("a", "nqmlp")
-    consts = {"P": 4, "ALIGN_CORNERS": False, "BORDER": False, "ACC": TL[dt], "BLOCK_Q": block_q, "BLOCK_D": block_d}
-    src = _source(msda_fwd_kernel.fn, sig, consts)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 128), options={"num_warps": warps})
+    consts = {"L": levels, "P": 4, "ALIGN_CORNERS": False, "BORDER": False, "ACC": ACC[dt],
+              "BLOCK_D": triton.next_power_of_2(d), **cfg.kwargs}
+    return sig, consts
 
 
-def compile_bwd(dt: str, block_q: int, block_d: int, arch: int, deterministic: bool, warps: int = 4):
+def _finish(kernel, sig: dict[str, str], consts: dict, name: str, arch: int, cfg: triton.Config):
+    for s in UNIT_STRIDES:
+        if s in sig:
+            del sig[s]
+            consts[s] = 1
+    div = tuple(k for k in DIV16 if k in sig)
+    return compile_kernel(kernel, sig, consts, name=name, arch=arch, num_warps=cfg.num_warps,
+                          num_stages=cfg.num_stages, divisible_by_16=div)
+
+
+def compile_fwd(dt: str, d: int, cfg: triton.Config, arch: int = 90, levels: int = 4):
+    sig, consts = _common(dt, d, levels, cfg)
+    sig |= {"out_ptr": f"*{dt}", "N": "i32", "NUM_SLOTS": "i32"}
+    return _finish(kernels.msda_fwd_kernel.fn, sig, consts, "fwd", arch, cfg)
+
+
+def compile_bwd(dt: str, d: int, cfg: triton.Config, deterministic: bool, arch: int = 90, levels: int = 4):
     gdt = "fp64" if dt == "fp64" else "fp32"
-    sig = {"value_ptr": f"*{dt}", "shapes_ptr": "*i64", "starts_ptr": "*i64", "loc_ptr": f"*{dt}",
-           "attn_ptr": f"*{dt}", "grad_out_ptr": f"*{dt}", "grad_value_ptr": f"*{gdt}", "grad_loc_ptr": f"*{dt}",
-           "grad_attn_ptr": f"*{dt}", "dest_ptr": "*i32", "coef_ptr": f"*{gdt}",
-           "Lq": "i32", "M": "i32", "D": "i32", "L": "i32", "S": "i32", "LQ_BUCKET": "i32"}
-    sig |= _strides("v", "nsmd") | _strides("l", "nqmlpc") | _strides("a", "nqmlp") | _strides("g", "nqc")
-    consts = {"P": 4, "ALIGN_CORNERS": False, "BORDER": True, "ACC": TL[dt], "DETERMINISTIC": deterministic,
-              "BLOCK_Q": block_q, "BLOCK_D": block_d}
-    src = _source(msda_bwd_kernel.fn, sig, consts)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 128), options={"num_warps": warps})
+    sig, consts = _common(dt, d, levels, cfg)
+    sig |= {"grad_out_ptr": f"*{dt}", "grad_value_ptr": f"*{gdt}", "grad_loc_ptr": f"*{dt}",
+            "grad_attn_ptr": f"*{dt}", "dest_ptr": "*i32", "coef_ptr": f"*{gdt}", "S": "i32", "N": "i32",
+            "NUM_SLOTS": "i32"}
+    sig |= _strides("g", "nqc")
+    consts |= {"DETERMINISTIC": deterministic, "BORDER": True}
+    return _finish(kernels.msda_bwd_kernel.fn, sig, consts, "bwd-det" if deterministic else "bwd-atomic",
+                   arch, cfg)
 
 
-def compile_value_grad(dt: str, block_d: int, arch: int):
+def compile_value_grad(dt: str, d: int, arch: int = 90):
     gdt = "fp64" if dt == "fp64" else "fp32"
-    sig = {"row_start_ptr": "*i64", "src_ptr": "*i32", "coef_ptr": f"*{gdt}", "grad_out_ptr": f"*{dt}",
+    sig = {"row_start_ptr": "*i32", "src_ptr": "*i32", "coef_ptr": f"*{gdt}", "grad_out_ptr": f"*{dt}",
            "grad_value_ptr": f"*{dt}", "n_rows": "i32", "Lq": "i32", "M": "i32", "D": "i32", "S": "i32"}
     sig |= _strides("g", "nqc")
-    consts = {"ACC": TL[dt], "BLOCK_R": 16, "BLOCK_D": block_d}
-    src = _source(msda_value_grad_kernel, sig, consts)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 128), options={"num_warps": 4})
+    consts = {"ACC": ACC[dt], "BLOCK_R": 16, "BLOCK_D": triton.next_power_of_2(d)}
+    cfg = triton.Config({}, num_warps=4, num_stages=3)
+    return _finish(kernels.msda_value_grad_kernel, sig, consts, "value-grad", arch, cfg)
 
 
-# ptxas sometimes trades a few spilled words for occupancy at 8 warps; more than this is a tiling bug.
-MAX_SPILL_BYTES = 64
+def _kept(configs: list[triton.Config], dt: str, d: int, lq: int = 1 << 20) -> list[triton.Config]:
+    """The configs the autotuner's pruning keeps for this dtype / head dim (kernels._prune)."""
+    import torch
+
+    value = torch.empty(0, dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+                                  "fp64": torch.float64}[dt])
+    return kernels._prune(configs, {"value_ptr": value, "Lq": lq, "BLOCK_D": triton.next_power_of_2(d)})
 
 
-def ptxas_stats(c, arch: int) -> tuple[int, int]:
-    """(registers, spill bytes) from ptxas -v on the kernel's PTX (CompiledKernel.n_regs needs a GPU)."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(c.asm["ptx"])
-    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-    res = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
-                         capture_output=True, text=True, check=True)
-    os.unlink(f.name)
-    regs = int(re.search(r"Used (\d+) registers", res.stderr).group(1))
-    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill", res.stderr))
-    return regs, spills
+def _resident(regs: int, cfg: triton.Config) -> bool:
+    """A persistent config's programs must all fit on one SM at once (65536 registers, allocated in
+    units of 8 per thread), or the last one runs its share of the tiles alone at the end."""
+    if not cfg.kwargs.get("PERSISTENT"):
+        return True
+    return cfg.kwargs["PROGRAMS_PER_SLOT"] * (-(-regs // 8) * 8) * 32 * cfg.num_warps <= 65536
+
+
+def _describe(cfg: triton.Config) -> str:
+    unroll = "unrolled" if cfg.kwargs.get("UNROLL_LEVELS") else "loop"
+    persistent = f" persistent x{cfg.kwargs['PROGRAMS_PER_SLOT']}" if cfg.kwargs.get("PERSISTENT") else ""
+    return f"BQ{cfg.kwargs['BLOCK_Q']} W{cfg.num_warps} S{cfg.num_stages} {unroll}{persistent}"
 
 
 def main() -> int:
     quick = "--quick" in sys.argv
-    dtypes = ["fp32", "bf16"] if quick else ["fp16", "bf16", "fp32", "fp64"]
-    archs = [90] if quick else [90, 80]
-    # (BLOCK_Q, D, num_warps): the tiles the autotuner keeps for common head dims.
-    shapes = [(64, 32, 8), (32, 32, 4)] if quick else [(64, 32, 8), (32, 32, 4), (16, 32, 4), (8, 32, 4),
-                                                        (32, 64, 8), (16, 64, 4), (8, 256, 8), (32, 24, 4)]
+    archs = [90, 80] if "--sm80" in sys.argv else [90]
+    if quick:
+        # The looped test-mode tiles (FATTN_MSDA_AUTOTUNE=0) for the issue's D=32 and a large head
+        # dim; the unrolled ones take 10-30 s each to compile here, so only the full run has them.
+        os.environ["FATTN_MSDA_AUTOTUNE"] = "0"
+        plan = [("fp32", 32), ("bf16", 32), ("bf16", 256)]
+    else:
+        plan = [(dt, 32) for dt in ("fp32", "bf16", "fp16", "fp64")] + [("bf16", 256), ("fp32", 64), ("fp16", 24)]
+
+    def configs(all_configs: list[triton.Config], dt: str, d: int) -> list[triton.Config]:
+        kept = _kept(all_configs, dt, d)
+        return [c for c in kept if not c.kwargs["UNROLL_LEVELS"]][:1] if quick else kept
+
+    persistent_loop = [triton.Config({"BLOCK_Q": 16, "UNROLL_LEVELS": False, "PERSISTENT": True,
+                                      "PROGRAMS_PER_SLOT": 6}, num_warps=4, num_stages=1)]
+
     failures = 0
     for arch in archs:
-        for dt in dtypes:
-            for bq, bd, warps in shapes:
-                bd = triton.next_power_of_2(bd)
-                if bq * bd / (32 * warps) > (4 if dt == "fp64" else 8):
-                    continue  # pruned by the autotuner (kernels._prune)
-                jobs = [("fwd", lambda: compile_fwd(dt, bq, bd, arch, warps)),
-                        ("bwd-atomic", lambda: compile_bwd(dt, bq, bd, arch, False, warps)),
-                        ("bwd-det", lambda: compile_bwd(dt, bq, bd, arch, True, warps))]
-                if bq == shapes[0][0]:
-                    jobs.append(("value-grad", lambda: compile_value_grad(dt, bd, arch)))
-                for name, job in jobs:
-                    try:
-                        c = job()
-                        regs, spills = ptxas_stats(c, arch)
-                        print(f"sm_{arch} {dt} {name} BQ{bq} BD{bd} W{warps}: regs {regs} spill bytes {spills} "
-                              f"shared {c.metadata.shared}")
-                        if spills > MAX_SPILL_BYTES:
-                            failures += 1
-                    except Exception as e:
-                        failures += 1
-                        print(f"sm_{arch} {dt} {name} BQ{bq} BD{bd} W{warps}: COMPILE ERROR {type(e).__name__}: {e}")
+        for dt, d in plan:
+            fwd = configs(kernels.fwd_configs(), dt, d) + (persistent_loop if quick and d == 32 else [])
+            bwd = configs(kernels.bwd_configs(), dt, d) + (persistent_loop if quick and d == 32 else [])
+            jobs = [(lambda c=c: compile_fwd(dt, d, c, arch), c) for c in fwd]
+            jobs += [(lambda c=c: compile_bwd(dt, d, c, False, arch), c) for c in bwd]
+            if not quick or (d == 32 and dt == "fp32"):
+                jobs += [(lambda c=c: compile_bwd(dt, d, c, True, arch), c) for c in bwd[:1]]
+                jobs += [(lambda: compile_value_grad(dt, d, arch), triton.Config({"BLOCK_Q": 0}, num_warps=4))]
+            for job, cfg in jobs:
+                try:
+                    r = job()
+                except Exception as e:  # report every failing config, then fail
+                    failures += 1
+                    print(f"sm_{arch} {dt} D{d} {_describe(cfg)}: COMPILE ERROR {type(e).__name__}: {e}")
+                    continue
+                bad = r.n_spills > MAX_SPILL_BYTES or r.shared_bytes > MAX_SHARED or not _resident(r.n_regs, cfg)
+                failures += bad
+                print(f"sm_{arch} {dt} D{d} {r.name} {_describe(cfg)}: regs {r.n_regs} spill bytes {r.n_spills} "
+                      f"shared {r.shared_bytes}{'  <-- FAIL' if bad else ''}", flush=True)
     return 1 if failures else 0
 
 

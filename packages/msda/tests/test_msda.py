@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fattn.core.testing import (
     assert_close,
     assert_deterministic,
@@ -109,6 +110,26 @@ def test_forward_backward_match_reference(case: dict) -> None:
 def test_noncontiguous_inputs_get_gradients(dtype: torch.dtype) -> None:
     # The seed Triton port silently dropped gradients of non-contiguous inputs.
     _run({**BASE, "dtype": dtype, "padding": "zeros", "align": False, "det": False}, noncontiguous=True)
+
+
+@pytest.mark.parametrize("path", ["level_loop", "levels_unrolled", "persistent"])
+def test_every_kernel_path_matches_reference(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The autotuner picks the level loop or its unrolled form and the grid or persistent schedule
+    # per shape (both kernels): pin each in turn (a single config runs as is, without tuning).
+    import triton
+
+    from fattn.msda import kernels
+
+    unroll = path == "levels_unrolled"
+    extra = {"PERSISTENT": path == "persistent", "PROGRAMS_PER_SLOT": 2}
+    monkeypatch.setattr(kernels.msda_fwd_kernel, "configs", [triton.Config(
+        {"BLOCK_Q": 16, "UNROLL_LEVELS": unroll, **extra}, num_warps=4, num_stages=1 if unroll else 3)])
+    monkeypatch.setattr(kernels.msda_bwd_kernel, "configs", [triton.Config(
+        {"BLOCK_Q": 16, "UNROLL_LEVELS": unroll, **extra}, num_warps=4, num_stages=1)])
+    # (the CPU suite's default path is the unrolled one: the others get both backward modes)
+    for det in (False,) if unroll else (False, True):
+        _run({**BASE, "levels": "5x7+2x3+1x2", "dtype": torch.float32, "padding": "zeros", "align": False,
+              "det": det})
 
 
 @pytest.mark.parametrize("value_dtype,loc_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16),

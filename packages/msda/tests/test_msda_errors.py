@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from fattn.core.testing import device
 from fattn.msda import ms_deform_attn, not_supported_reasons
 
 from .test_msda import make_inputs
+
+
+def _index(values: list) -> torch.Tensor:
+    """An int64 index tensor on the test device: index tensors must sit on value's device (a CPU
+    index tensor beside a CUDA value is refused by test_mixed_devices; here the check under test
+    must be the one that fires)."""
+    return torch.tensor(values, dtype=torch.int64, device=device())
 
 
 def _good() -> dict:
@@ -44,20 +53,20 @@ def test_shapes_do_not_sum_to_S() -> None:
     s = _good()["spatial_shapes"].clone()
     s[0, 1] = 5  # 3x5 + 2x2 = 19 != 16
     _expect(ValueError, r"cover sum\(H \* W\) = 19 positions, but value has S = 16", spatial_shapes=s,
-            level_start_index=torch.tensor([0, 15]))
+            level_start_index=_index([0, 15]))
 
 
 def test_level_start_index_inconsistent() -> None:
     _expect(ValueError, r"level_start_index must be the running sum .*\[0, 12\], got \[0, 11\]",
-            level_start_index=torch.tensor([0, 11]))
+            level_start_index=_index([0, 11]))
 
 
 def test_level_start_index_wrong_length() -> None:
-    _expect(ValueError, r"level_start_index must have shape \[L\] = \[2\]", level_start_index=torch.tensor([0]))
+    _expect(ValueError, r"level_start_index must have shape \[L\] = \[2\]", level_start_index=_index([0]))
 
 
 def test_nonpositive_level() -> None:
-    s = torch.tensor([[4, 4], [0, 3]])
+    s = _index([[4, 4], [0, 3]])
     _expect(ValueError, r"spatial_shapes must hold positive", spatial_shapes=s)
 
 

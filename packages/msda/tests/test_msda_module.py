@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fattn.core.testing import assert_close, device, rand, randn
 from fattn.msda import MSDeformAttn, ms_deform_attn_reference
 

@@ -4,17 +4,21 @@ Layout (Deformable DETR's): value [N, S, M, D] with the L levels concatenated al
 row-major (H_l x W_l); sampling locations [N, Lq, M, L, P, 2] as (x, y) in [0, 1]; attention weights
 [N, Lq, M, L, P]; output [N, Lq, M * D].
 
-One program handles BLOCK_Q queries of one (batch, head) and all D channels of that head: each
+A tile is BLOCK_Q queries of one (batch, head) with all D channels of that head: each
 sample point costs 4 vectorized row gathers of D channels (one per bilinear corner) instead of the
 CUDA op's one-thread-per-channel scheme, and the bilinear coordinates are computed once per point,
 not once per channel. Accumulation is in fp32 (fp64 for fp64 inputs), storage in the value dtype.
+
+Schedules (autotuned per shape, both kernels): one program per tile on a (query blocks, M, N) grid,
+or PERSISTENT: SM count x PROGRAMS_PER_SLOT programs walking head-major tile ranges, one range per
+SM, for L1 reuse of a head's value rows. UNROLL_LEVELS unrolls the level loop in either.
 
 Backward:
 - gradients of the locations and attention weights are reductions over D, done inside the program
   (no atomics);
 - the value gradient is a scatter. Fast mode: fp32 atomics into an fp32 buffer. Deterministic mode:
-  the scatter is turned into a gather: `_msda_bwd_kernel` writes (destination row, source row,
-  coefficient) triples, the host sorts them stably by destination, and `_msda_value_grad_kernel`
+  the scatter is turned into a gather: `msda_bwd_kernel` writes (destination row, source row,
+  coefficient) triples, the host sorts them stably by destination, and `msda_value_grad_kernel`
   sums each destination's contributions in that fixed order.
 """
 
@@ -25,6 +29,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 from fattn.core.runtime import interpreter_enabled
 from fattn.core.triton_helpers import bilinear_coords, bilinear_corner, interp_upcast
 
@@ -36,38 +41,59 @@ __all__ = [
 ]
 
 
-def _configs(block_qs: list[int], warps: list[int], stages: list[int]) -> list[triton.Config]:
+def _configs(block_qs: list[int], warps: list[int], stages: list[int], unroll: bool = False,
+             per_slot: int = 0) -> list[triton.Config]:
+    """per_slot > 0: the persistent schedule with that many programs per SM (see msda_fwd_kernel)."""
+    extra = {"PERSISTENT": per_slot > 0, "PROGRAMS_PER_SLOT": max(per_slot, 1)}
     return [
-        triton.Config({"BLOCK_Q": bq}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_Q": bq, "UNROLL_LEVELS": unroll, **extra}, num_warps=w, num_stages=s)
         for bq in block_qs for w in warps for s in stages
     ]
 
 
 def _small_search() -> bool:
-    """FATTN_MSDA_AUTOTUNE=0 (set by this package's tests) trims the search to a few tilings, so a GPU
-    test run does not spend minutes compiling configs for every new shape."""
+    """FATTN_MSDA_AUTOTUNE=0 (set by this package's tests) keeps ONE config per kernel and shape (see
+    `_prune`), so a GPU test run compiles each new shape once instead of a dozen times."""
     return os.environ.get("FATTN_MSDA_AUTOTUNE", "1") == "0"
 
 
+# The level loop unrolled: all L * P * 4 corner gathers of a query block in one straight-line block, so
+# the location loads of every level issue up front instead of one level at a time (each level is
+# otherwise two dependent L2 round trips: locations, then gathers). It compiles ~10x slower (seconds
+# per config), so the search holds a few unrolled tiles beside round 1's looped ones; the autotuner
+# picks per shape.
 def fwd_configs() -> list[triton.Config]:
     """The forward's autotuning space: one small config under the interpreter (fast CPU tests)."""
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_Q": 32}, num_warps=4, num_stages=1)]
+        return _configs([32], [4], [1], unroll=True)
     if _small_search():
-        return [triton.Config({"BLOCK_Q": 16}, num_warps=4, num_stages=1),
-                triton.Config({"BLOCK_Q": 64}, num_warps=8, num_stages=3),
-                triton.Config({"BLOCK_Q": 8}, num_warps=8, num_stages=1)]  # large head dims
-    return _configs([16, 32, 64], [4, 8], [1, 3]) + _configs([8], [4, 8], [1])
+        return _SMALL
+    # (num_stages 3 gave the same PTX as 1 for the looped tiles on sm_90: Triton 3.6 does not pipeline
+    # this loop, so stages are not searched.)
+    return (_configs([16, 32, 64], [4, 8], [1]) + _configs([8], [4, 8], [1])
+            + _configs([16, 32], [4], [1], unroll=True) + _configs([64], [8], [1], unroll=True)
+            # Persistent: few enough programs per SM that all stay resident (<= 80 registers a thread
+            # at 4 warps, <= 80 at 8 warps x 3; the sm_90 compiles take 54-79 at 4 warps), else a
+            # late program would run one SM's share alone at the end.
+            + _configs([16, 32], [4], [1], per_slot=6) + _configs([32], [8], [1], per_slot=3)
+            + _configs([16], [4], [1], unroll=True, per_slot=6))
 
 
 def bwd_configs() -> list[triton.Config]:
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_Q": 32}, num_warps=4, num_stages=1)]
+        return _configs([32], [4], [1], unroll=True)
     if _small_search():
-        return [triton.Config({"BLOCK_Q": 16}, num_warps=4, num_stages=1),
-                triton.Config({"BLOCK_Q": 64}, num_warps=8, num_stages=1),
-                triton.Config({"BLOCK_Q": 8}, num_warps=8, num_stages=1)]
-    return _configs([16, 32, 64], [4, 8], [1]) + _configs([8], [4, 8], [1])
+        return _SMALL
+    return (_configs([16, 32, 64], [4, 8], [1]) + _configs([8], [4, 8], [1])
+            + _configs([16], [4], [1], unroll=True)
+            # persistent (sm_90 compiles: 72-80 registers at BQ16 / 4 warps -> 6 resident per SM)
+            + _configs([16], [4], [1], per_slot=6) + _configs([32], [8], [1], per_slot=2))
+
+
+# Test mode (FATTN_MSDA_AUTOTUNE=0): the looped tile, its unrolled twin, and a tile for large
+# head dims (see _prune for which one a shape gets).
+_SMALL = (_configs([16], [4], [1]) + _configs([16], [4], [1], unroll=True) + _configs([8], [8], [1])
+          + _configs([8], [8], [1], unroll=True))
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -84,7 +110,20 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
         return c.kwargs["BLOCK_Q"] * block_d / (32 * c.num_warps)
 
     kept = [c for c in configs if elements(c) <= per_thread and c.kwargs["BLOCK_Q"] <= max(16, 2 * lq)]
-    return kept or [min(configs, key=elements)]
+    if block_d > 32 or per_thread < 8:
+        # The persistent tiles' programs-per-SM counts assume <= 80 registers a thread (sm_90 compiles
+        # of D <= 32 in fp32/fp16/bf16); wider heads or fp64 would leave programs unresident.
+        kept = [c for c in kept if not c.kwargs["PERSISTENT"]]
+    if kwargs.get("DETERMINISTIC"):  # sort-bound: not worth the unrolled tiles' compile time
+        kept = [c for c in kept if not c.kwargs["UNROLL_LEVELS"]]
+    kept = kept or [min(configs, key=elements)]
+    if not _small_search():
+        return kept
+    # Test mode: one config. The GPU suite's border + align_corners cases take the unrolled path, the
+    # others the looped one (fast to compile), so both are exercised on the GPU.
+    unroll = bool(named_args.get("BORDER", kwargs.get("BORDER"))) and bool(
+        named_args.get("ALIGN_CORNERS", kwargs.get("ALIGN_CORNERS")))
+    return ([c for c in kept if c.kwargs["UNROLL_LEVELS"] == unroll] or kept)[:1]
 
 
 # Autotuning is keyed on a power-of-two bucket of the query count, not on the count itself, so a
@@ -101,21 +140,38 @@ def _sample_location(loc_ptr, loc_base, q, q_mask, stride_lq, stride_lc, ACC: tl
     return interp_upcast(x).to(ACC), interp_upcast(y).to(ACC)
 
 
-@triton.autotune(configs=fwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def msda_fwd_kernel(
-    value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
-    Lq, M, D, L, LQ_BUCKET,
-    stride_vn, stride_vs, stride_vm, stride_vd,
-    stride_ln, stride_lq, stride_lm, stride_ll, stride_lp, stride_lc,
-    stride_an, stride_aq, stride_am, stride_al, stride_ap,
-    P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid_q = tl.program_id(0)
-    m = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)  # batch offsets pass 2^31 on large inputs
+def _fwd_level(acc, lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, loc_head, attn_head,
+               q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
+               stride_aq, stride_al, stride_ap,
+               P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr):
+    """acc + the attention-weighted bilinear samples of level `lvl`'s P points (BLOCK_Q x BLOCK_D)."""
+    height = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
+    width = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
+    start = tl.load(starts_ptr + lvl)
+    value_lvl = value_head + start * stride_vs
+    for pt in tl.static_range(P):  # unrolled: all points' gathers in flight together
+        x, y = _sample_location(loc_ptr, loc_head + lvl * stride_ll + pt * stride_lp, q64, q_mask,
+                                stride_lq, stride_lc, ACC)
+        a = tl.load(attn_ptr + attn_head + lvl * stride_al + pt * stride_ap + q64 * stride_aq,
+                    mask=q_mask, other=0.0)
+        a = interp_upcast(a).to(ACC)
+        x0, y0, fx, fy, _, _ = bilinear_coords(x, y, width, height, ALIGN_CORNERS, BORDER)
+        for corner in tl.static_range(4):
+            pix, valid, w, _, _ = bilinear_corner(x0, y0, fx, fy, width, height, corner % 2, corner // 2)
+            rows = value_lvl + pix.to(tl.int64)[:, None] * stride_vs + d_offs
+            v = tl.load(rows, mask=qd_mask & valid[:, None], other=0.0)
+            acc += (a * w)[:, None] * interp_upcast(v).to(ACC)
+    return acc
 
+
+@triton.jit
+def _fwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr, Lq, M, D,
+              stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll, stride_lp,
+              stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap,
+              L: tl.constexpr, P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr,
+              ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL_LEVELS: tl.constexpr):
+    """Output rows of query block `pid_q` of head `m` of batch `n` (int64)."""
     q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_mask = q < Lq
     q64 = q.to(tl.int64)
@@ -129,58 +185,136 @@ def msda_fwd_kernel(
     attn_head = n * stride_an + m * stride_am
 
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
-    for lvl in range(L):
-        height = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
-        width = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
-        start = tl.load(starts_ptr + lvl)
-        value_lvl = value_head + start * stride_vs
-        for pt in tl.static_range(P):  # unrolled: all points' gathers in flight together
-            x, y = _sample_location(loc_ptr, loc_head + lvl * stride_ll + pt * stride_lp, q64, q_mask,
-                                    stride_lq, stride_lc, ACC)
-            a = tl.load(attn_ptr + attn_head + lvl * stride_al + pt * stride_ap + q64 * stride_aq,
-                        mask=q_mask, other=0.0)
-            a = interp_upcast(a).to(ACC)
-            x0, y0, fx, fy, _, _ = bilinear_coords(x, y, width, height, ALIGN_CORNERS, BORDER)
-            for corner in tl.static_range(4):
-                pix, valid, w, _, _ = bilinear_corner(x0, y0, fx, fy, width, height, corner % 2, corner // 2)
-                rows = value_lvl + pix.to(tl.int64)[:, None] * stride_vs + d_offs
-                v = tl.load(rows, mask=qd_mask & valid[:, None], other=0.0)
-                acc += (a * w)[:, None] * interp_upcast(v).to(ACC)
+    if UNROLL_LEVELS:  # every level's gathers in one straight-line block: more loads in flight
+        for lvl in tl.static_range(L):
+            acc = _fwd_level(acc, lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, loc_head, attn_head,
+                             q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
+                             stride_aq, stride_al, stride_ap, P, ALIGN_CORNERS, BORDER, ACC)
+    else:  # the round-1 loop: fewer registers, more programs per SM
+        for lvl in range(L):
+            acc = _fwd_level(acc, lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, loc_head, attn_head,
+                             q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
+                             stride_aq, stride_al, stride_ap, P, ALIGN_CORNERS, BORDER, ACC)
 
     # out is [N, Lq, M * D], contiguous.
     out_offs = (n * Lq + q64)[:, None] * (M * D) + m * D + d[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=qd_mask)
 
 
-@triton.autotune(configs=bwd_configs(), key=_KEY + ["DETERMINISTIC"],
-                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["grad_value_ptr"])
+@triton.autotune(configs=fwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def msda_bwd_kernel(
-    value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
-    grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr,
-    Lq, M, D, L, S, LQ_BUCKET,
+def msda_fwd_kernel(
+    value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
+    N, Lq, M, D, LQ_BUCKET, NUM_SLOTS,
     stride_vn, stride_vs, stride_vm, stride_vd,
     stride_ln, stride_lq, stride_lm, stride_ll, stride_lp, stride_lc,
     stride_an, stride_aq, stride_am, stride_al, stride_ap,
-    stride_gn, stride_gq, stride_gc,
-    P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    L: tl.constexpr, P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL_LEVELS: tl.constexpr,
+    PERSISTENT: tl.constexpr, PROGRAMS_PER_SLOT: tl.constexpr,
 ):
-    """Gradients of one (batch, head, query block).
+    """Grid: (query blocks, M, N), or with PERSISTENT (NUM_SLOTS * PROGRAMS_PER_SLOT,).
 
-    grad_value_ptr: [N, S, M, D] contiguous, zero-filled, written with atomics (unless DETERMINISTIC).
-    grad_loc_ptr / grad_attn_ptr: contiguous [N, Lq, M, L, P, 2] / [N, Lq, M, L, P], fully written.
-    dest_ptr / coef_ptr (DETERMINISTIC only): [N, Lq, M, L, P, 4] destination row ((n * M + m) * S + s,
-    or N * M * S for a corner outside the map) and coefficient of each corner's contribution.
+    PERSISTENT is a schedule for L1 locality: NUM_SLOTS is the SM count, and the (batch, head,
+    query block) tiles, ordered head-major, are cut into NUM_SLOTS contiguous ranges; programs
+    pid, pid + NUM_SLOTS, ... (which the block scheduler's round-robin tends to place on one SM)
+    share range pid % NUM_SLOTS, so an SM gathers from one or two heads' value rows (a head's coarse
+    levels fit in L1) instead of from every head in flight. Placement only affects speed: every tile
+    is computed exactly once whatever SM its program lands on.
     """
-    pid_q = tl.program_id(0)
-    m = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    N = tl.num_programs(2)
+    if PERSISTENT:
+        n_qb = tl.cdiv(Lq, BLOCK_Q)
+        pid = tl.program_id(0)
+        slot = (pid % NUM_SLOTS).to(tl.int64)
+        n_tiles = slot * 0 + N * M * n_qb  # int64 (N, M, n_qb may be compile-time constants)
+        lo = slot * n_tiles // NUM_SLOTS
+        hi = (slot + 1) * n_tiles // NUM_SLOTS
+        for t in range(lo + pid // NUM_SLOTS, hi, PROGRAMS_PER_SLOT):
+            head = t // n_qb
+            _fwd_tile((t % n_qb).to(tl.int32), (head % M).to(tl.int32), head // M, value_ptr, shapes_ptr,
+                      starts_ptr, loc_ptr, attn_ptr, out_ptr, Lq, M, D,
+                      stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll,
+                      stride_lp, stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap,
+                      L, P, ALIGN_CORNERS, BORDER, ACC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS)
+    else:
+        _fwd_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64), value_ptr, shapes_ptr,
+                  starts_ptr, loc_ptr, attn_ptr, out_ptr, Lq, M, D,
+                  stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll,
+                  stride_lp, stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap,
+                  L, P, ALIGN_CORNERS, BORDER, ACC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS)
 
+
+@triton.jit
+def _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_value_head, grad_loc_ptr,
+               grad_attn_ptr, dest_ptr, coef_ptr, g, point_base, loc_head, attn_head, n, m, N, M, D, S,
+               q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
+               stride_aq, stride_al, stride_ap,
+               P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr,
+               DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Gradients of level `lvl`'s P points: grad_attn / grad_loc stored, value's scattered."""
+    height = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
+    width = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
+    start = tl.load(starts_ptr + lvl)
+    value_lvl = value_head + start * stride_vs
+    for pt in tl.static_range(P):
+        # Loaded as 1-D vectors (one load per distinct query, not per replicated column element).
+        q_1d = tl.reshape(q64, (BLOCK_Q,))
+        mask_1d = tl.reshape(q_mask, (BLOCK_Q,))
+        x, y = _sample_location(loc_ptr, loc_head + lvl * stride_ll + pt * stride_lp, q_1d, mask_1d,
+                                stride_lq, stride_lc, ACC)
+        a = tl.load(attn_ptr + attn_head + lvl * stride_al + pt * stride_ap + q_1d * stride_aq,
+                    mask=mask_1d, other=0.0)
+        a = interp_upcast(a).to(ACC)[:, None]
+        x = x[:, None]
+        y = y[:, None]
+        x0, y0, fx, fy, dix_dx, diy_dy = bilinear_coords(x, y, width, height, ALIGN_CORNERS, BORDER)
+        # The bilinear sample and its derivatives along fx and fy, all D channels; each gradient
+        # below is then one reduction against g (3 per point, not 3 per corner).
+        sample = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
+        sample_dfx = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
+        sample_dfy = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
+        point = point_base + lvl * P + pt
+        for corner in tl.static_range(4):
+            pix, valid, w, dw_dfx, dw_dfy = bilinear_corner(x0, y0, fx, fy, width, height,
+                                                            corner % 2, corner // 2)
+            pix64 = pix.to(tl.int64)
+            corner_mask = qd_mask & valid
+            v = tl.load(value_lvl + pix64 * stride_vs + d_offs, mask=corner_mask, other=0.0)
+            v = interp_upcast(v).to(ACC)
+            sample += w * v
+            sample_dfx += dw_dfx * v
+            sample_dfy += dw_dfy * v
+            if DETERMINISTIC:
+                dest = tl.where(valid, (n * M + m) * S + start + pix64, N * M * S)
+                tl.store(dest_ptr + point * 4 + corner, dest.to(dest_ptr.dtype.element_ty), mask=q_mask)
+                tl.store(coef_ptr + point * 4 + corner, a * w, mask=q_mask)
+            else:
+                contrib = (a * w) * g
+                tl.atomic_add(grad_value_head + (start + pix64) * (M * D),
+                              contrib.to(grad_value_head.dtype.element_ty), mask=corner_mask, sem="relaxed")
+        grad_a = tl.sum(g * sample, 1, keep_dims=True)
+        grad_fx = tl.sum(g * sample_dfx, 1, keep_dims=True)
+        grad_fy = tl.sum(g * sample_dfy, 1, keep_dims=True)
+        tl.store(grad_attn_ptr + point, grad_a.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(grad_loc_ptr + point * 2, (a * grad_fx * dix_dx).to(grad_loc_ptr.dtype.element_ty),
+                 mask=q_mask)
+        tl.store(grad_loc_ptr + point * 2 + 1, (a * grad_fy * diy_dy).to(grad_loc_ptr.dtype.element_ty),
+                 mask=q_mask)
+
+
+@triton.jit
+def _bwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
+              grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S,
+              stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll, stride_lp,
+              stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap, stride_gn, stride_gq, stride_gc,
+              L: tl.constexpr, P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr,
+              ACC: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+              UNROLL_LEVELS: tl.constexpr):
+    """Gradients of query block `pid_q` of head `m` of batch `n` (int64)."""
     # Per-query values are [BLOCK_Q, 1] columns rather than 1-D vectors: one layout family for the
-    # whole kernel (1-D vectors mixed with row reductions of fp32 tiles trip Triton 3.6's
-    # RemoveLayoutConversions pass).
+    # whole kernel (1-D vectors mixed with row reductions of fp32 tiles tripped Triton 3.6's
+    # RemoveLayoutConversions pass). Only the per-point location / weight loads are 1-D (expanded
+    # right after): loads of columns repeat per replicated element (60 -> 24 loads per level on sm_90).
     q = (pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q))[:, None]
     q_mask = q < Lq
     q64 = q.to(tl.int64)
@@ -198,50 +332,66 @@ def msda_bwd_kernel(
     point_base = ((n * Lq + q64) * M + m) * (L * P)
     grad_value_head = grad_value_ptr + (n * S * M + m) * D + d
 
-    for lvl in range(L):
-        height = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
-        width = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
-        start = tl.load(starts_ptr + lvl)
-        value_lvl = value_head + start * stride_vs
-        for pt in tl.static_range(P):
-            x, y = _sample_location(loc_ptr, loc_head + lvl * stride_ll + pt * stride_lp, q64, q_mask,
-                                    stride_lq, stride_lc, ACC)
-            a = tl.load(attn_ptr + attn_head + lvl * stride_al + pt * stride_ap + q64 * stride_aq,
-                        mask=q_mask, other=0.0)
-            a = interp_upcast(a).to(ACC)
-            x0, y0, fx, fy, dix_dx, diy_dy = bilinear_coords(x, y, width, height, ALIGN_CORNERS, BORDER)
-            # The bilinear sample and its derivatives along fx and fy, all D channels; each gradient
-            # below is then one reduction against g (3 per point, not 3 per corner).
-            sample = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
-            sample_dfx = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
-            sample_dfy = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
-            point = point_base + lvl * P + pt
-            for corner in tl.static_range(4):
-                pix, valid, w, dw_dfx, dw_dfy = bilinear_corner(x0, y0, fx, fy, width, height,
-                                                                corner % 2, corner // 2)
-                pix64 = pix.to(tl.int64)
-                corner_mask = qd_mask & valid
-                v = tl.load(value_lvl + pix64 * stride_vs + d_offs, mask=corner_mask, other=0.0)
-                v = interp_upcast(v).to(ACC)
-                sample += w * v
-                sample_dfx += dw_dfx * v
-                sample_dfy += dw_dfy * v
-                if DETERMINISTIC:
-                    dest = tl.where(valid, (n * M + m) * S + start + pix64, N * M * S)
-                    tl.store(dest_ptr + point * 4 + corner, dest.to(dest_ptr.dtype.element_ty), mask=q_mask)
-                    tl.store(coef_ptr + point * 4 + corner, a * w, mask=q_mask)
-                else:
-                    contrib = (a * w) * g
-                    tl.atomic_add(grad_value_head + (start + pix64) * (M * D),
-                                  contrib.to(grad_value_ptr.dtype.element_ty), mask=corner_mask, sem="relaxed")
-            grad_a = tl.sum(g * sample, 1, keep_dims=True)
-            grad_fx = tl.sum(g * sample_dfx, 1, keep_dims=True)
-            grad_fy = tl.sum(g * sample_dfy, 1, keep_dims=True)
-            tl.store(grad_attn_ptr + point, grad_a.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)
-            tl.store(grad_loc_ptr + point * 2, (a * grad_fx * dix_dx).to(grad_loc_ptr.dtype.element_ty),
-                     mask=q_mask)
-            tl.store(grad_loc_ptr + point * 2 + 1, (a * grad_fy * diy_dy).to(grad_loc_ptr.dtype.element_ty),
-                     mask=q_mask)
+    if UNROLL_LEVELS:
+        for lvl in tl.static_range(L):
+            _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_value_head, grad_loc_ptr,
+                       grad_attn_ptr, dest_ptr, coef_ptr, g, point_base, loc_head, attn_head, n, m, N, M, D, S,
+                       q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
+                       stride_aq, stride_al, stride_ap, P, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC,
+                       BLOCK_Q, BLOCK_D)
+    else:
+        for lvl in range(L):
+            _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_value_head, grad_loc_ptr,
+                       grad_attn_ptr, dest_ptr, coef_ptr, g, point_base, loc_head, attn_head, n, m, N, M, D, S,
+                       q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
+                       stride_aq, stride_al, stride_ap, P, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC,
+                       BLOCK_Q, BLOCK_D)
+
+
+@triton.autotune(configs=bwd_configs(), key=_KEY + ["DETERMINISTIC"],
+                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["grad_value_ptr"])
+@triton.jit
+def msda_bwd_kernel(
+    value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
+    grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr,
+    N, Lq, M, D, S, LQ_BUCKET, NUM_SLOTS,
+    stride_vn, stride_vs, stride_vm, stride_vd,
+    stride_ln, stride_lq, stride_lm, stride_ll, stride_lp, stride_lc,
+    stride_an, stride_aq, stride_am, stride_al, stride_ap,
+    stride_gn, stride_gq, stride_gc,
+    L: tl.constexpr, P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL_LEVELS: tl.constexpr,
+    PERSISTENT: tl.constexpr, PROGRAMS_PER_SLOT: tl.constexpr,
+):
+    """Gradients of (batch, head, query block) tiles. Grid and PERSISTENT schedule as msda_fwd_kernel's.
+
+    grad_value_ptr: [N, S, M, D] contiguous, zero-filled, written with atomics (unless DETERMINISTIC).
+    grad_loc_ptr / grad_attn_ptr: contiguous [N, Lq, M, L, P, 2] / [N, Lq, M, L, P], fully written.
+    dest_ptr / coef_ptr (DETERMINISTIC only): [N, Lq, M, L, P, 4] destination row ((n * M + m) * S + s,
+    or N * M * S for a corner outside the map) and coefficient of each corner's contribution.
+    """
+    if PERSISTENT:
+        n_qb = tl.cdiv(Lq, BLOCK_Q)
+        pid = tl.program_id(0)
+        slot = (pid % NUM_SLOTS).to(tl.int64)
+        n_tiles = slot * 0 + N * M * n_qb  # int64 (N, M, n_qb may be compile-time constants)
+        lo = slot * n_tiles // NUM_SLOTS
+        hi = (slot + 1) * n_tiles // NUM_SLOTS
+        for t in range(lo + pid // NUM_SLOTS, hi, PROGRAMS_PER_SLOT):
+            head = t // n_qb
+            _bwd_tile((t % n_qb).to(tl.int32), (head % M).to(tl.int32), head // M,
+                      value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
+                      grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S,
+                      stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll, stride_lp,
+                      stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap, stride_gn, stride_gq, stride_gc,
+                      L, P, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS)
+    else:
+        _bwd_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64),
+                  value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
+                  grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S,
+                  stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll, stride_lp,
+                  stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap, stride_gn, stride_gq, stride_gc,
+                  L, P, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS)
 
 
 @triton.jit

@@ -6,8 +6,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from fattn.msda.op import ms_deform_attn
 from torch import nn
+
+from fattn.msda.op import ms_deform_attn
 
 __all__ = ["MSDeformAttn"]
 

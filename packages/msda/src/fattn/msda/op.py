@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
 from fattn.core import (
     Reason,
     choice_reasons,
@@ -35,6 +38,27 @@ def _lq_bucket(lq: int) -> int:
     return triton.next_power_of_2(max(lq, 1))
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_slots(dev: torch.device) -> int:
+    """SM count (the persistent forward's schedule); 3 under the CPU interpreter (an odd split)."""
+    if dev.type == "cuda":
+        return _sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
+    return 3
+
+
+def _grid(lq: int, m: int, n: int, slots: int):  # type: ignore[no-untyped-def]
+    def grid(meta: dict) -> tuple[int, ...]:
+        if meta["PERSISTENT"]:  # every (slot, program) pair must exist: each owns a share of the tiles
+            return (slots * meta["PROGRAMS_PER_SLOT"],)
+        return (triton.cdiv(lq, meta["BLOCK_Q"]), m, n)
+
+    return grid
+
+
 def _as_index(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int64).contiguous()
 
@@ -60,12 +84,12 @@ def msda_fwd(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_inde
     if out.numel() == 0:
         return out
     shapes, starts = _as_index(spatial_shapes), _as_index(level_start_index)
-    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_Q"]), m, n)
-    msda_fwd_kernel[grid](
+    slots = _num_slots(value.device)
+    msda_fwd_kernel[_grid(lq, m, n, slots)](
         value, shapes, starts, sampling_locations, attention_weights, out,
-        lq, m, d, levels, _lq_bucket(lq),
+        n, lq, m, d, _lq_bucket(lq), slots,
         *value.stride(), *sampling_locations.stride(), *attention_weights.stride(),
-        P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=_acc_dtype(value),
+        L=levels, P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=_acc_dtype(value),
         BLOCK_D=triton.next_power_of_2(d),
     )
     return out
@@ -116,15 +140,15 @@ def msda_bwd(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.
         grad_value_buf = torch.zeros(value.shape, dtype=acc_torch, device=dev)
 
     gn, gq, gc = grad_out.stride()
-    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_Q"]), m, n)
-    msda_bwd_kernel[grid](
+    slots = _num_slots(dev)
+    msda_bwd_kernel[_grid(lq, m, n, slots)](
         value, shapes, starts, sampling_locations, attention_weights, grad_out,
         grad_value_buf, grad_loc, grad_attn, dest if deterministic else grad_loc,
         coef if deterministic else grad_loc,
-        lq, m, d, levels, s, _lq_bucket(lq),
+        n, lq, m, d, s, _lq_bucket(lq), slots,
         *value.stride(), *sampling_locations.stride(), *attention_weights.stride(),
         gn, gq, gc,
-        P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=acc, DETERMINISTIC=deterministic,
+        L=levels, P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=acc, DETERMINISTIC=deterministic,
         BLOCK_D=triton.next_power_of_2(d),
     )
     if not deterministic:
