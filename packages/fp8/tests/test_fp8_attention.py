@@ -371,7 +371,8 @@ def test_every_tuned_config_is_correct(d: int, monkeypatch: pytest.MonkeyPatch) 
     ref_grads = torch.autograd.grad(R.attention(q64, k64, v64, causal=True), (q64, k64, v64), g.double())
     tma = op._tma_descriptors(k8, v8)[0] is not None
     fwd = _pruned(kernels._fwd_prune, kernels._fwd_configs(), k8, HEAD_DIM=d, FP8=True, K_desc=tma or None)
-    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9 and d <= 128:
+        # (at D = 256 the prune keeps no TMA config: every one of them would spill)
         assert tma and any(c.kwargs.get("TMA") for c in fwd), "the TMA configs are not tested"
     prep = _pruned(kernels._fwd_prune, kernels._fwd_configs(), q, HEAD_DIM=d, FP8=False)
     dkdv = _pruned(kernels._bwd_prune, kernels._bwd_configs("BLOCK_M"), q, HEAD_DIM=d)

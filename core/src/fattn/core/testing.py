@@ -166,14 +166,15 @@ def rand(
 
 
 # Error floors relative to the reference's magnitude. fp32 allows for tf32 matrix math on a GPU
-# (Triton's default for an fp32 tl.dot); under the interpreter fp32 dots are exact.
+# (Triton's default for an fp32 tl.dot, 10-bit mantissa; measured up to 3.4e-3 relative on attention
+# gradients at D = 64..256 on an H200); under the interpreter fp32 dots are exact.
 _FLOOR = {
     torch.float64: 1e-10,
     torch.float32: 1e-5,
     torch.float16: 1e-3,
     torch.bfloat16: 8e-3,
 }
-_FLOOR_FP32_GPU = 3e-3
+_FLOOR_FP32_GPU = 5e-3
 
 
 def error_floor(dtype: torch.dtype) -> float:
