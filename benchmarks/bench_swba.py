@@ -17,6 +17,7 @@ import time
 
 import pytest
 import torch
+
 from fattn.core.testing import device
 from fattn.swba import swba_attention, swba_mask
 

@@ -19,6 +19,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch
 import triton
+
 from fattn.core.compile_check import compile_kernel
 from fattn.swba import kernels
 

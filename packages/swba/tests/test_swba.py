@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from fattn.core.testing import (
     assert_deterministic,
     cases,

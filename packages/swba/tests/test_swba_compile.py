@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from fattn.core.compile_check import run_compile_script
 from fattn.core.testing import on_gpu
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from fattn.core.testing import device, on_gpu, randn
 from fattn.swba import SlidingWindowBlockAttention, swba_attention_reference
 

@@ -25,6 +25,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 from fattn.core.runtime import interpreter_enabled
 from fattn.core.triton_helpers import (
     LOG2E,

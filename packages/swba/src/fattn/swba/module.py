@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from fattn.swba.op import swba_attention
 from torch import nn
+
+from fattn.swba.op import swba_attention
 
 __all__ = ["SlidingWindowBlockAttention"]
 

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 import triton
+
 from fattn.core import (
     Reason,
     empty,
