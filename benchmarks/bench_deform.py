@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from benchmarks.harness import peer_path, sync
+from benchmarks.harness import peer_path, timed_call
 from fattn.core.testing import device
 from fattn.deform import deform_attention, deform_attention_reference
 
@@ -153,35 +152,10 @@ def test_deform(measure, smoke: bool, shape: Shape, dtype_name: str, op: str, im
     inputs = make_inputs(shape, dtype)
     # The issue asks for gradients of q, k, v and coords; the peer has no coords gradient.
     grads = ("q", "k", "v") if impl == "deform_fused" else ("q", "k", "v", "coords")
-    if op == "fwd+bwd":
-        for name in grads:
-            inputs[name].requires_grad_(True)
-    start = time.perf_counter()
-    try:
-        out = fn(**inputs)
-        if op == "fwd+bwd":
-            torch.autograd.grad(out, [inputs[n] for n in grads], torch.ones_like(out), retain_graph=True)
-        sync()
-    except torch.cuda.OutOfMemoryError:
-        pytest.skip(f"{impl} runs out of memory at {shape.name}")
-    except Exception as e:
-        if impl.startswith("fattn"):
-            raise
-        pytest.skip(f"{impl} failed: {type(e).__name__}: {e}")
-    first_call_s = time.perf_counter() - start
-    grad_out = torch.randn_like(out)
-    del out
-    leaves = [inputs[n] for n in grads]
-
-    if op == "fwd":
-        def call() -> None:
-            with torch.no_grad():
-                fn(**inputs)
-    else:
-        def call() -> None:
-            torch.autograd.grad(fn(**inputs), leaves, grad_out)
+    call, first_call_s = timed_call(fn, inputs, grads, op, impl)
 
     flops, moved = _work(shape, dtype, op)
-    io_mb = (sum(t.numel() * t.element_size() for t in inputs.values()) + grad_out.numel() * grad_out.element_size()) / 2**20
+    out_bytes = inputs["q"].numel() * inputs["q"].element_size()  # the output has q's shape and dtype
+    io_mb = (sum(t.numel() * t.element_size() for t in inputs.values()) + out_bytes) / 2**20
     measure.run(call, op=f"deform {op}", impl=impl, shape=f"{shape.name}-{dtype_name}", size=shape.T * shape.P,
                 flops=flops, bytes_moved=moved, dtype=dtype_name, first_call_s=first_call_s, io_mb=io_mb)

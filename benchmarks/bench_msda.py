@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from benchmarks.harness import peer_path
+from benchmarks.harness import peer_path, timed_call
 from fattn.core.testing import device
 from fattn.msda import ms_deform_attn, ms_deform_attn_reference
 
@@ -201,28 +201,7 @@ def test_msda(measure, smoke: bool, shape: Shape, dtype_name: str, op: str, impl
         pytest.skip(f"peer {impl} not available (export and build it under .peers/, see this file's docstring)")
     inputs = make_inputs(shape, dtype)
     grads = ("value", "sampling_locations", "attention_weights")
-    if op == "fwd+bwd":
-        for name in grads:
-            inputs[name].requires_grad_(True)
-    try:
-        out = fn(**inputs)
-    except torch.cuda.OutOfMemoryError:
-        pytest.skip(f"{impl} runs out of memory at {shape.name}")
-    except Exception as e:
-        if impl.startswith("fattn"):
-            raise
-        pytest.skip(f"{impl} failed: {type(e).__name__}: {e}")
-    grad_out = torch.randn_like(out)
-    del out
-    leaves = [inputs[n] for n in grads]
-
-    if op == "fwd":
-        def call() -> None:
-            with torch.no_grad():
-                fn(**inputs)
-    else:
-        def call() -> None:
-            torch.autograd.grad(fn(**inputs), leaves, grad_out)
+    call, _ = timed_call(fn, inputs, grads, op, impl)
 
     extra = {}
     if impl.startswith("fattn"):

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 __all__ = ["Measure", "gpu_slug", "peer_path", "sync"]
@@ -118,3 +120,49 @@ def _median_seconds(bench: Any) -> float | None:
     if data:
         return statistics.median(data)
     return None
+
+
+def timed_call(
+    fn: Callable[..., torch.Tensor],
+    inputs: dict[str, Any],
+    grads: tuple[str, ...],
+    op: str,
+    impl: str,
+) -> tuple[Callable[[], None], float]:
+    """The callable to time for `op` ("fwd": `fn(**inputs)` without autograd; "fwd+bwd": forward and
+    the gradients of the inputs named in `grads`), and the seconds its first call took (compilation
+    and autotuning included).
+
+    The first call runs here: a peer that fails or runs out of memory skips the test with the reason;
+    a fattn failure is raised.
+    """
+    if op not in ("fwd", "fwd+bwd"):
+        raise ValueError(f"op must be 'fwd' or 'fwd+bwd', got {op!r}")
+    if op == "fwd+bwd":
+        for name in grads:
+            inputs[name].requires_grad_(True)
+    leaves = [inputs[n] for n in grads]
+    start = time.perf_counter()
+    try:
+        out = fn(**inputs)
+        grad_out = torch.randn_like(out)
+        if op == "fwd+bwd":
+            torch.autograd.grad(out, leaves, grad_out)
+        sync()
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip(f"{impl} runs out of memory")
+    except Exception as e:
+        if impl.startswith("fattn"):
+            raise
+        pytest.skip(f"{impl} failed: {type(e).__name__}: {e}")
+    first_call_s = time.perf_counter() - start
+    del out
+
+    if op == "fwd":
+        def call() -> None:
+            with torch.no_grad():
+                fn(**inputs)
+    else:
+        def call() -> None:
+            torch.autograd.grad(fn(**inputs), leaves, grad_out)
+    return call, first_call_s
