@@ -192,6 +192,11 @@ def tile_bounds(first, last, block_size, window, n_other, BLOCK: tl.constexpr, R
     return lo, full_lo, full_hi, hi
 
 
+# Triton 3.9 removed block pointers (tl.make_block_ptr raises); older releases keep them, and they
+# are the faster path there. Newer releases load through a tensor of pointers instead.
+_HAS_BLOCK_PTR = tl.constexpr("removed" not in (tl.make_block_ptr.__doc__ or ""))
+
+
 @triton.jit
 def _load_rows(base, start, n_rows, stride_row, stride_d,
                BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
@@ -201,17 +206,25 @@ def _load_rows(base, start, n_rows, stride_row, stride_d,
     pointers would hold BLOCK_R * BLOCK_D 64-bit addresses in registers), and only what can be out
     of range is bounds-checked: nothing in interior tiles of a power-of-two head dim.
     """
-    ptr = tl.make_block_ptr(base, (n_rows, HEAD_DIM), (stride_row, stride_d), (start, 0), (BLOCK_R, BLOCK_D), (1, 0))
-    if MASK_ROWS:
-        if HEAD_DIM == BLOCK_D:
-            return tl.load(ptr, boundary_check=(0,), padding_option="zero")
+    if _HAS_BLOCK_PTR:
+        ptr = tl.make_block_ptr(base, (n_rows, HEAD_DIM), (stride_row, stride_d), (start, 0), (BLOCK_R, BLOCK_D),
+                                (1, 0))
+        if MASK_ROWS:
+            if HEAD_DIM == BLOCK_D:
+                return tl.load(ptr, boundary_check=(0,), padding_option="zero")
+            else:
+                return tl.load(ptr, boundary_check=(0, 1), padding_option="zero")
         else:
-            return tl.load(ptr, boundary_check=(0, 1), padding_option="zero")
+            if HEAD_DIM == BLOCK_D:
+                return tl.load(ptr)
+            else:
+                return tl.load(ptr, boundary_check=(1,), padding_option="zero")
     else:
-        if HEAD_DIM == BLOCK_D:
-            return tl.load(ptr)
-        else:
-            return tl.load(ptr, boundary_check=(1,), padding_option="zero")
+        rows = start + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_D)
+        ptrs = base + rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_d
+        mask = (rows < n_rows)[:, None] & (cols < HEAD_DIM)[None, :]
+        return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
