@@ -19,13 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fattn.core.compile_check import compile_kernel
+from fattn.core.compile_check import SHARED_MEMORY_LIMIT, compile_kernel
 from fattn.deform import kernels
 from fattn.deform.op import dkdv_block_e
 
 _TY = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32", "fp64": "*fp64"}
 _TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
-_SHARED_LIMIT = 227 * 1024
 _SPILL_LIMIT = 64  # bytes of spill stores + loads per thread
 # Triton specializes integer arguments equal to 1 at launch: contiguous inputs give these unit strides.
 _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_cc", "stride_gd")
@@ -141,7 +140,7 @@ def main() -> int:
                     print(f"{label}: COMPILE FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
                     continue
                 # ptxas trades a few spilled bytes for occupancy at times (80 registers, 16 bytes): fine.
-                bad = rep.shared_bytes > _SHARED_LIMIT or rep.n_spills > _SPILL_LIMIT or rep.n_regs < 0
+                bad = rep.shared_bytes > SHARED_MEMORY_LIMIT or rep.n_spills > _SPILL_LIMIT or rep.n_regs < 0
                 failures += bad
                 print(f"{rep}{'  <-- FAIL' if bad else ''}", flush=True)
     return 1 if failures else 0

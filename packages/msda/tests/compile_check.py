@@ -18,13 +18,12 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 import triton.language as tl
 
-from fattn.core.compile_check import compile_kernel
+from fattn.core.compile_check import SHARED_MEMORY_LIMIT, compile_kernel
 from fattn.msda import kernels
 
 ACC = {"fp16": tl.float32, "bf16": tl.float32, "fp32": tl.float32, "fp64": tl.float64}
 # ptxas sometimes trades a few spilled words for occupancy at 8 warps; more than this is a tiling bug.
 MAX_SPILL_BYTES = 64
-MAX_SHARED = 227 * 1024
 
 # What Triton's launcher specializes for contiguous inputs with D % 16 == 0: unit strides become
 # constants, pointers and the row strides carry a divisibility-by-16 hint (vector loads / atomics).
@@ -143,7 +142,7 @@ def main() -> int:
                     failures += 1
                     print(f"sm_{arch} {dt} D{d} {_describe(cfg)}: COMPILE ERROR {type(e).__name__}: {e}")
                     continue
-                bad = r.n_spills > MAX_SPILL_BYTES or r.shared_bytes > MAX_SHARED or not _resident(r.n_regs, cfg)
+                bad = r.n_spills > MAX_SPILL_BYTES or r.shared_bytes > SHARED_MEMORY_LIMIT or not _resident(r.n_regs, cfg)
                 failures += bad
                 print(f"sm_{arch} {dt} D{d} {r.name} {_describe(cfg)}: regs {r.n_regs} spill bytes {r.n_spills} "
                       f"shared {r.shared_bytes}{'  <-- FAIL' if bad else ''}", flush=True)

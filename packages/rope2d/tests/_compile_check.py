@@ -14,10 +14,9 @@ import sys
 
 import torch
 
-from fattn.core.compile_check import compile_kernel
+from fattn.core.compile_check import SHARED_MEMORY_LIMIT, compile_kernel
 from fattn.rope2d import kernels as K
 
-SMEM_LIMIT = 227 * 1024
 TY = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
 
@@ -60,8 +59,8 @@ def _check(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int
     except Exception as e:  # report every failing config, then fail
         print(f"FAIL {label}: {type(e).__name__}: {str(e)[:400]}", flush=True)
         return 1
-    bad = rep.shared_bytes > SMEM_LIMIT or (rep.n_spills > 0 and not spills_allowed)
-    flag = "  <-- SHARED MEMORY OVER LIMIT" if rep.shared_bytes > SMEM_LIMIT else ("  <-- SPILLS" if rep.n_spills else "")
+    bad = rep.shared_bytes > SHARED_MEMORY_LIMIT or (rep.n_spills > 0 and not spills_allowed)
+    flag = "  <-- SHARED MEMORY OVER LIMIT" if rep.shared_bytes > SHARED_MEMORY_LIMIT else ("  <-- SPILLS" if rep.n_spills else "")
     print(f"{label}: regs {rep.n_regs} spills {rep.n_spills} smem {rep.shared_bytes}{flag}", flush=True)
     return int(bad)
 

@@ -20,10 +20,9 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch
 import triton
 
-from fattn.core.compile_check import compile_kernel
+from fattn.core.compile_check import SHARED_MEMORY_LIMIT, compile_kernel
 from fattn.swba import kernels
 
-_SHARED_LIMIT = 227 * 1024
 _IO = ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")
 _FP32_IO = ("LSE", "DELTA", "DLSE")
 _TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -63,7 +62,7 @@ def check(kind: str, dtype: str, head_dim: int, config: triton.Config, arch: int
     rep = compile_kernel(kernel, sig, consts, arch=arch, num_warps=config.num_warps, num_stages=config.num_stages,
                          divisible_by_16=div16 if head_dim % 16 == 0 else tuple(n for n in div16 if sig[n][0] == "*"),
                          name=f"{kind} {dtype} D{head_dim} {tiles}")
-    ok = rep.n_spills == 0 and rep.shared_bytes <= _SHARED_LIMIT
+    ok = rep.n_spills == 0 and rep.shared_bytes <= SHARED_MEMORY_LIMIT
     print(("ok   " if ok else "FAIL ") + str(rep), flush=True)
     return ok
 

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CompileReport", "compile_kernel", "run_compile_script"]
+__all__ = ["SHARED_MEMORY_LIMIT", "CompileReport", "compile_kernel", "run_compile_script"]
+
+# Shared memory one block may use on Hopper (sm_90): 227 KiB with the opt-in limit.
+SHARED_MEMORY_LIMIT = 227 * 1024
 
 
 @dataclass

@@ -6,6 +6,7 @@ imported: Triton decides at decoration time whether a kernel is compiled or inte
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -15,7 +16,10 @@ __all__ = [
     "INTERPRET",
     "device_summary",
     "interpreter_enabled",
+    "is_compiling",
     "kernel_device_reason",
+    "seq_bucket",
+    "sm_count",
 ]
 
 
@@ -55,3 +59,23 @@ def device_summary() -> str:
     else:
         where = "CPU, no Triton backend (set TRITON_INTERPRET=1 to run kernels)"
     return f"{where}; torch {torch.__version__}, triton {triton.__version__}"
+
+
+def is_compiling() -> bool:
+    """True while torch.compile traces (data-dependent host checks must be skipped then)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def seq_bucket(n: int) -> int:
+    """Autotuning key of a length: the next power of two, so inputs whose lengths vary (multi-scale
+    detection, video clips, a growing KV cache) reuse a tuned config instead of re-tuning per length."""
+    import triton
+
+    return triton.next_power_of_2(max(n, 1))
+
+
+@functools.cache
+def sm_count(index: int | None = None) -> int:
+    """Multiprocessors of CUDA device `index` (cached: persistent grids ask on every launch)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -23,6 +23,7 @@ from fattn.core import (
     shape_reasons,
     tensor_reasons,
 )
+from fattn.core.runtime import is_compiling
 
 from .kernels import _corner_keys_kernel, _deform_bwd_dkdv_kernel, _deform_bwd_kernel, _deform_fwd_kernel
 
@@ -309,15 +310,10 @@ def not_supported_reasons(
 
 def _plain_inference(*tensors: Optional[torch.Tensor]) -> bool:
     """Plain tensors, no gradient wanted, not traced by torch.compile."""
-    if _is_compiling():
+    if is_compiling():
         return False
     grad = torch.is_grad_enabled()
     return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad)) for t in tensors)
-
-
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def deform_attention(

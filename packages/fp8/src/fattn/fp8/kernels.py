@@ -140,13 +140,6 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
 _SMALLEST = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 
 
-def seq_bucket(n: int) -> int:
-    """Autotuning key of a sequence length: the next power of two, so that inputs whose lengths
-    vary (multi-scale detection, video clips) reuse a tuned config instead of re-tuning per length.
-    The kernels receive it as the unused arguments Q_BUCKET and K_BUCKET."""
-    return triton.next_power_of_2(max(n, 1))
-
-
 def _set_tma_blocks(nargs: dict) -> None:  # type: ignore[type-arg]
     """Config pre-hook: the TMA descriptors' tile shapes follow the config's BLOCK_N."""
     if nargs.get("K_desc") is not None:

@@ -25,7 +25,7 @@ from fattn.core import (
     shape_reasons,
     tensor_reasons,
 )
-from fattn.core.runtime import interpreter_enabled
+from fattn.core.runtime import interpreter_enabled, seq_bucket
 from fattn.fp8.kernels import (
     _attn_bwd_dkdv_kernel,
     _attn_bwd_dq_kernel,
@@ -33,7 +33,6 @@ from fattn.fp8.kernels import (
     _quant_apply_kernel,
     _quant_finalize_kernel,
     _quant_stats_kernel,
-    seq_bucket,
 )
 
 __all__ = ["fp8_attention", "quantize", "not_supported_reasons", "scaled_dot_product_attention", "fp8_fwd", "fp8_bwd", "fp8_quantize",

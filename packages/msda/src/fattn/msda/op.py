@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -19,6 +17,7 @@ from fattn.core import (
     same_device_reasons,
     tensor_reasons,
 )
+from fattn.core.runtime import is_compiling, seq_bucket, sm_count
 from fattn.msda.kernels import msda_bwd_kernel, msda_fwd_kernel, msda_value_grad_kernel
 
 __all__ = ["ms_deform_attn", "msda_fwd", "msda_bwd", "not_supported_reasons", "MSDeformAttnFunction"]
@@ -34,19 +33,10 @@ def _acc_dtype(value: torch.Tensor) -> tl.dtype:
     return tl.float64 if value.dtype == torch.float64 else tl.float32
 
 
-def _lq_bucket(lq: int) -> int:
-    return triton.next_power_of_2(max(lq, 1))
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _num_slots(dev: torch.device) -> int:
     """SM count (the persistent forward's schedule); 3 under the CPU interpreter (an odd split)."""
     if dev.type == "cuda":
-        return _sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
+        return sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
     return 3
 
 
@@ -87,7 +77,7 @@ def msda_fwd(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_inde
     slots = _num_slots(value.device)
     msda_fwd_kernel[_grid(lq, m, n, slots)](
         value, shapes, starts, sampling_locations, attention_weights, out,
-        n, lq, m, d, _lq_bucket(lq), slots,
+        n, lq, m, d, seq_bucket(lq), slots,
         *value.stride(), *sampling_locations.stride(), *attention_weights.stride(),
         L=levels, P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=_acc_dtype(value),
         BLOCK_D=triton.next_power_of_2(d),
@@ -145,7 +135,7 @@ def msda_bwd(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.
         value, shapes, starts, sampling_locations, attention_weights, grad_out,
         grad_value_buf, grad_loc, grad_attn, dest if deterministic else grad_loc,
         coef if deterministic else grad_loc,
-        n, lq, m, d, s, _lq_bucket(lq), slots,
+        n, lq, m, d, s, seq_bucket(lq), slots,
         *value.stride(), *sampling_locations.stride(), *attention_weights.stride(),
         gn, gq, gc,
         L=levels, P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=acc, DETERMINISTIC=deterministic,
@@ -195,11 +185,6 @@ register_autograd(msda_fwd, setup_context=_setup_context, backward=_backward)
 # --------------------------------------------------------------------------------------------
 # Validation and the public function
 # --------------------------------------------------------------------------------------------
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
-
-
 def _reasons(value: object, spatial_shapes: object, level_start_index: object, sampling_locations: object,
              attention_weights: object, padding_mode: object, align_corners: object,
              deterministic: object, check_values: bool) -> list[Reason]:
@@ -301,7 +286,7 @@ def ms_deform_attn(
     """
     raise_if_unsupported("ms_deform_attn", _reasons(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, padding_mode,
-        align_corners, deterministic, check_values=not _is_compiling()))
+        align_corners, deterministic, check_values=not is_compiling()))
     return msda_fwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                     padding_mode, align_corners, deterministic)
 

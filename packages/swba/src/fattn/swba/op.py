@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -21,6 +20,7 @@ from fattn.core import (
     same_dtype_reasons,
     tensor_reasons,
 )
+from fattn.core.runtime import seq_bucket, sm_count
 from fattn.swba.kernels import (
     autotune_enabled,
     launch_config,
@@ -52,15 +52,6 @@ def _geometry(n_k: int, block_size: int, window: int) -> tuple[int, int]:
     return block_size, window
 
 
-def _bucket(n: int) -> int:
-    return triton.next_power_of_2(max(n, 1))
-
-
-@functools.cache
-def _sm_count(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _kv_group_splits(b: int, h_kv: int, n_k: int, group: int, dev: torch.device) -> int:
     """How many programs share one KV head's query heads in the dK/dV kernel (a divisor of group).
 
@@ -69,7 +60,7 @@ def _kv_group_splits(b: int, h_kv: int, n_k: int, group: int, dev: torch.device)
     """
     if group == 1:
         return 1
-    target = 2 * _sm_count(dev.index) if dev.type == "cuda" else 4  # CPU: small, so tests cover both paths
+    target = 2 * sm_count(dev.index) if dev.type == "cuda" else 4  # CPU: small, so tests cover both paths
     programs = b * h_kv * triton.cdiv(n_k, 128)
     for splits in range(1, group + 1):
         if group % splits == 0 and programs * splits >= target:
@@ -113,7 +104,7 @@ def swba_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
         return (b * h, triton.cdiv(n_q, meta["BLOCK_M"]))
 
     args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            h, h // h_kv, n_q, n_k, block_size, window, scale * _LOG2E, _bucket(n_q), _bucket(n_k))
+            h, h // h_kv, n_q, n_k, block_size, window, scale * _LOG2E, seq_bucket(n_q), seq_bucket(n_k))
     _launch(swba_fwd_kernel, "fwd", grid, args, q, max(16, triton.next_power_of_2(d)), HEAD_DIM=d,
             SCALE_NONNEG=scale >= 0)
     return out, lse
@@ -147,7 +138,7 @@ def swba_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
             out, grad_out, dlse, delta, *_strides(out), *_strides(grad_out), h, n_q,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=_PREPROCESS_BLOCK_M, HAS_DLSE=has_dlse,
         )
-    common = (n_q, n_k, block_size, window, scale, scale * _LOG2E, _bucket(n_q), _bucket(n_k))
+    common = (n_q, n_k, block_size, window, scale, scale * _LOG2E, seq_bucket(n_q), seq_bucket(n_k))
 
     group = h // h_kv
     n_splits = _kv_group_splits(b, h_kv, n_k, group, q.device)
