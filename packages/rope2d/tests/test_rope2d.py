@@ -253,6 +253,13 @@ def _good(d: int = 16, h: int = 3, w: int = 4, n_prefix: int = 1) -> tuple[torch
     return q, k, v, axial_angles(h, w, d, device=device())
 
 
+def test_error_axial_angles_base() -> None:
+    with pytest.raises(ValueError, match="base must be a positive float, got -1.0"):
+        axial_angles(3, 4, 16, base=-1.0)
+    with pytest.raises(TypeError, match="base must be a positive float, got str"):
+        axial_angles(3, 4, 16, base="100")
+
+
 def test_error_head_dim_not_multiple_of_4() -> None:
     q, k, v = (randn([1, 2, 13, 18]) for _ in range(3))
     with pytest.raises(ValueError, match="multiple of 4, got 18"):

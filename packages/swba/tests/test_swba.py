@@ -268,6 +268,11 @@ def test_bad_inputs_raise(make, error, match) -> None:  # type: ignore[no-untype
     assert not_supported_reasons(**args, scale=scale)
 
 
+def test_return_lse_must_be_bool() -> None:
+    with pytest.raises(TypeError, match="return_lse must be a bool, got str"):
+        swba_attention(**_good(), return_lse="yes")
+
+
 def test_device_mismatch_raises() -> None:
     if not on_gpu():
         pytest.skip("needs a CUDA GPU and the CPU")

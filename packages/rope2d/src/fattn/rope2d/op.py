@@ -182,8 +182,10 @@ def axial_angles(height: int, width: int, head_dim: int, *, base: float = 100.0,
     if not reasons:
         reasons += head_dim_reasons("head_dim", head_dim, maximum=MAX_HEAD_DIM, multiple_of=4)
     reasons += choice_reasons("axis_order", axis_order, AXIS_ORDERS)
-    if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 0:
-        reasons.append(Reason(f"base must be a positive float, got {base!r}", TypeError))
+    if isinstance(base, bool) or not isinstance(base, (int, float)):
+        reasons.append(Reason(f"base must be a positive float, got {type(base).__name__} {base!r}", TypeError))
+    elif not base > 0:
+        reasons.append(Reason(f"base must be a positive float, got {base!r}"))
     raise_if_unsupported("axial_angles", reasons)
     from fattn.rope2d.reference import axial_angles_reference
 

@@ -258,7 +258,10 @@ def swba_attention(
     Returns:
         out [B, H, Nq, D] in q's dtype, or (out, lse [B, H, Nq] fp32) when return_lse. Both are differentiable.
     """
-    raise_if_unsupported("swba_attention", _reasons(q, k, v, block_size, window, scale))
+    reasons = _reasons(q, k, v, block_size, window, scale)
+    if not isinstance(return_lse, bool):
+        reasons.append(Reason(f"return_lse must be a bool, got {type(return_lse).__name__} {return_lse!r}", TypeError))
+    raise_if_unsupported("swba_attention", reasons)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, lse = swba_fwd(q, k, v, block_size, window, scale)
     if return_lse:
