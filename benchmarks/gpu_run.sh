@@ -14,7 +14,7 @@
 #   FATTN_BENCH_SAVE=baseline                  # store this run as that GPU model's baseline
 #
 # Logs and results go to $OUT (default ./bench-out): tests.log, sanitize.log, bench.log, bench.json,
-# report.txt, benchmarks.png. The last thing printed is a short table: tests per package and the
+# report.txt, benchmarks.png, bench-progress.txt (a line per measurement, written as it is taken). The last thing printed is a short table: tests per package and the
 # benchmark comparison.
 set -uo pipefail
 
@@ -77,6 +77,8 @@ fi
 
 if has_step bench; then
   : >"$OUT/bench.log"
+  export FATTN_BENCH_PROGRESS="$OUT/bench-progress.txt"
+  : >"$FATTN_BENCH_PROGRESS"
   jsons=()
   for p in $PKGS; do
     [ "$p" = core ] && continue
@@ -119,7 +121,12 @@ fi
 rm -f "$OUT/last.log"
 echo
 echo "================ fattn GPU run: $(head -2 "$OUT/env.txt" 2>/dev/null | tail -1)"
-[ -f "$OUT/report.txt" ] && cat "$OUT/report.txt"
+[ -s "$OUT/report.txt" ] && cat "$OUT/report.txt"
+# A package cut off by its time limit wrote no JSON: show every measurement as it was taken instead.
+if [ -s "$OUT/bench-progress.txt" ] && grep -qE "^bench .* rc=(12[4-9]|13[0-9])" "$SUMMARY"; then
+  echo "(a benchmark run was cut off: every measurement as it was taken)"
+  cat "$OUT/bench-progress.txt"
+fi
 echo
 cat "$SUMMARY"
 rm -f "$SUMMARY"

@@ -111,6 +111,23 @@ class Measure:
             bench.extra_info["tflops"] = flops / median / 1e12
         if median and bytes_moved:
             bench.extra_info["gbps"] = bytes_moved / median / 1e9
+        _progress(bench.extra_info, median)
+
+
+def _progress(info: dict[str, Any], median: float | None) -> None:
+    """Append one line per measurement to $FATTN_BENCH_PROGRESS as soon as it is taken.
+
+    pytest-benchmark writes its JSON only when the session ends; a run cut off by a time limit still
+    leaves these lines behind.
+    """
+    path = os.environ.get("FATTN_BENCH_PROGRESS")
+    if not path:
+        return
+    ms = f"{median * 1e3:.3f}" if median else "-"
+    tflops = f"{info['tflops']:.1f}" if info.get("tflops") else "-"
+    peak = f"{info['peak_mem_mb']:.0f}" if info.get("peak_mem_mb") is not None else "-"
+    with open(path, "a") as f:
+        f.write(f"{info['op']:<14} {info['shape']:<34} {info['impl']:<18} {ms:>9} ms {tflops:>7} TF/s {peak:>7} MB\n")
 
 
 def _median_seconds(bench: Any) -> float | None:
