@@ -35,6 +35,11 @@ unset TRITON_INTERPRET
 test_path() { if [ "$1" = core ]; then echo core/tests; else echo "packages/$1/tests"; fi; }
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 
+if [ -n "${FATTN_TEST_WORKERS:-}" ] && ! "$PY" -c "import xdist" 2>/dev/null; then
+  echo "pytest-xdist is not installed: FATTN_TEST_WORKERS=$FATTN_TEST_WORKERS ignored, tests run in one process"
+  unset FATTN_TEST_WORKERS
+fi
+
 declare -A RESULT
 SUMMARY="$OUT/summary.tmp"
 : >"$SUMMARY"
