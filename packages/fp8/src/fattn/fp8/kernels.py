@@ -172,7 +172,8 @@ def _fwd_configs() -> list[triton.Config]:
     configs += [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "TMA": True}, num_warps=w, num_stages=s,
                       pre_hook=_set_tma_blocks)
-        for bm, bn, w, s in [(64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)]
+        for bm, bn, w, s in [(64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4),
+                             (128, 64, 8, 4)]
     ]
     return configs
 

@@ -81,8 +81,10 @@ def _head_dim_class(block_d: int, elem: int) -> tuple[int, bool]:
 # last is the smallest (kept when shared memory is short, e.g. on consumer GPUs).
 # Resident tiles: fwd q + acc (BLOCK_M rows); dkdv k, v + dk, dv (BLOCK_N rows); dq q, do + dq (BLOCK_M rows).
 FWD_TABLE = {
-    (64, False): [_config(128, 64, 4, 3), _config(128, 64, 8, 3), _config(128, 128, 8, 3), _config(64, 64, 4, 3)],
-    (128, False): [_config(128, 64, 8, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
+    (64, False): [_config(128, 64, 4, 3), _config(128, 64, 8, 3), _config(128, 128, 8, 3), _config(128, 64, 4, 4),
+                  _config(64, 128, 4, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3)],
+    (128, False): [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(128, 64, 8, 4), _config(64, 128, 4, 3),
+                   _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
     (256, False): [_config(64, 32, 8, 2), _config(64, 64, 8, 2), _config(128, 32, 8, 2), _config(32, 32, 4, 1)],
     (64, True): [_config(64, 32, 4, 2), _config(128, 64, 8, 3), _config(64, 64, 4, 3)],
     (128, True): [_config(128, 32, 8, 2), _config(64, 32, 4, 2)],
@@ -97,8 +99,10 @@ DKDV_TABLE = {
     (256, True): [_config(16, 32, 8, 1)],
 }
 DQ_TABLE = {
-    (64, False): [_config(128, 32, 4, 3), _config(128, 64, 8, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
-    (128, False): [_config(128, 32, 8, 3), _config(128, 64, 8, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
+    (64, False): [_config(128, 32, 4, 3), _config(128, 64, 8, 3), _config(128, 64, 8, 4), _config(64, 64, 4, 4),
+                  _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
+    (128, False): [_config(128, 32, 8, 3), _config(128, 64, 8, 3), _config(128, 64, 8, 2), _config(128, 32, 8, 4),
+                   _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
     (256, False): [_config(64, 32, 8, 2), _config(64, 64, 8, 2), _config(32, 32, 4, 2)],
     (64, True): [_config(64, 32, 4, 2), _config(128, 32, 8, 3)],
     (128, True): [_config(32, 32, 4, 2)],
