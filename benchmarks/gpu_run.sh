@@ -7,8 +7,8 @@
 #   FATTN_TESTS_K=""                           # pytest -k filter for the tests
 #   FATTN_TEST_WORKERS=4                       # run each package's tests in N processes (pytest-xdist)
 #   FATTN_PKG_TIMEOUT=120                      # seconds allowed to each package's tests / benchmarks
-#   FATTN_SANITIZE_K="not compile"             # pytest -k filter for the compute-sanitizer pass
-#   FATTN_SANITIZE_WORKERS=6                   # the same in N processes (memcheck follows xdist's workers)
+#   FATTN_SANITIZE_K="not compile"             # pytest -k filter for the compute-sanitizer pass (one process:
+#                                              # under pytest-xdist, memcheck finished no package in 85 s)
 #   FATTN_BENCH_K=""                           # pytest -k filter for benchmarks
 #   FATTN_BENCH_COMPARE=1                      # fail on a >25% median regression against the stored
 #                                              # baseline of this GPU model (benchmarks/baselines/<gpu>)
@@ -36,9 +36,9 @@ unset TRITON_INTERPRET
 test_path() { if [ "$1" = core ]; then echo core/tests; else echo "packages/$1/tests"; fi; }
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 
-if [ -n "${FATTN_TEST_WORKERS:-}${FATTN_SANITIZE_WORKERS:-}" ] && ! "$PY" -c "import xdist" 2>/dev/null; then
+if [ -n "${FATTN_TEST_WORKERS:-}" ] && ! "$PY" -c "import xdist" 2>/dev/null; then
   echo "pytest-xdist is not installed: FATTN_TEST_WORKERS=$FATTN_TEST_WORKERS ignored, tests run in one process"
-  unset FATTN_TEST_WORKERS FATTN_SANITIZE_WORKERS
+  unset FATTN_TEST_WORKERS
 fi
 
 declare -A RESULT
@@ -71,7 +71,6 @@ if has_step sanitize; then
     start=$(date +%s)
     ${FATTN_PKG_TIMEOUT:+timeout $FATTN_PKG_TIMEOUT} compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
       "$PY" -m pytest "$(test_path "$p")" -q -x -p no:cacheprovider -k "${FATTN_SANITIZE_K:-not compile}" \
-      ${FATTN_SANITIZE_WORKERS:+-n $FATTN_SANITIZE_WORKERS} \
       >"$OUT/last.log" 2>&1
     rc=$?
     cat "$OUT/last.log" >>"$OUT/sanitize.log"

@@ -120,3 +120,33 @@ def test_several_problems_listed_together() -> None:
     inputs = _good()
     with pytest.raises(TypeError, match=r"2 problems"):
         ms_deform_attn(**{**inputs, "value": inputs["value"].int(), "padding_mode": "nope"})
+
+
+def test_index_values_read_once_per_tensor_pair(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host read of spatial_shapes / level_start_index (a device sync) happens once for a pair of
+    tensors, not on every layer's call; an in-place change or another S is checked again."""
+    from fattn.msda import op
+
+    reads = []
+    check = op._index_value_reasons
+    monkeypatch.setattr(op, "_index_value_reasons", lambda *a: reads.append(1) or check(*a))
+    inputs = _good()
+    with torch.no_grad():
+        ms_deform_attn(**inputs)
+        ms_deform_attn(**inputs)
+        assert len(reads) == 1
+        ms_deform_attn(**{**inputs, "level_start_index": inputs["level_start_index"].clone()})
+        assert len(reads) == 2, "another level_start_index tensor must be read again"
+        inputs["spatial_shapes"][0, 1] = 5  # in place: 3x5 + 2x2 = 19 != 16
+        with pytest.raises(ValueError, match=r"cover sum\(H \* W\) = 19 positions"):
+            ms_deform_attn(**inputs)
+
+
+def test_index_values_checked_under_inference_mode() -> None:
+    """Inference tensors carry no version counter: their values are read on every call."""
+    with torch.inference_mode():
+        inputs = _good()
+        ms_deform_attn(**inputs)
+        inputs["level_start_index"][1] = 11
+        with pytest.raises(ValueError, match=r"level_start_index must be the running sum"):
+            ms_deform_attn(**inputs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -228,7 +230,50 @@ def _reasons(value: object, spatial_shapes: object, level_start_index: object, s
         out.append(Reason(f"value: batch size and number of heads must be at most {MAX_GRID_YZ}, got N={n}, M={m}"))
     if out or not check_values:
         return out
-    # Value checks read two tiny tensors back to the host (skipped under torch.compile).
+    if _index_checked(spatial_shapes, level_start_index, s):
+        return out
+    out += _index_value_reasons(spatial_shapes, level_start_index, s)
+    if not out:
+        _remember_index(spatial_shapes, level_start_index, s)
+    return out
+
+
+# id(spatial_shapes) -> (weak references to spatial_shapes and level_start_index, both tensors'
+# versions, S) of a pair whose values were checked. Deformable DETR passes the same two tensors to
+# every layer: one host read per forward instead of one per layer. An entry goes when its
+# spatial_shapes is freed; an in-place change bumps `_version`. (Not a WeakKeyDictionary: it compares
+# keys with `==`, which is elementwise for tensors.)
+_CHECKED_INDEX: dict[int, tuple] = {}
+
+
+def _versions(*tensors: torch.Tensor) -> tuple[int, ...] | None:
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:  # inference tensors track no version: never cached, checked on every call
+        return None
+
+
+def _index_checked(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, s: int) -> bool:
+    entry = _CHECKED_INDEX.get(id(spatial_shapes))
+    if entry is None or entry[0]() is not spatial_shapes or entry[1]() is not level_start_index:
+        return False
+    versions = _versions(spatial_shapes, level_start_index)
+    return versions is not None and entry[2:] == (versions, s)
+
+
+def _remember_index(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, s: int) -> None:
+    versions = _versions(spatial_shapes, level_start_index)
+    if versions is None:
+        return
+    key = id(spatial_shapes)
+    ref = weakref.ref(spatial_shapes, lambda _: _CHECKED_INDEX.pop(key, None))
+    _CHECKED_INDEX[key] = (ref, weakref.ref(level_start_index), versions, s)
+
+
+def _index_value_reasons(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, s: int) -> list[Reason]:
+    """Checks of the index tensors' values: they read two tiny tensors back to the host (a device
+    sync), so they are skipped under torch.compile and for a pair already checked (see above)."""
+    out: list[Reason] = []
     hw = spatial_shapes.detach().to("cpu", torch.int64)
     starts = level_start_index.detach().to("cpu", torch.int64)
     if bool((hw <= 0).any()):
