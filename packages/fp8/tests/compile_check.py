@@ -111,7 +111,7 @@ def _check_forward(report, tma: bool = False) -> None:  # type: ignore[no-untype
 
 
 def main(full: bool) -> None:
-    os.environ.pop("FATTN_FP8_TUNE_LIMIT", None)  # every config
+    os.environ["FATTN_FP8_AUTOTUNE_LIMIT"] = "0"  # every config (wins over the tests' limit, under any name)
     reports = []
     if not full:
         for q_dtype, d, bm, bn, warps, stages, tma in [("fp8e4nv", 128, 128, 64, 8, 3, False),

@@ -352,7 +352,7 @@ def test_every_tuned_config_is_correct(d: int, monkeypatch: pytest.MonkeyPatch) 
     from fattn.fp8 import kernels
     from fattn.fp8.op import forced_configs
 
-    monkeypatch.setenv("FATTN_FP8_TUNE_LIMIT", "0")
+    monkeypatch.setenv("FATTN_FP8_AUTOTUNE_LIMIT", "0")
     small = not torch.cuda.is_available()
     if small and d != 64:
         pytest.skip("one head dim under the interpreter (it has one config)")

@@ -254,7 +254,7 @@ def _good(d: int = 16, h: int = 3, w: int = 4, n_prefix: int = 1) -> tuple[torch
 
 
 def test_error_axial_angles_base() -> None:
-    with pytest.raises(ValueError, match="base must be a positive float, got -1.0"):
+    with pytest.raises(ValueError, match=r"base must be a positive float, got -1\.0"):
         axial_angles(3, 4, 16, base=-1.0)
     with pytest.raises(TypeError, match="base must be a positive float, got str"):
         axial_angles(3, 4, 16, base="100")

@@ -14,6 +14,7 @@ import triton.language as tl
 
 __all__ = [
     "INTERPRET",
+    "autotune_limit",
     "device_summary",
     "interpreter_enabled",
     "is_compiling",
@@ -31,6 +32,49 @@ def interpreter_enabled() -> bool:
 # Read by kernels as a compile-time constant (a global `tl.constexpr`): the interpreter cannot do
 # bfloat16 arithmetic, so kernels upcast bf16 operands there and keep them native on a GPU.
 INTERPRET = tl.constexpr(interpreter_enabled())
+
+
+# Older per-package switches, still honoured: "<PKG>_AUTOTUNE" names are on/off switches (0: first config
+# only, 1: search all), the others already counted configs.
+_LEGACY_AUTOTUNE_ENV = {
+    "swba": "FATTN_SWBA_AUTOTUNE",
+    "rope2d": "FATTN_ROPE2D_AUTOTUNE",
+    "msda": "FATTN_MSDA_AUTOTUNE",
+    "fp8": "FATTN_FP8_TUNE_LIMIT",
+}
+
+
+def autotune_limit(package: str) -> int:
+    """How many configs a kernel of fattn package `package` may autotune over; 0 means all of them.
+
+    Read from the environment on every call (a test can change it after import), from the first set of:
+      1. `FATTN_<PACKAGE>_AUTOTUNE_LIMIT=n` (e.g. FATTN_SWBA_AUTOTUNE_LIMIT);
+      2. the package's older variable: FATTN_SWBA_AUTOTUNE, FATTN_ROPE2D_AUTOTUNE, FATTN_MSDA_AUTOTUNE
+         (0: a limit of 1, 1: all) or FATTN_FP8_TUNE_LIMIT=n;
+      3. `FATTN_AUTOTUNE_LIMIT=n`, for every package;
+    else 0. An empty value counts as unset. The packages' test suites set a limit of 1 (each kernel's
+    first candidate for the shape): autotuning compiles and times every candidate for every new shape,
+    which would dominate a GPU test run. Benchmarks and users keep the default, the full search.
+    Raises ValueError for a value that is not a non-negative integer (or not 0/1 for a switch).
+    """
+    pkg = package.upper()
+    legacy = _LEGACY_AUTOTUNE_ENV.get(package)
+    for name in (f"FATTN_{pkg}_AUTOTUNE_LIMIT", legacy, "FATTN_AUTOTUNE_LIMIT"):
+        value = os.environ.get(name, "").strip() if name else ""
+        if not value:
+            continue
+        if name.endswith("_AUTOTUNE"):  # an on/off switch
+            if value not in ("0", "1"):
+                raise ValueError(f"{name}={value!r}: expected 0 (first config only) or 1 (autotune over all)")
+            return 1 if value == "0" else 0
+        try:
+            limit = int(value)
+        except ValueError:
+            limit = -1
+        if limit < 0:
+            raise ValueError(f"{name}={value!r}: expected a non-negative integer (configs to autotune over, 0: all)")
+        return limit
+    return 0
 
 
 def kernel_device_reason(name: str, tensor: torch.Tensor) -> str | None:

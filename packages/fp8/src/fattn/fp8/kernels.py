@@ -24,19 +24,11 @@ block owns dQ: no atomics, deterministic.
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-from fattn.core.runtime import INTERPRET, interpreter_enabled
+from fattn.core.runtime import INTERPRET, autotune_limit, interpreter_enabled
 from fattn.core.triton_helpers import LOG2E, interp_upcast, online_softmax_finalize
-
-
-def _tune_limit() -> int:
-    """FATTN_FP8_TUNE_LIMIT=n: autotune over at most n configs per kernel (0: all). The GPU tests set
-    it (tests/conftest.py) to keep tuning short; read when a new shape is tuned."""
-    return int(os.environ.get("FATTN_FP8_TUNE_LIMIT", "0") or 0)
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn
 # P in [0, 1] is stored in e4m3 times 2^8 (at most 256 < 448): exact (a power of two), and
@@ -196,7 +188,7 @@ def _fwd_prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
         one_wg_ok = c.num_warps == 8 or (fp8 and d <= 128)
         if smem <= 220 * 1024 and (not fp8 or bn >= 32) and (d < 256 or (bm <= 64 and bn <= 64)) and one_wg_ok:
             out.append(c)
-    limit = _tune_limit()
+    limit = autotune_limit("fp8")  # FATTN_FP8_AUTOTUNE_LIMIT (older FATTN_FP8_TUNE_LIMIT); the tests set 1
     if limit and len(out) > limit:
         # tests: the first configs only (TMA ones first when there are descriptors)
         out = sorted(out, key=lambda c: not c.kwargs.get("TMA", False))[:limit]
@@ -440,8 +432,9 @@ def _bwd_prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
         smem = (2 * max(bm, bn) + c.num_stages * 2 * min(bm, bn)) * d * elem
         if smem <= 220 * 1024 and (d < 256 or max(bm, bn) <= 64):
             out.append(c)
-    if _tune_limit():
-        out = out[:_tune_limit()]
+    limit = autotune_limit("fp8")
+    if limit:
+        out = out[:limit]
     return out or [_SMALLEST]
 
 

@@ -24,13 +24,11 @@ Backward:
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from fattn.core.runtime import interpreter_enabled
+from fattn.core.runtime import autotune_limit, interpreter_enabled
 from fattn.core.triton_helpers import bilinear_coords, bilinear_corner, interp_upcast
 
 __all__ = [
@@ -52,9 +50,10 @@ def _configs(block_qs: list[int], warps: list[int], stages: list[int], unroll: b
 
 
 def _small_search() -> bool:
-    """FATTN_MSDA_AUTOTUNE=0 (set by this package's tests) keeps ONE config per kernel and shape (see
-    `_prune`), so a GPU test run compiles each new shape once instead of a dozen times."""
-    return os.environ.get("FATTN_MSDA_AUTOTUNE", "1") == "0"
+    """An autotune limit of 1 (FATTN_MSDA_AUTOTUNE_LIMIT=1, or the older FATTN_MSDA_AUTOTUNE=0; set by this
+    package's tests) keeps ONE config per kernel and shape (see `_prune`), so a GPU test run compiles
+    each new shape once instead of a dozen times."""
+    return autotune_limit("msda") == 1
 
 
 # The level loop unrolled: all L * P * 4 corner gathers of a query block in one straight-line block, so
@@ -90,7 +89,7 @@ def bwd_configs() -> list[triton.Config]:
             + _configs([16], [4], [1], per_slot=6) + _configs([32], [8], [1], per_slot=2))
 
 
-# Test mode (FATTN_MSDA_AUTOTUNE=0): the looped tile, its unrolled twin, and a tile for large
+# Test mode (FATTN_MSDA_AUTOTUNE_LIMIT=1): the looped tile, its unrolled twin, and a tile for large
 # head dims (see _prune for which one a shape gets).
 _SMALL = (_configs([16], [4], [1]) + _configs([16], [4], [1], unroll=True) + _configs([8], [8], [1])
           + _configs([8], [8], [1], unroll=True))
@@ -117,8 +116,9 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     if kwargs.get("DETERMINISTIC"):  # sort-bound: not worth the unrolled tiles' compile time
         kept = [c for c in kept if not c.kwargs["UNROLL_LEVELS"]]
     kept = kept or [min(configs, key=elements)]
-    if not _small_search():
-        return kept
+    limit = autotune_limit("msda")
+    if limit != 1:
+        return kept[:limit] if limit else kept
     # Test mode: one config. The GPU suite's border + align_corners cases take the unrolled path, the
     # others the looped one (fast to compile), so both are exercised on the GPU.
     unroll = bool(named_args.get("BORDER", kwargs.get("BORDER"))) and bool(

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from fattn.core import empty
-from fattn.core.runtime import interpreter_enabled
+from fattn.core.runtime import autotune_limit, interpreter_enabled
 from fattn.core.triton_helpers import (
     LOG2E,
     interp_upcast,
@@ -90,9 +90,6 @@ _FWD_CONFIGS = _configs({**_FWD_TILES, -1: [t for tiles in _FWD_TILES_FP32.value
 _DKDV_CONFIGS = _configs({**_DKDV_TILES, -1: [t for tiles in _DKDV_TILES_FP32.values() for t in tiles]})
 _DQ_CONFIGS = _configs({**_DQ_TILES, -1: [t for tiles in _DQ_TILES_FP32.values() for t in tiles]})
 
-# FATTN_ROPE2D_AUTOTUNE=0: the first tile of each class only, no timing (the test suite sets it: it
-# checks numerics on many shapes, where autotuning would compile and time every tile for each new N).
-AUTOTUNE_ENV = "FATTN_ROPE2D_AUTOTUNE"
 # FATTN_ROPE2D_PREROTATE: "auto" (default), "1" (always), "0" (never: rotate k inside every attention
 # program, the round-1 path). Pre-rotating writes rotated q/k once to a scratch buffer (one read and one
 # write of the tensor) so the attention loops stream them like plain flash attention, instead of each
@@ -101,10 +98,6 @@ PREROTATE_ENV = "FATTN_ROPE2D_PREROTATE"
 # "auto" pre-rotates k in the forward once a k tile would be rotated by at least this many q-tile programs
 # (N >= 4 * 128): below it the forward is memory-bound and the extra pass costs more than it saves.
 PREROTATE_MIN_Q_TILES = 4
-
-
-def _autotune_enabled() -> bool:
-    return os.environ.get(AUTOTUNE_ENV, "1") != "0"
 
 
 def prerotate_mode() -> str:
@@ -132,7 +125,11 @@ def _pruner(table: dict[int, list[tuple[int, int, int, int]]],  # type: ignore[n
         kept.sort(key=lambda c: order.index((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)))
         short = [c for c in kept if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(64, n)]
         kept = short or kept
-        return kept if _autotune_enabled() else kept[:1]
+        # FATTN_ROPE2D_AUTOTUNE_LIMIT=n (older FATTN_ROPE2D_AUTOTUNE=0 means 1): the first n tiles only.
+        # The test suite sets 1: it checks numerics on many shapes, where autotuning would compile and
+        # time every tile for each new N.
+        limit = autotune_limit("rope2d")
+        return kept[:limit] if limit else kept
 
     return prune
 

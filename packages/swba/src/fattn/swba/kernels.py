@@ -20,13 +20,12 @@ tile accumulates dQ over its key tiles. A preprocess computes delta = rowsum(o *
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from fattn.core.runtime import interpreter_enabled
+from fattn.core.runtime import autotune_limit, interpreter_enabled
 from fattn.core.triton_helpers import (
     LOG2E,
     interp_upcast,
@@ -51,10 +50,11 @@ _SMEM_BUDGET = 200 * 1024
 
 
 def autotune_enabled() -> bool:
-    """False when FATTN_SWBA_AUTOTUNE=0 (the package's tests set it): every launch then uses the first
+    """False when the autotune limit is 1 (FATTN_SWBA_AUTOTUNE_LIMIT=1, or the older FATTN_SWBA_AUTOTUNE=0;
+    the package's tests set it; see fattn.core.runtime.autotune_limit): every launch then uses the first
     config of its class, compiled once and never timed (autotuning compiles and times each candidate
     for every new shape key, which dominates a GPU test run)."""
-    return os.environ.get("FATTN_SWBA_AUTOTUNE", "1") != "0"
+    return autotune_limit("swba") != 1
 
 
 @functools.cache
@@ -134,7 +134,9 @@ def _prune(kind: str):  # type: ignore[no-untyped-def]
     def prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
         q = named_args["Q"]
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        return candidate_configs(kind, block_d, q.element_size(), getattr(q, "device", None))
+        kept = candidate_configs(kind, block_d, q.element_size(), getattr(q, "device", None))
+        limit = autotune_limit("swba")
+        return kept[:limit] if limit else kept
     return prune
 
 

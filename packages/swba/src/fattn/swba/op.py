@@ -69,7 +69,8 @@ def _kv_group_splits(b: int, h_kv: int, n_k: int, group: int, dev: torch.device)
 
 
 def _launch(kernel, kind: str, grid, args: tuple, q: torch.Tensor, block_d: int, **constexprs) -> None:  # type: ignore[no-untyped-def]
-    """Launch an autotuned kernel, or with FATTN_SWBA_AUTOTUNE=0 its default config directly (no timing)."""
+    """Launch an autotuned kernel, or with an autotune limit of 1 (FATTN_SWBA_AUTOTUNE_LIMIT=1) its default
+    config directly (no timing)."""
     if autotune_enabled():
         kernel[grid](*args, BLOCK_D=block_d, **constexprs)
     else:
