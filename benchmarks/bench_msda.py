@@ -4,8 +4,8 @@
     python -m pytest benchmarks/bench_msda.py --fattn-bench-smoke -q                      # CPU smoke run
 
 Peers (never committed; each skipped when absent):
-- msda_cuda: Deformable DETR's `models/ops`, exported to .peers/msda_cuda and built there with
-  `TORCH_CUDA_ARCH_LIST=9.0 python3 setup.py build_ext --inplace` (fp32 only: it has no fp16/bf16);
+- msda_cuda: Deformable DETR's `models/ops`, exported to .peers/msda_cuda and compiled there by hand on
+  the GPU machine for the measurement (fp32 only: it has no fp16/bf16);
 - msda_triton: github.com/rziga/msda-triton, its `src/msda_triton` exported to .peers/msda_triton/src;
 - grid_sample: fattn.msda.reference (always present).
 
