@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from fattn.core.testing import device
 from fattn.fp8 import fp8_attention, quantize
+from fattn.fp8 import kernels as fp8_kernels
 
 # name -> (B, H, N, D, causal)
 SHAPES = {
@@ -161,8 +162,9 @@ def test_fp8_forward(measure, smoke: bool, shape: str, impl: str) -> None:  # ty
             pytest.skip("SDPA backends are measured on the GPU")
         fn = _sdpa(impl, q, k, v, causal)
         bytes_moved = 4 * q.numel() * 2
+    tuned = {"fwd": fp8_kernels._attn_fwd_kernel} if impl.startswith("fattn") else None
     measure.run(fn, op="fp8 fwd", impl=impl, shape=shape, size=n, flops=flops, bytes_moved=bytes_moved,
-                head_dim=d, causal=causal, **_ceiling_info(flops))
+                tuned=tuned, head_dim=d, causal=causal, **_ceiling_info(flops))
     ceiling = measure.benchmark.extra_info.get("ceiling_tflops")
     tflops = measure.benchmark.extra_info.get("tflops")
     if ceiling and tflops:
@@ -192,4 +194,9 @@ def test_fp8_train_step(measure, smoke: bool, shape: str, impl: str) -> None:  #
 
     # forward (2 products) + backward (5 products; the fattn backward also recomputes the forward)
     flops = attention_flops(b, h, n, d, causal) * 3.5
-    measure.run(fn, op="fp8 fwd+bwd", impl=impl, shape=shape, size=n, flops=flops, head_dim=d, causal=causal)
+    tuned = None
+    if impl.startswith("fattn"):
+        tuned = {"fwd": fp8_kernels._attn_fwd_kernel, "dkdv": fp8_kernels._attn_bwd_dkdv_kernel,
+                 "dq": fp8_kernels._attn_bwd_dq_kernel}
+    measure.run(fn, op="fp8 fwd+bwd", impl=impl, shape=shape, size=n, flops=flops, tuned=tuned, head_dim=d,
+                causal=causal)

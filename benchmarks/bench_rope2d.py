@@ -208,6 +208,13 @@ def test_rope2d(measure, smoke: bool, shape_idx: int, impl: str, mode: str,  # t
         flops = 3.5 * flops_fwd  # backward = 2.5x forward matmul work
         io_bytes *= 2.5
 
+    tuned = None
+    if impl.startswith("fattn"):
+        from fattn.rope2d import kernels
+
+        tuned = {"fwd": kernels._rope2d_fwd_kernel}
+        if mode != "fwd":
+            tuned.update(dkdv=kernels._rope2d_bwd_dkdv_kernel, dq=kernels._rope2d_bwd_dq_kernel)
     measure.run(run, op=f"rope2d {mode}", impl=impl, shape=shape.name, size=q.shape[2], flops=flops,
-                bytes_moved=io_bytes, dtype=str(dtype).replace("torch.", ""), max_err=max_err, note=note,
-                B=shape.B, H=shape.H, N=q.shape[2], D=shape.D)
+                bytes_moved=io_bytes, tuned=tuned, dtype=str(dtype).replace("torch.", ""), max_err=max_err,
+                note=note, B=shape.B, H=shape.H, N=q.shape[2], D=shape.D)

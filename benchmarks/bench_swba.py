@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from fattn.core.testing import device
+from fattn.swba import kernels as swba_kernels
 from fattn.swba import swba_attention, swba_mask
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -148,5 +149,10 @@ def test_swba(measure, smoke, shape, impl, op) -> None:  # type: ignore[no-untyp
     flops = pairs * d * (10 if backward else 4)
     elem = q.element_size()
     bytes_moved = b * h * n * d * elem * (4 if not backward else 11)
+    tuned = None
+    if impl == "fattn":
+        tuned = {"fwd": swba_kernels.swba_fwd_kernel}
+        if backward:
+            tuned.update(dkdv=swba_kernels.swba_bwd_dkdv_kernel, dq=swba_kernels.swba_bwd_dq_kernel)
     measure.run(fn, op=f"swba {op}", impl=impl, shape=shape["name"], size=n, flops=flops, bytes_moved=bytes_moved,
-                visible_fraction=pairs / (b * h * n * n), **info)
+                tuned=tuned, visible_fraction=pairs / (b * h * n * n), **info)

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-__all__ = ["Measure", "gpu_slug", "peer_path", "sync"]
+__all__ = ["Measure", "describe_config", "gpu_slug", "peer_path", "sync"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,20 +67,24 @@ class Measure:
         size: float | None = None,
         flops: float | None = None,
         bytes_moved: float | None = None,
+        tuned: dict[str, Any] | None = None,
         **info: Any,
     ) -> None:
         """Time `fn` (a closure over prepared inputs) and record its metadata.
 
         op: the operation compared ("msda fwd"); impl: "fattn" or a peer's name; shape: a named shape;
-        size: the x-axis for plots (e.g. N); flops / bytes_moved: per call, for TFLOP/s and GB/s.
+        size: the x-axis for plots (e.g. N); flops / bytes_moved: per call, for TFLOP/s and GB/s;
+        tuned: {name: @triton.autotune'd kernel} whose pick for this shape (after the warm-up) goes
+        into extra_info["config"], so a table says which tiling produced each time.
         """
         from fattn.core import poisoning
 
         with poisoning(False):  # NaN-filling outputs is for tests; it would cost time here
-            self._run(fn, op=op, impl=impl, shape=shape, size=size, flops=flops, bytes_moved=bytes_moved, **info)
+            self._run(fn, op=op, impl=impl, shape=shape, size=size, flops=flops, bytes_moved=bytes_moved,
+                      tuned=tuned, **info)
 
     def _run(self, fn: Callable[[], Any], *, op: str, impl: str, shape: str, size: float | None,
-             flops: float | None, bytes_moved: float | None, **info: Any) -> None:
+             flops: float | None, bytes_moved: float | None, tuned: dict[str, Any] | None, **info: Any) -> None:
         bench = self.benchmark
         bench.group = f"{op} | {shape}"
         cuda = torch.cuda.is_available()
@@ -102,6 +106,8 @@ class Measure:
         rounds = self.rounds if cuda else 1
         bench.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1 if cuda else 0)
         median = _median_seconds(bench)
+        if tuned:  # after the timed calls: every kernel has launched for this shape
+            info["config"] = "; ".join(f"{name} {describe_config(kernel)}" for name, kernel in tuned.items())
         bench.extra_info.update(
             op=op, impl=impl, shape=shape, size=size, peak_mem_mb=peak_mb,
             device=torch.cuda.get_device_name(0) if cuda else "cpu-interpreter",
@@ -112,6 +118,16 @@ class Measure:
         if median and bytes_moved:
             bench.extra_info["gbps"] = bytes_moved / median / 1e9
         _progress(bench.extra_info, median)
+
+
+def describe_config(kernel: Any) -> str:
+    """The autotuner's pick at `kernel`'s last launch, e.g. 'BLOCK_M=128 BLOCK_N=64 w4 s3' ('-' when it
+    has not been tuned in this process, e.g. a launch that bypasses the autotuner)."""
+    config = getattr(kernel, "best_config", None)
+    if config is None:
+        return "-"
+    kwargs = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{kwargs} w{config.num_warps} s{config.num_stages}"
 
 
 def _progress(info: dict[str, Any], median: float | None) -> None:
@@ -127,7 +143,9 @@ def _progress(info: dict[str, Any], median: float | None) -> None:
     tflops = f"{info['tflops']:.1f}" if info.get("tflops") else "-"
     peak = f"{info['peak_mem_mb']:.0f}" if info.get("peak_mem_mb") is not None else "-"
     with open(path, "a") as f:
-        f.write(f"{info['op']:<14} {info['shape']:<34} {info['impl']:<18} {ms:>9} ms {tflops:>7} TF/s {peak:>7} MB\n")
+        config = f"  [{info['config']}]" if info.get("config") else ""
+        f.write(f"{info['op']:<14} {info['shape']:<34} {info['impl']:<18} {ms:>9} ms {tflops:>7} TF/s {peak:>7} MB"
+                f"{config}\n")
 
 
 def _median_seconds(bench: Any) -> float | None:
