@@ -81,16 +81,23 @@ def main(archs: list[int], quick: bool = False, only_dims: tuple[int, ...] = ())
             rot = {k: base[k] for k in ("D", "DH", "BLOCK_DH", "INTERLEAVED")}
             bad += _check(K._rope2d_rotate_kernel, dtype, {**rot, "BLOCK": K._rotate_block(d)}, 4, 1,
                           f"{tag} rotate", spills_allowed=False)
-            for name, kern, configs, tiles, fp32_tiles, flag in (
-                ("fwd", K._rope2d_fwd_kernel, K._FWD_CONFIGS, K._FWD_TILES, K._FWD_TILES_FP32, "PREROTATED_K"),
-                ("dkdv", K._rope2d_bwd_dkdv_kernel, K._DKDV_CONFIGS, K._DKDV_TILES, K._DKDV_TILES_FP32, "PREROTATED"),
-                ("dq", K._rope2d_bwd_dq_kernel, K._DQ_CONFIGS, K._DQ_TILES, K._DQ_TILES_FP32, "PREROTATED"),
+            for name, kern, configs, tiles, fp32_tiles, pre_tiles, flag in (
+                ("fwd", K._rope2d_fwd_kernel, K._FWD_CONFIGS, K._FWD_TILES, K._FWD_TILES_FP32, K._FWD_TILES_PREROTATED,
+                 "PREROTATED_K"),
+                ("dkdv", K._rope2d_bwd_dkdv_kernel, K._DKDV_CONFIGS, K._DKDV_TILES, K._DKDV_TILES_FP32, None,
+                 "PREROTATED"),
+                ("dq", K._rope2d_bwd_dq_kernel, K._DQ_CONFIGS, K._DQ_TILES, K._DQ_TILES_FP32, None, "PREROTATED"),
             ):
                 q = torch.empty(0, dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
-                kept = K._pruner(tiles, fp32_tiles)(configs, {"N": 4096, "q_ptr": q, **meta})
-                if not interleaved or quick:
-                    kept = kept[:1]  # the pairing only changes the loads: one config suffices
-                for cfg, prerotated in itertools.product(kept, (False, True)):
+                pairs = []
+                for prerotated in (False, True):
+                    # the forward keeps some tiles for pre-rotated k only: prune as a launch with that flag does
+                    kept = K._pruner(tiles, fp32_tiles, pre_tiles)(configs, {"N": 4096, "q_ptr": q, **meta},
+                                                                   **{flag: prerotated})
+                    if not interleaved or quick:
+                        kept = kept[:1]  # the pairing only changes the loads: one config suffices
+                    pairs += [(cfg, prerotated) for cfg in kept]
+                for cfg, prerotated in pairs:
                     ce = {**base, flag: prerotated, **cfg.kwargs}
                     label = (f"{tag} {name:4s} pre{int(prerotated)} M{cfg.kwargs['BLOCK_M']:3d} "
                              f"N{cfg.kwargs['BLOCK_N']:3d} w{cfg.num_warps} s{cfg.num_stages}")

@@ -117,6 +117,27 @@ def test_prerotate_mode_dispatch(mode: str, min_q_tiles: int, expected: tuple[in
     assert (n_fwd, len(calls) - n_fwd) == expected
 
 
+def test_prerotated_only_tiles_are_pruned_for_in_loop_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward tiles that spill when k is rotated in the loop are tried only for pre-rotated k, and
+    never for fp32 (checked on the pruner itself: under the interpreter every table is one tile)."""
+    import triton
+
+    from fattn.rope2d import kernels
+
+    monkeypatch.setenv("FATTN_ROPE2D_AUTOTUNE_LIMIT", "0")
+    both, pre_only = (128, 64, 8, 3), (128, 64, 4, 3)
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in (both, pre_only)]
+    prune = kernels._pruner({32: [both]}, None, {32: [pre_only]})
+
+    def kept(prerotated: bool, dtype: torch.dtype) -> list[int]:
+        q = torch.empty(0, dtype=dtype)
+        return [c.num_warps for c in prune(configs, {"N": 4096, "q_ptr": q}, BLOCK_DH=32, PREROTATED_K=prerotated)]
+
+    assert kept(False, torch.bfloat16) == [8]
+    assert kept(True, torch.bfloat16) == [8, 4]
+    assert kept(True, torch.float32) == [8]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_custom_scale_and_table(dtype: torch.dtype) -> None:
     """Any angle table (here random, like train-time jitter) and a non-default scale."""

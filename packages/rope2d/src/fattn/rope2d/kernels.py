@@ -60,9 +60,9 @@ def _configs(table: dict[int, list[tuple[int, int, int, int]]]) -> list[triton.C
 # 128: D <= 256), chosen from sm_90 compiles (tests/_compile_check.py prints registers, spills and
 # shared memory). For dkdv, the BLOCK_N tile is the program's own and BLOCK_M the streamed one.
 # Few per class on purpose: every config is compiled (and timed) on first use of a shape, so D <= 64
-# (every ViT) keeps 2-3 Hopper tilings per kernel, spill-free in both rotation paths (ptxas -v).
+# (every ViT) keeps 2-5 Hopper tilings per kernel, spill-free in both rotation paths (ptxas -v).
 _FWD_TILES = {
-    32: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+    32: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 4)],
     64: [(128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3)],
     128: [(64, 32, 8, 2), (32, 32, 4, 2)],
 }
@@ -81,12 +81,17 @@ _DQ_TILES = {
 _FWD_TILES_FP32 = {64: [(64, 32, 8, 2)]}
 _DKDV_TILES_FP32 = {64: [(32, 64, 8, 2)]}
 _DQ_TILES_FP32 = {64: [(64, 32, 8, 2)]}
+# Forward tiles that spill registers when k is rotated in the loop, but not when it streams from the
+# pre-rotated slab (one warpgroup on 128 query rows, the tilings that won for fattn-swba's forward): kept
+# only for PREROTATED_K launches (16-bit inputs).
+_FWD_TILES_PREROTATED = {32: [(128, 64, 4, 3), (64, 128, 4, 3)]}
 _INTERPRETER_TILES = {c: [(16, 16, 1, 1)] for c in (32, 64, 128)}  # one small config: fast CPU tests
 
 if interpreter_enabled():
     _FWD_TILES = _DKDV_TILES = _DQ_TILES = _INTERPRETER_TILES
-    _FWD_TILES_FP32 = _DKDV_TILES_FP32 = _DQ_TILES_FP32 = {}
-_FWD_CONFIGS = _configs({**_FWD_TILES, -1: [t for tiles in _FWD_TILES_FP32.values() for t in tiles]})
+    _FWD_TILES_FP32 = _DKDV_TILES_FP32 = _DQ_TILES_FP32 = _FWD_TILES_PREROTATED = {}
+_FWD_CONFIGS = _configs({**_FWD_TILES, -1: [t for tiles in _FWD_TILES_FP32.values() for t in tiles],
+                         -2: [t for tiles in _FWD_TILES_PREROTATED.values() for t in tiles]})
 _DKDV_CONFIGS = _configs({**_DKDV_TILES, -1: [t for tiles in _DKDV_TILES_FP32.values() for t in tiles]})
 _DQ_CONFIGS = _configs({**_DQ_TILES, -1: [t for tiles in _DQ_TILES_FP32.values() for t in tiles]})
 
@@ -110,7 +115,8 @@ def _head_dim_class(block_dh: int) -> int:
 
 
 def _pruner(table: dict[int, list[tuple[int, int, int, int]]],  # type: ignore[no-untyped-def]
-            fp32_table: dict[int, list[tuple[int, int, int, int]]] | None = None):
+            fp32_table: dict[int, list[tuple[int, int, int, int]]] | None = None,
+            prerotated_table: dict[int, list[tuple[int, int, int, int]]] | None = None):
     def prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
         """Keep the tiles of this head-dim class (and dtype); for short sequences drop tiles far longer than N."""
         block_dh = kwargs.get("BLOCK_DH", named_args.get("BLOCK_DH"))
@@ -120,6 +126,9 @@ def _pruner(table: dict[int, list[tuple[int, int, int, int]]],  # type: ignore[n
         fp32 = getattr(q, "dtype", None) == torch.float32
         order = (fp32_table or {}).get(cls) if fp32 else None
         order = order or table[cls]
+        prerotated = kwargs.get("PREROTATED_K", named_args.get("PREROTATED_K", False))
+        if prerotated and not fp32:
+            order = order + (prerotated_table or {}).get(cls, [])
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in order]
         kept.sort(key=lambda c: order.index((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)))
@@ -320,7 +329,8 @@ def _fwd_tile(q_a, q_b, m_i, l_i, acc, k_base, v_base, cos_ptr, sin_ptr, start_n
 # Forward
 # --------------------------------------------------------------------------------------------
 @triton.autotune(configs=_FWD_CONFIGS, key=["N", "BLOCK_DH", "INTERLEAVED", "PREROTATED_K"],
-                 prune_configs_by={"early_config_prune": _pruner(_FWD_TILES, _FWD_TILES_FP32)})
+                 prune_configs_by={"early_config_prune": _pruner(_FWD_TILES, _FWD_TILES_FP32,
+                                                                 _FWD_TILES_PREROTATED)})
 @triton.jit(do_not_specialize=["H", "N", "n_prefix"])
 def _rope2d_fwd_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr,
