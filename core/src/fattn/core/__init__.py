@@ -15,11 +15,13 @@ from fattn.core.checks import (
 )
 from fattn.core.ops import fused_op, register_autograd
 from fattn.core.runtime import autotune_limit, device_summary, interpreter_enabled, kernel_device_reason
+from fattn.core.tensor_cache import TensorCache
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "Reason",
+    "TensorCache",
     "autotune_limit",
     "choice_reasons",
     "device_summary",

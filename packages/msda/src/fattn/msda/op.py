@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
 
 from fattn.core import (
     Reason,
+    TensorCache,
     choice_reasons,
     empty,
     fused_op,
@@ -230,44 +229,18 @@ def _reasons(value: object, spatial_shapes: object, level_start_index: object, s
         out.append(Reason(f"value: batch size and number of heads must be at most {MAX_GRID_YZ}, got N={n}, M={m}"))
     if out or not check_values:
         return out
-    if _index_checked(spatial_shapes, level_start_index, s):
+    if _CHECKED_INDEX.get((spatial_shapes, level_start_index), s):
         return out
     out += _index_value_reasons(spatial_shapes, level_start_index, s)
     if not out:
-        _remember_index(spatial_shapes, level_start_index, s)
+        _CHECKED_INDEX.put((spatial_shapes, level_start_index), s, True)
     return out
 
 
-# id(spatial_shapes) -> (weak references to spatial_shapes and level_start_index, both tensors'
-# versions, S) of a pair whose values were checked. Deformable DETR passes the same two tensors to
-# every layer: one host read per forward instead of one per layer. An entry goes when its
-# spatial_shapes is freed; an in-place change bumps `_version`. (Not a WeakKeyDictionary: it compares
-# keys with `==`, which is elementwise for tensors.)
-_CHECKED_INDEX: dict[int, tuple] = {}
-
-
-def _versions(*tensors: torch.Tensor) -> tuple[int, ...] | None:
-    try:
-        return tuple(t._version for t in tensors)
-    except RuntimeError:  # inference tensors track no version: never cached, checked on every call
-        return None
-
-
-def _index_checked(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, s: int) -> bool:
-    entry = _CHECKED_INDEX.get(id(spatial_shapes))
-    if entry is None or entry[0]() is not spatial_shapes or entry[1]() is not level_start_index:
-        return False
-    versions = _versions(spatial_shapes, level_start_index)
-    return versions is not None and entry[2:] == (versions, s)
-
-
-def _remember_index(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, s: int) -> None:
-    versions = _versions(spatial_shapes, level_start_index)
-    if versions is None:
-        return
-    key = id(spatial_shapes)
-    ref = weakref.ref(spatial_shapes, lambda _: _CHECKED_INDEX.pop(key, None))
-    _CHECKED_INDEX[key] = (ref, weakref.ref(level_start_index), versions, s)
+# Pairs (spatial_shapes, level_start_index) whose values were checked against an S. Deformable DETR
+# passes the same two tensors to every layer: one host read per forward instead of one per layer (an
+# in-place change or another S checks them again; inference tensors are checked on every call).
+_CHECKED_INDEX: TensorCache[bool] = TensorCache()
 
 
 def _index_value_reasons(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, s: int) -> list[Reason]:
