@@ -56,9 +56,10 @@ GPU_SHAPES = [
 SMOKE_SHAPES = [Shape("smoke", 1, 2, 3, 1, 16)]
 IMPLS = ["fattn", "torch_compile", "rope_fused", "sdpa_norope"]
 if os.environ.get("FATTN_BENCH_FULL") == "1":
-    # fattn_inloop: fattn with FATTN_ROPE2D_PREROTATE=0 (q/k rotated inside every attention program, the
-    # round-1 path), to re-check the default's choice of pre-rotating
-    IMPLS[1:1] = ["fattn_inloop", "eager"]
+    # fattn_inloop / fattn_prerotated: fattn with FATTN_ROPE2D_PREROTATE=0 (q/k rotated inside every
+    # attention program, the round-1 path) / =1 (k and q always pre-rotated, even on short sequences),
+    # to re-check the default ("auto") choice of when to pre-rotate
+    IMPLS[1:1] = ["fattn_inloop", "fattn_prerotated", "eager"]
 MODES = ["fwd", "fwd+bwd"]
 
 
@@ -133,7 +134,7 @@ def _case(impl: str, shape: Shape, dtype: torch.dtype, dev: torch.device, smoke:
     angles = axial_angles(shape.side, shape.side, shape.D, axis_order=axis_order, device=dev)
     cos, sin = angles.cos(), angles.sin()
 
-    if impl in ("fattn", "fattn_inloop"):
+    if impl in ("fattn", "fattn_inloop", "fattn_prerotated"):
         def fwd(q, k, v):  # type: ignore[no-untyped-def]
             return rope2d_attention(q, k, v, angles, n_prefix=n_prefix)
     elif impl == "torch_compile":
@@ -177,8 +178,8 @@ def _case(impl: str, shape: Shape, dtype: torch.dtype, dev: torch.device, smoke:
 def test_rope2d(measure, smoke: bool, shape_idx: int, impl: str, mode: str,  # type: ignore[no-untyped-def]
                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FATTN_ROPE2D_AUTOTUNE_LIMIT", "0")  # in case the package's tests/conftest.py ran in this process
-    if impl == "fattn_inloop":
-        monkeypatch.setenv("FATTN_ROPE2D_PREROTATE", "0")
+    if impl in ("fattn_inloop", "fattn_prerotated"):
+        monkeypatch.setenv("FATTN_ROPE2D_PREROTATE", "0" if impl == "fattn_inloop" else "1")
     if smoke:
         if shape_idx:
             pytest.skip("smoke run: one tiny shape")
