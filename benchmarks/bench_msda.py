@@ -203,27 +203,13 @@ def test_msda(measure, smoke: bool, shape: Shape, dtype_name: str, op: str, impl
     grads = ("value", "sampling_locations", "attention_weights")
     call, _ = timed_call(fn, inputs, grads, op, impl)
 
-    extra = {}
-    if impl.startswith("fattn"):
-        call()  # autotunes the kernels for this shape: record which schedule won (see kernels.py)
-        extra["config"] = _chosen_configs(op)
+    tuned = None
+    if impl.startswith("fattn"):  # which schedule the autotuner picked (see kernels.py)
+        from fattn.msda import kernels
+
+        tuned = {"fwd": kernels.msda_fwd_kernel}
+        if op != "fwd":
+            tuned["bwd"] = kernels.msda_bwd_kernel
     flops, moved = _work(shape, dtype, op)
     measure.run(call, op=f"msda {op}", impl=impl, shape=f"{shape.name}-{dtype_name}", size=shape.queries,
-                flops=flops, bytes_moved=moved, dtype=dtype_name, **extra)
-
-
-def _chosen_configs(op: str) -> str:
-    """The autotuner's pick for the last launch of each kernel, e.g. 'fwd BQ16 W4 unrolled persistent x6'."""
-    from fattn.msda import kernels
-
-    def describe(kernel) -> str:  # type: ignore[no-untyped-def]
-        c = getattr(kernel, "best_config", None)
-        if c is None:
-            return "?"
-        kw = c.kwargs
-        unrolled = " unrolled" if kw.get("UNROLL_LEVELS") else ""
-        persistent = f" persistent x{kw['PROGRAMS_PER_SLOT']}" if kw.get("PERSISTENT") else ""
-        return f"BQ{kw.get('BLOCK_Q')} W{c.num_warps}{unrolled}{persistent}"
-
-    out = f"fwd {describe(kernels.msda_fwd_kernel)}"
-    return out if op == "fwd" else f"{out}; bwd {describe(kernels.msda_bwd_kernel)}"
+                flops=flops, bytes_moved=moved, tuned=tuned, dtype=dtype_name)
