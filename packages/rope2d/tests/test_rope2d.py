@@ -94,6 +94,37 @@ def test_prerotate_paths(case: dict, mode: str, monkeypatch: pytest.MonkeyPatch)
     _run(case, noncontiguous=mode == "1")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["0", "1"])
+@pytest.mark.parametrize("case", cases([GPU_CASES[2], GPU_CASES[3]], gpu_only_dims=lambda row: True))
+def test_every_tuned_tile_is_correct(case: dict, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autotuning may pick any tile of the D <= 64 tables (every ViT): run each one on its own, the
+    i-th forward, dK/dV and dQ tiles together, with k rotated in the loop ("0") and pre-rotated ("1",
+    which adds the pre-rotated-only forward tiles). The tables are narrowed to one tile and the
+    autotuners' caches cleared, so the test-mode limit of 1 launches exactly that tile."""
+    from fattn.rope2d import kernels
+
+    monkeypatch.setenv("FATTN_ROPE2D_PREROTATE", mode)
+    cls = 32
+    fwd = list(kernels._FWD_TILES[cls]) + (list(kernels._FWD_TILES_PREROTATED.get(cls, [])) if mode == "1" else [])
+    dkdv, dq = list(kernels._DKDV_TILES[cls]), list(kernels._DQ_TILES[cls])
+    tuned = (kernels._rope2d_fwd_kernel, kernels._rope2d_bwd_dkdv_kernel, kernels._rope2d_bwd_dq_kernel)
+    for i in range(max(len(fwd), len(dkdv), len(dq))):
+        tiles = {"fwd": fwd[i % len(fwd)], "dkdv": dkdv[i % len(dkdv)], "dq": dq[i % len(dq)]}
+        monkeypatch.setitem(kernels._FWD_TILES, cls, [tiles["fwd"]])
+        monkeypatch.setitem(kernels._FWD_TILES_PREROTATED, cls, [])
+        monkeypatch.setitem(kernels._DKDV_TILES, cls, [tiles["dkdv"]])
+        monkeypatch.setitem(kernels._DQ_TILES, cls, [tiles["dq"]])
+        for kernel in tuned:
+            kernel.cache.clear()
+        try:
+            _run(case, noncontiguous=True)
+        except AssertionError as e:
+            raise AssertionError(f"tiles {tiles}: {e}") from e
+    for kernel in tuned:  # the next tests tune afresh with the full tables
+        kernel.cache.clear()
+
+
 @pytest.mark.parametrize(("mode", "min_q_tiles", "expected"), [("0", 4, (0, 0)), ("1", 4, (1, 2)),
                                                                ("auto", 4, (0, 2)), ("auto", 1, (1, 2))])
 def test_prerotate_mode_dispatch(mode: str, min_q_tiles: int, expected: tuple[int, int],

@@ -102,6 +102,38 @@ def test_forward_backward_gpu(case) -> None:  # type: ignore[no-untyped-def]
     _run_case(case, noncontiguous=case["Nq"] % 2 == 0)
 
 
+# One case per (head dim class, fp32) of the tilings tables: GQA, a ragged last block and tiles that
+# straddle block edges, so every tiling meets masked and unmasked tiles.
+EVERY_CONFIG_CASES = [
+    _case(B=1, H=4, Hk=2, Nq=700, D=64, bs=96, w=3, dtype=F16),
+    _case(B=1, H=2, Nq=600, D=128, bs=100, w=3, dtype=BF16),
+    _case(B=1, H=2, Nq=300, D=256, bs=64, w=2, dtype=F16),
+    _case(B=1, H=2, Nq=300, D=64, bs=50, w=3, dtype=F32),
+    _case(B=1, H=2, Nq=300, D=128, bs=50, w=2, dtype=F32),
+    _case(B=1, H=2, Nq=200, D=256, bs=50, w=2, dtype=F32),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", cases(EVERY_CONFIG_CASES))
+def test_every_tuned_config_is_correct(case, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Autotuning may pick any tiling of the tables: run each one on its own (autotuning off, the launch
+    config forced), the i-th forward, dK/dV and dQ tilings together."""
+    from fattn.swba import kernels, op
+
+    monkeypatch.setenv("FATTN_SWBA_AUTOTUNE_LIMIT", "1")
+    elem = case["dtype"].itemsize
+    block_d = max(16, 1 << (case["D"] - 1).bit_length())
+    tables = {kind: kernels.candidate_configs(kind, block_d, elem, device()) for kind in ("fwd", "dkdv", "dq")}
+    for i in range(max(len(t) for t in tables.values())):
+        chosen = {kind: t[i % len(t)] for kind, t in tables.items()}
+        monkeypatch.setattr(op, "launch_config", lambda kind, block_d, q, chosen=chosen: chosen[kind])
+        try:
+            _run_case(case)
+        except AssertionError as e:
+            raise AssertionError(f"tilings {chosen}: {e}") from e
+
+
 @pytest.mark.parametrize("case", cases([_case(H=2, Hk=1, Nq=19, Nk=27, D=16, bs=4, w=2),
                                         _case(H=2, Nq=40, D=64, bs=16, w=2, dtype=BF16)]))
 def test_lse_gradient(case) -> None:  # type: ignore[no-untyped-def]
