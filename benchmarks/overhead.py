@@ -1,0 +1,116 @@
+"""Where a call's time goes: the GPU's kernels, or the host's work before and between them.
+
+    python -m benchmarks.overhead [msda deform rope2d swba fp8]
+
+For fattn at the first benchmark shape of each package, forward (no grad) and forward+backward:
+- wall: one call plus a synchronize, as the benchmarks time it (median of 30);
+- kernels: the summed device time of every kernel the call launches (torch.profiler), and how many;
+- host: the host's time to issue one call when it does not wait for the GPU (median over calls
+  issued back to back; above `kernels`, the call is host-bound).
+wall - kernels is what the host adds to the GPU's work: the target of launch-path optimizations.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def _setups() -> dict[str, Callable[[], tuple[Callable[..., torch.Tensor], dict, tuple[str, ...]]]]:
+    def msda():  # type: ignore[no-untyped-def]
+        from benchmarks import bench_msda as b
+
+        return b._impl("fattn"), b.make_inputs(b.SHAPES[0], torch.float32), (
+            "value", "sampling_locations", "attention_weights")
+
+    def deform():  # type: ignore[no-untyped-def]
+        from benchmarks import bench_deform as b
+
+        shape = b.SHAPES[0]
+        return b._impl("fattn", shape), b.make_inputs(shape, torch.float32), ("q", "k", "v", "coords")
+
+    def rope2d():  # type: ignore[no-untyped-def]
+        from fattn.rope2d import axial_angles, rope2d_attention
+
+        B, H, side, prefix, D = 256, 6, 14, 1, 64  # ViT-S/16 at 224
+        q, k, v = (torch.randn(B, H, prefix + side * side, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        angles = axial_angles(side, side, D, device="cuda")
+        return (lambda q, k, v, angles: rope2d_attention(q, k, v, angles, n_prefix=prefix),
+                dict(q=q, k=k, v=v, angles=angles), ("q", "k", "v"))
+
+    def swba():  # type: ignore[no-untyped-def]
+        from fattn.swba import swba_attention
+
+        q, k, v = (torch.randn(1, 12, 4096, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+        return (lambda q, k, v: swba_attention(q, k, v, 256, 4), dict(q=q, k=k, v=v), ("q", "k", "v"))
+
+    def fp8():  # type: ignore[no-untyped-def]
+        from fattn.fp8 import fp8_attention
+
+        q, k, v = (torch.randn(4, 16, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        return (lambda q, k, v: fp8_attention(q, k, v), dict(q=q, k=k, v=v), ("q", "k", "v"))
+
+    return {"msda": msda, "deform": deform, "rope2d": rope2d, "swba": swba, "fp8": fp8}
+
+
+def _measure(fn: Callable[[], object]) -> tuple[float, float, int, float]:
+    """(wall s, kernel s, kernel count, host s) per call."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    walls = []
+    for _ in range(30):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t)
+    hosts = []
+    for _ in range(10):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        hosts.append(time.perf_counter() - t)
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_us = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total for e in events)
+    return statistics.median(walls), kernel_us / 5 * 1e-6, round(len(events) / 5), statistics.median(hosts)
+
+
+def main() -> None:
+    setups = _setups()
+    names = sys.argv[1:] or list(setups)
+    rows = []
+    for name in names:
+        fn, inputs, grads = setups[name]()
+
+        def fwd(fn=fn, inputs=inputs) -> None:  # type: ignore[no-untyped-def]
+            with torch.no_grad():
+                fn(**inputs)
+
+        leaves = [inputs[g].requires_grad_(True) for g in grads]
+        out = fn(**inputs)
+        grad_out = torch.randn_like(out)
+        del out
+
+        def fwd_bwd(fn=fn, inputs=inputs, leaves=leaves, grad_out=grad_out) -> None:  # type: ignore[no-untyped-def]
+            torch.autograd.grad(fn(**inputs), leaves, grad_out)
+
+        for op, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            wall, kernels, count, host = _measure(call)
+            rows.append((name, op, wall, kernels, count, host))
+            print(f"{name:<8} {op:<8} wall {wall * 1e6:8.1f} us  kernels {kernels * 1e6:8.1f} us ({count})  "
+                  f"host {host * 1e6:8.1f} us  wall-kernels {(wall - kernels) * 1e6:7.1f} us", flush=True)
+
+
+if __name__ == "__main__":
+    main()
