@@ -1,6 +1,7 @@
 """Where a call's time goes: the GPU's kernels, or the host's work before and between them.
 
     python -m benchmarks.overhead [msda deform rope2d swba fp8]
+    python -m benchmarks.overhead --cprofile msda     # where the host's time goes (forward calls)
 
 For fattn at the first benchmark shape of each package, forward (no grad) and forward+backward:
 - wall: one call plus a synchronize, as the benchmarks time it (median of 30);
@@ -86,8 +87,46 @@ def _measure(fn: Callable[[], object]) -> tuple[float, float, int, float]:
     return statistics.median(walls), kernel_us / 5 * 1e-6, round(len(events) / 5), statistics.median(hosts)
 
 
+def _cprofile(name: str, calls: int = 200) -> None:
+    """The host-side functions that take the time of `calls` forward calls (no grad), then of
+    forward+backward calls: the top entries by own time."""
+    import cProfile
+    import pstats
+
+    fn, inputs, grads = _setups()[name]()
+    with torch.no_grad():
+        for _ in range(5):
+            fn(**inputs)
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fn(**inputs)
+        prof.disable()
+    torch.cuda.synchronize()
+    print(f"== {name} forward, {calls} calls")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    leaves = [inputs[g].requires_grad_(True) for g in grads]
+    out = fn(**inputs)
+    grad_out = torch.randn_like(out)
+    torch.autograd.grad(out, leaves, grad_out)
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls // 4):
+        torch.autograd.grad(fn(**inputs), leaves, grad_out)
+    prof.disable()
+    torch.cuda.synchronize()
+    print(f"== {name} forward+backward, {calls // 4} calls")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
 def main() -> None:
     setups = _setups()
+    if sys.argv[1:2] == ["--cprofile"]:
+        for name in sys.argv[2:] or list(setups):
+            _cprofile(name)
+        return
     names = sys.argv[1:] or list(setups)
     rows = []
     for name in names:

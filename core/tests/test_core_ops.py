@@ -61,3 +61,47 @@ def test_fused_op_pattern_gradients() -> None:
     x = randn([5, 11], noncontiguous=True)
     check_forward_backward(lambda x: scaled_tanh(x, 0.5), lambda x: torch.tanh(0.5 * x), {"x": x},
                            grad_names=["x"])
+
+
+def test_eager_calls_skip_the_dispatcher_and_traced_calls_do_not(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """FusedOp: plain eager calls (with or without autograd) run the launch function directly; the
+    fast path switched off, FakeTensors and TorchDispatchModes go through the custom op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fattn.core import eager_fast_path
+
+    calls: list[str] = []
+    custom = scaled_tanh_op.op
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        calls.append("custom op")
+        return custom(*args)
+
+    monkeypatch.setattr(scaled_tanh_op, "op", spy)
+    x = randn([5, 9], requires_grad=True)
+    with torch.no_grad():
+        scaled_tanh(x, 0.5)
+    y = scaled_tanh(x, 0.5)
+    (gx,) = torch.autograd.grad(y.float().sum(), x)
+    assert calls == [] and y.grad_fn is not None and type(y.grad_fn).__name__.startswith("Eager_")
+
+    previous = eager_fast_path(False)
+    try:
+        y_op = scaled_tanh(x, 0.5)
+        (gx_op,) = torch.autograd.grad(y_op.float().sum(), x)
+    finally:
+        eager_fast_path(previous)
+    assert calls == ["custom op"]
+    assert torch.equal(y, y_op) and torch.equal(gx, gx_op)
+
+    calls.clear()
+    plain = x.detach()
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(plain)
+        out = scaled_tanh_op(fake, 0.5)
+    assert calls == ["custom op"] and tuple(out.shape) == tuple(x.shape)
+
+
+def test_fused_op_binds_keywords_and_defaults() -> None:
+    x = randn([4, 3])
+    assert torch.equal(scaled_tanh_op(x, scale=0.3), scaled_tanh_op(x, 0.3))

@@ -233,16 +233,16 @@ def test_custom_op_full_precision_opcheck_and_compile() -> None:
     check_custom_op(fp8_fwd, (q, k, v, None, None, None, True, 0.17, torch.float16),
                     public_fn=lambda q, k, v: fp8_attention(q, k, v, causal=True), public_args=(q, k, v))
     g = randn([1, 2, 21, 32], torch.float16)
-    torch.library.opcheck(fp8_bwd, (g, q.detach(), k.detach(), v.detach(), True, 0.17))
+    torch.library.opcheck(fp8_bwd.op, (g, q.detach(), k.detach(), v.detach(), True, 0.17))
 
 
 def test_custom_op_fp8_inputs_opcheck_and_compile() -> None:
     q, k, v = make_qkv(dict(B=1, H=2, Hkv=2, Nq=21, Nk=35, D=32, dtype=torch.float16))
     (q8, qd), (k8, kd), (v8, vd) = quantize(q), quantize(k), quantize(v, tokens_contiguous=True)
-    torch.library.opcheck(fp8_quantize, (q, True))
+    torch.library.opcheck(fp8_quantize.op, (q, True))
     # test_schema is left out for e4m3 inputs: its input-mutation check does arithmetic that PyTorch
     # lacks for float8 ("mul_cpu_reduced_float" not implemented); the fp16 path runs it above.
-    torch.library.opcheck(fp8_fwd, (q8, k8, v8, qd, kd, vd, False, 0.2, torch.float16),
+    torch.library.opcheck(fp8_fwd.op, (q8, k8, v8, qd, kd, vd, False, 0.2, torch.float16),
                           test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
 
     def pipeline(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -234,8 +234,8 @@ def test_custom_op_opcheck_and_compile() -> None:
                     public_args=(q, k, v))
     out, lse = swba_fwd(q.detach(), k.detach(), v.detach(), 4, 2, 0.25)
     g, glse = torch.randn_like(out), torch.randn_like(lse)
-    torch.library.opcheck(swba_bwd, (g, q.detach(), k.detach(), v.detach(), out, lse, glse, 4, 2, 0.25))
-    torch.library.opcheck(swba_bwd, (g, q.detach(), k.detach(), v.detach(), out, lse, None, 4, 2, 0.25))
+    torch.library.opcheck(swba_bwd.op, (g, q.detach(), k.detach(), v.detach(), out, lse, glse, 4, 2, 0.25))
+    torch.library.opcheck(swba_bwd.op, (g, q.detach(), k.detach(), v.detach(), out, lse, None, 4, 2, 0.25))
 
 
 def test_compile_return_lse() -> None:

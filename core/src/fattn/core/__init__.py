@@ -13,18 +13,20 @@ from fattn.core.checks import (
     shape_reasons,
     tensor_reasons,
 )
-from fattn.core.ops import fused_op, register_autograd
+from fattn.core.ops import FusedOp, eager_fast_path, fused_op, register_autograd
 from fattn.core.runtime import autotune_limit, device_summary, interpreter_enabled, kernel_device_reason
 from fattn.core.tensor_cache import TensorCache
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "FusedOp",
     "Reason",
     "TensorCache",
     "autotune_limit",
     "choice_reasons",
     "device_summary",
+    "eager_fast_path",
     "empty",
     "empty_like",
     "fused_op",

@@ -376,6 +376,7 @@ def check_custom_op(
 ) -> None:
     """`torch.library.opcheck` on the custom op (all its checks, or `test_utils`), and
     `torch.compile(fullgraph=True)` of the public function (forward and backward) matching eager."""
+    op = getattr(op, "op", op)  # a FusedOp: check its custom op
     if test_utils is None:
         torch.library.opcheck(op, tuple(args), dict(kwargs or {}))
     else:

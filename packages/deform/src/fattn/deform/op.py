@@ -23,7 +23,6 @@ from fattn.core import (
     shape_reasons,
     tensor_reasons,
 )
-from fattn.core.runtime import is_compiling
 
 from .kernels import _corner_keys_kernel, _deform_bwd_dkdv_kernel, _deform_bwd_kernel, _deform_fwd_kernel
 
@@ -308,14 +307,6 @@ def not_supported_reasons(
     return reasons
 
 
-def _plain_inference(*tensors: Optional[torch.Tensor]) -> bool:
-    """Plain tensors, no gradient wanted, not traced by torch.compile."""
-    if is_compiling():
-        return False
-    grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad)) for t in tensors)
-
-
 def deform_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -356,12 +347,6 @@ def deform_attention(
         q, k, v, coords, width, height, scale=scale, padding_mode=padding_mode, align_corners=align_corners,
         visibility=visibility, deterministic=deterministic))
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if _plain_inference(q, k, v, coords, visibility):
-        # Eager inference: launch directly, without the custom-op dispatch (~40 us a call, as much as the
-        # kernel itself on small inputs). Autograd and torch.compile go through `fattn::deform_fwd`.
-        out, _ = _forward(q, k, v, coords, visibility, width, height, sm_scale, padding_mode == "border",
-                          align_corners)
-        return out
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     out, _ = deform_fwd(q, k, v, coords, visibility, width, height, sm_scale, padding_mode == "border",
                         align_corners, deterministic)
