@@ -23,6 +23,7 @@ from fattn.core import (
     shape_reasons,
     tensor_reasons,
 )
+from fattn.core.launch import launcher
 
 from .kernels import _corner_keys_kernel, _deform_bwd_dkdv_kernel, _deform_bwd_kernel, _deform_fwd_kernel
 
@@ -101,7 +102,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Te
     def grid(meta):  # type: ignore[no-untyped-def]
         return (triton.cdiv(Lq, meta["BLOCK_M"]) * B * S * H,)
 
-    _deform_fwd_kernel[grid](
+    launcher(_deform_fwd_kernel)[grid](
         q, k, v, coords, vis, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *coords.stride(), *vis_strides,
         S, H, Lq, T, P, D, width, height, float(scale),
@@ -149,7 +150,7 @@ def _corner_entries(coords: torch.Tensor, q: torch.Tensor, grad_out: torch.Tenso
     q_off = empty((n_samples,), dtype=torch.int64, device=dev)
     g_off = empty((n_samples,), dtype=torch.int64, device=dev)
     block = 256
-    _corner_keys_kernel[(triton.cdiv(n_samples, block),)](
+    launcher(_corner_keys_kernel)[(triton.cdiv(n_samples, block),)](
         coords.contiguous(), key, weight, q_off, g_off,
         q.stride(0), q.stride(1), q.stride(3), grad_out.stride(0), grad_out.stride(1), grad_out.stride(3),
         n_samples, S * Lq * T * P, Lq, T, P, width, height, sentinel,
@@ -201,7 +202,7 @@ def deform_bwd(
         return (triton.cdiv(Lq, meta["BLOCK_M"]) * B * S * H,)
 
     block_d = triton.next_power_of_2(D)
-    _deform_bwd_kernel[grid](
+    launcher(_deform_bwd_kernel)[grid](
         q, k, v, coords, vis, out, grad_out, lse, dq, dc, ds, pr,
         *q.stride(), *k.stride(), *v.stride(), *coords.stride(), *vis_strides, *grad_out.stride(),
         dc.stride(0),
@@ -211,7 +212,7 @@ def deform_bwd(
     )
     order, weight, q_off, g_off, offsets = _corner_entries(coords, q, grad_out, width, height, border,
                                                            align_corners, acc)
-    _deform_bwd_dkdv_kernel[(B * T * HW, H)](
+    launcher(_deform_bwd_dkdv_kernel)[(B * T * HW, H)](
         q, grad_out, ds, pr, order, weight, q_off, g_off, offsets, dk, dv,
         q.stride(2), q.stride(4), grad_out.stride(2), grad_out.stride(4),
         S, H, Lq, T, HW, T * P, D, float(scale),

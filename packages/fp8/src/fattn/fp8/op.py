@@ -25,6 +25,7 @@ from fattn.core import (
     shape_reasons,
     tensor_reasons,
 )
+from fattn.core.launch import launcher
 from fattn.core.runtime import interpreter_enabled, seq_bucket
 from fattn.fp8.kernels import (
     _attn_bwd_dkdv_kernel,
@@ -78,13 +79,13 @@ def _quantize_launch(x0: torch.Tensor, x1: torch.Tensor | None, center0: bool, t
     col_min = empty([count, b * h, n_tiles, d], dtype=torch.float32, device=x0.device)
     col_sum = empty([count, b * h, n_tiles, d], dtype=torch.float32, device=x0.device) if center0 else col_max
     mean = empty([count, b * h, d], dtype=torch.float32, device=x0.device) if center0 else descale
-    _quant_stats_kernel[(b * h, n_tiles, count)](
+    launcher(_quant_stats_kernel)[(b * h, n_tiles, count)](
         x0, x1_in, col_sum, col_max, col_min, h, n, n_tiles, *x0.stride(), *x1_in.stride(),
         D=d, BLOCK_N=block, CENTER0=center0, num_warps=4)
-    _quant_finalize_kernel[(b * h, count)](
+    launcher(_quant_finalize_kernel)[(b * h, count)](
         col_sum, col_max, col_min, mean, descale, n, n_tiles,
         D=d, BLOCK_T=8 if interpreter_enabled() else 32, CENTER0=center0, num_warps=4)
-    _quant_apply_kernel[(b * h, n_tiles, count)](
+    launcher(_quant_apply_kernel)[(b * h, n_tiles, count)](
         x0, x1_in, mean, descale, y0, y1, h, n, *x0.stride(), *x1_in.stride(), *y0.stride(), *y1.stride(),
         D=d, BLOCK_N=block, CENTER0=center0, num_warps=4)
     return results
@@ -134,11 +135,11 @@ def forced_configs(**configs: triton.Config) -> Iterator[None]:
 def _launch(name: str, kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
     config = _forced_configs.get(name)
     if config is None:
-        kernel[grid](*args, **kwargs)
+        launcher(kernel)[grid](*args, **kwargs)
     else:
         if config.pre_hook is not None:
             config.pre_hook({**dict(zip(kernel.fn.arg_names, args)), **kwargs, **config.all_kwargs()})
-        kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+        launcher(kernel.fn)[grid](*args, **kwargs, **config.all_kwargs())
 
 
 # FATTN_FP8_TMA: "auto" (default: TMA K/V loads on Hopper when the layout allows), "0" (never), "1" (also

@@ -18,6 +18,7 @@ from fattn.core import (
     same_device_reasons,
     tensor_reasons,
 )
+from fattn.core.launch import launcher
 from fattn.core.runtime import is_compiling, seq_bucket, sm_count
 from fattn.msda.kernels import msda_bwd_kernel, msda_fwd_kernel, msda_value_grad_kernel
 
@@ -76,7 +77,7 @@ def msda_fwd(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_inde
         return out
     shapes, starts = _as_index(spatial_shapes), _as_index(level_start_index)
     slots = _num_slots(value.device)
-    msda_fwd_kernel[_grid(lq, m, n, slots)](
+    launcher(msda_fwd_kernel)[_grid(lq, m, n, slots)](
         value, shapes, starts, sampling_locations, attention_weights, out,
         n, lq, m, d, seq_bucket(lq), slots,
         *value.stride(), *sampling_locations.stride(), *attention_weights.stride(),
@@ -132,7 +133,7 @@ def msda_bwd(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.
 
     gn, gq, gc = grad_out.stride()
     slots = _num_slots(dev)
-    msda_bwd_kernel[_grid(lq, m, n, slots)](
+    launcher(msda_bwd_kernel)[_grid(lq, m, n, slots)](
         value, shapes, starts, sampling_locations, attention_weights, grad_out,
         grad_value_buf, grad_loc, grad_attn, dest if deterministic else grad_loc,
         coef if deterministic else grad_loc,
@@ -155,7 +156,7 @@ def msda_bwd(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.
     row_start = torch.searchsorted(sorted_dest, torch.arange(n_rows + 1, device=dev, dtype=index_dtype))
     grad_value = empty(value.shape, dtype=value.dtype, device=dev)
     block_r = 16
-    msda_value_grad_kernel[(triton.cdiv(n_rows, block_r),)](
+    launcher(msda_value_grad_kernel)[(triton.cdiv(n_rows, block_r),)](
         row_start, src, coef_sorted, grad_out, grad_value,
         n_rows, lq, m, d, s, gn, gq, gc,
         ACC=acc, BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(d), num_warps=4,

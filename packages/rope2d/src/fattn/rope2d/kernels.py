@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from fattn.core import empty
+from fattn.core.launch import launcher
 from fattn.core.runtime import autotune_limit, interpreter_enabled
 from fattn.core.triton_helpers import (
     LOG2E,
@@ -546,7 +547,7 @@ def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_prefix: in
     out = empty((B, H, N, D), dtype=x.dtype, device=x.device)
     meta = _meta(D, pairing)
     block = _rotate_block(D)
-    _rope2d_rotate_kernel[(triton.cdiv(N, block) * B * H,)](
+    launcher(_rope2d_rotate_kernel)[(triton.cdiv(N, block) * B * H,)](
         x, cos, sin, out, *x.stride(), H, N, n_prefix,
         D=D, DH=meta["DH"], BLOCK_DH=meta["BLOCK_DH"], INTERLEAVED=meta["INTERLEAVED"], BLOCK=block,
         num_warps=4,
@@ -575,7 +576,7 @@ def rope2d_fwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     if prerotate:
         k = _rotated(k, cos, sin, n_prefix, pairing)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
-    _rope2d_fwd_kernel[grid](
+    launcher(_rope2d_fwd_kernel)[grid](
         q, k, v, cos, sin, out, lse,
         *q.stride(), *k.stride(), *v.stride(),
         H, N, n_prefix, scale * 1.4426950408889634,
@@ -591,7 +592,7 @@ def rope2d_bwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     B, H, N, D = q.shape
     meta = _meta(D, pairing)
     delta_block = 64
-    _bwd_delta_kernel[(triton.cdiv(N, delta_block) * B * H,)](
+    launcher(_bwd_delta_kernel)[(triton.cdiv(N, delta_block) * B * H,)](
         out, grad_out, delta, *grad_out.stride(), H, N,
         D=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_block,
     )
@@ -600,12 +601,12 @@ def rope2d_bwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
         q, k = _rotated(q, cos, sin, n_prefix, pairing), _rotated(k, cos, sin, n_prefix, pairing)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     grid_n = lambda m: (triton.cdiv(N, m["BLOCK_N"]) * B * H,)
-    _rope2d_bwd_dkdv_kernel[grid_n](
+    launcher(_rope2d_bwd_dkdv_kernel)[grid_n](
         q, k, v, cos, sin, grad_out, lse, delta, dk, dv, *strides, H, N, n_prefix, scale, **meta,
         PREROTATED=prerotate,
     )
     grid_m = lambda m: (triton.cdiv(N, m["BLOCK_M"]) * B * H,)
-    _rope2d_bwd_dq_kernel[grid_m](
+    launcher(_rope2d_bwd_dq_kernel)[grid_m](
         q, k, v, cos, sin, grad_out, lse, delta, dq, *strides, H, N, n_prefix, scale, **meta,
         PREROTATED=prerotate,
     )

@@ -20,6 +20,7 @@ from fattn.core import (
     same_dtype_reasons,
     tensor_reasons,
 )
+from fattn.core.launch import launcher
 from fattn.core.runtime import seq_bucket, sm_count
 from fattn.swba.kernels import (
     autotune_enabled,
@@ -72,10 +73,10 @@ def _launch(kernel, kind: str, grid, args: tuple, q: torch.Tensor, block_d: int,
     """Launch an autotuned kernel, or with an autotune limit of 1 (FATTN_SWBA_AUTOTUNE_LIMIT=1) its default
     config directly (no timing)."""
     if autotune_enabled():
-        kernel[grid](*args, BLOCK_D=block_d, **constexprs)
+        launcher(kernel)[grid](*args, BLOCK_D=block_d, **constexprs)
     else:
         config = launch_config(kind, block_d, q)
-        kernel.fn[grid](*args, BLOCK_D=block_d, **constexprs, **config.all_kwargs())
+        launcher(kernel.fn)[grid](*args, BLOCK_D=block_d, **constexprs, **config.all_kwargs())
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -135,7 +136,7 @@ def swba_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     if n_q > 0:
         has_dlse = grad_lse is not None
         dlse = grad_lse.contiguous() if has_dlse else lse
-        swba_bwd_preprocess_kernel[(b * h, triton.cdiv(n_q, _PREPROCESS_BLOCK_M))](
+        launcher(swba_bwd_preprocess_kernel)[(b * h, triton.cdiv(n_q, _PREPROCESS_BLOCK_M))](
             out, grad_out, dlse, delta, *_strides(out), *_strides(grad_out), h, n_q,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=_PREPROCESS_BLOCK_M, HAS_DLSE=has_dlse,
         )

@@ -1,0 +1,201 @@
+"""Kernel launches with less host time: `launcher(kernel)[grid](*args, **kwargs)`.
+
+Triton's own launch path (`kernel[grid](...)`) re-derives, on every call, what it already knows after
+the first: the autotuner rebuilds its key and argument dicts, the JIT binds and specializes every
+argument, looks the compiled kernel up and checks its globals. With 30-40 arguments that is ~50-100 us
+of host time per launch on the lent GPU machines' CPUs, as long as a small attention kernel runs, and
+it is paid by every eager call (benchmarks/overhead.py measures it).
+
+`launcher(kernel)` remembers, per *launch key*, the compiled kernel and the autotuner's config that
+the normal path produced, and launches it straight through its compiled launcher. The launch key
+is at least as specific as Triton's own cache key, so a hit is always the kernel Triton would run:
+- per tensor argument its dtype and whether its address is 16-byte aligned;
+- per int argument whether it is 1, whether it is a multiple of 16, and its integer width class;
+  floats, bools and None by type; constexpr arguments and all keyword arguments by value;
+- the autotuner's key (its key arguments' values and the tensors' dtypes), and on a hit the
+  autotuner's cache must still hold the very config remembered (a cleared or re-tuned autotuner
+  sends the call back through the normal path);
+- the device.
+Anything unusual (an argument of another type, a config pre_hook, launch hooks installed by a
+profiler, the interpreter) takes the normal path. FATTN_FAST_LAUNCH=0 turns the shortcut off.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from fattn.core.runtime import interpreter_enabled
+
+__all__ = ["FastLauncher", "clear_launch_caches", "fast_launch_enabled", "launcher"]
+
+_ENABLED = os.environ.get("FATTN_FAST_LAUNCH", "1") != "0"
+_LAUNCHERS: dict[int, FastLauncher] = {}
+_INT32 = 2**31
+_UNCACHEABLE = object()
+
+
+def fast_launch_enabled(enabled: bool | None = None) -> bool:
+    """Whether launches take the remembered-kernel shortcut; with an argument, set it (returns the
+    previous setting)."""
+    global _ENABLED
+    previous = _ENABLED
+    if enabled is not None:
+        _ENABLED = bool(enabled)
+    return previous
+
+
+def launcher(kernel: Any) -> FastLauncher:
+    """The FastLauncher of a @triton.jit or @triton.autotune kernel (one per kernel object)."""
+    fast = _LAUNCHERS.get(id(kernel))
+    if fast is None or fast.kernel is not kernel:
+        fast = _LAUNCHERS[id(kernel)] = FastLauncher(kernel)
+    return fast
+
+
+def clear_launch_caches() -> None:
+    """Forget every remembered kernel (the next launches take Triton's normal path once)."""
+    for fast in _LAUNCHERS.values():
+        fast.cache.clear()
+
+
+def _int_class(v: int) -> tuple[bool, bool, int]:
+    return v == 1, v % 16 == 0, 0 if -_INT32 <= v < _INT32 else (1 if v < 2**63 else 2)
+
+
+class _Entry:
+    __slots__ = ("compiled", "config", "constexprs", "tune_key")
+
+    def __init__(self, compiled: Any, config: Any, tune_key: tuple | None, constexprs: dict[str, Any]) -> None:
+        self.compiled = compiled
+        self.config = config
+        self.tune_key = tune_key
+        self.constexprs = constexprs
+
+
+class FastLauncher:
+    """Launches `kernel` (JITFunction or Autotuner over one) by its remembered compiled kernel."""
+
+    def __init__(self, kernel: Any) -> None:
+        from triton.runtime.autotuner import Autotuner
+
+        self.kernel = kernel
+        self.autotuner = kernel if isinstance(kernel, Autotuner) else None
+        jit = kernel.fn if self.autotuner is not None else kernel
+        self.usable = (not interpreter_enabled()) and hasattr(jit, "params") and hasattr(jit, "signature")
+        self.cache: dict[tuple, _Entry | object] = {}
+        if not self.usable:
+            return
+        self.jit = jit
+        self.names = [p.name for p in jit.params]
+        self.constexpr = [p.is_constexpr for p in jit.params]
+        self.defaults = {name: p.default for name, p in jit.signature.parameters.items()
+                         if p.default is not p.empty}
+        self.tune_names = list(self.autotuner.keys) if self.autotuner is not None else []
+
+    def __getitem__(self, grid: Any) -> Callable[..., Any]:
+        return lambda *args, **kwargs: self.run(grid, args, kwargs)
+
+    # The key ------------------------------------------------------------------------------------
+    def _key(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple | None:
+        parts: list[Any] = []
+        for value, is_constexpr in zip(args, self.constexpr):
+            if is_constexpr:
+                parts.append(value)
+            elif isinstance(value, torch.Tensor):
+                parts.append((value.dtype, value.data_ptr() % 16 == 0))
+            elif isinstance(value, bool):
+                parts.append(bool)
+            elif isinstance(value, int):
+                parts.append(_int_class(value))
+            elif isinstance(value, float):
+                parts.append(float)
+            elif value is None:
+                parts.append(None)
+            else:
+                return None  # e.g. a TensorDescriptor: not modelled here
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                parts.append((name, value.dtype, value.data_ptr() % 16 == 0))
+            else:
+                parts.append((name, value))
+        return tuple(parts)
+
+    def _tune_key(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple | None:
+        """The autotuner's own cache key for this call (as Autotuner.run builds it)."""
+        if self.autotuner is None or len(self.autotuner.configs) <= 1:
+            return None
+        named = dict(zip(self.names, args))
+        for name, value in kwargs.items():
+            if name in self.names:
+                named[name] = value
+        key = [named[k] for k in self.tune_names if k in named]
+        key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+        return tuple(key)
+
+    # Launch ------------------------------------------------------------------------------------
+    def run(self, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not (_ENABLED and self.usable):
+            return self.kernel[grid](*args, **kwargs)
+        from triton import knobs
+
+        if knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None:
+            return self.kernel[grid](*args, **kwargs)
+        try:
+            key = self._key(args, kwargs)
+            if key is not None:
+                key = (torch.cuda.current_device(), *key)
+                hash(key)
+        except TypeError:  # an unhashable argument: not modelled
+            key = None
+        if key is None:
+            return self.kernel[grid](*args, **kwargs)
+        entry = self.cache.get(key)
+        if entry is _UNCACHEABLE:
+            return self.kernel[grid](*args, **kwargs)
+        tune_key = None
+        if entry is not None and self.autotuner is not None and entry.tune_key is not None:  # type: ignore[union-attr]
+            tune_key = self._tune_key(args, kwargs)
+            if tune_key != entry.tune_key or self.autotuner.cache.get(tune_key) is not entry.config:  # type: ignore[union-attr]
+                entry = None
+        if entry is None:
+            return self._first_launch(grid, args, kwargs, key)
+        return self._launch(entry, grid, args, kwargs)  # type: ignore[arg-type]
+
+    def _first_launch(self, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: tuple) -> Any:
+        compiled = self.kernel[grid](*args, **kwargs)
+        config = self.autotuner.best_config if self.autotuner is not None else None
+        if compiled is None or not hasattr(compiled, "packed_metadata") or (
+                config is not None and config.pre_hook is not None):
+            self.cache[key] = _UNCACHEABLE
+            return compiled
+        constexprs = dict(config.all_kwargs()) if config is not None else {}
+        constexprs = {k: v for k, v in constexprs.items() if k in self.defaults or k in self.names}
+        self.cache[key] = _Entry(compiled, config, self._tune_key(args, kwargs), constexprs)
+        return compiled
+
+    def _launch(self, entry: _Entry, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        from triton import knobs
+        from triton.runtime.driver import driver
+
+        values = list(args)
+        if len(values) < len(self.names):
+            rest = {**kwargs, **entry.constexprs}
+            for name in self.names[len(values):]:
+                values.append(rest[name] if name in rest else self.defaults[name])
+        if callable(grid):
+            grid = grid(dict(zip(self.names, values)))
+        g0 = grid[0]
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        if self.autotuner is not None:
+            self.autotuner.best_config = entry.config
+        compiled = entry.compiled
+        device = driver.active.get_current_device()
+        stream = driver.active.get_current_stream(device)
+        compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, None,
+                     knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *values)
+        return compiled

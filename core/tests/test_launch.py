@@ -1,0 +1,93 @@
+"""fattn.core.launch: remembered-kernel launches give what Triton's own launch path gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from fattn.core.launch import clear_launch_caches, fast_launch_enabled, launcher
+from fattn.core.testing import device, on_gpu
+
+
+@triton.jit
+def _axpb_kernel(x_ptr, y_ptr, n, a, stride, BLOCK: tl.constexpr, ADD_ONE: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs * stride, mask=mask).to(tl.float32)
+    y = a * x + (1.0 if ADD_ONE else 0.0)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 32}, num_warps=1), triton.Config({"BLOCK": 64}, num_warps=2)],
+                 key=["n"])
+@triton.jit
+def _tuned_axpb_kernel(x_ptr, y_ptr, n, a, stride, BLOCK: tl.constexpr, ADD_ONE: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs * stride, mask=mask).to(tl.float32)
+    y = a * x + (1.0 if ADD_ONE else 0.0)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _run(kernel, x: torch.Tensor, stride: int, a: float, add_one: bool, **kw):  # type: ignore[no-untyped-def]
+    n = (x.numel() + stride - 1) // stride
+    y = torch.full((n,), float("nan"), dtype=x.dtype, device=x.device)
+
+    def grid(meta):  # type: ignore[no-untyped-def]
+        return (triton.cdiv(n, meta["BLOCK"]),)
+
+    launcher(kernel)[grid](x, y, n, a, stride, ADD_ONE=add_one, **kw)
+    return y
+
+
+@pytest.mark.parametrize("tuned", [False, True], ids=["jit", "autotuned"])
+def test_remembered_launches_match_the_reference(tuned: bool) -> None:
+    """Argument changes that change Triton's specialization (alignment, dtype, ints equal to 1 or
+    multiples of 16, constexprs) must never reuse a kernel compiled for other ones."""
+    if tuned and not on_gpu():
+        pytest.skip("the autotuner times configs on a GPU")
+    kernel = _tuned_axpb_kernel if tuned else _axpb_kernel
+    kw = {} if tuned else {"BLOCK": 64}
+    clear_launch_caches()
+    base = torch.randn(300, device=device())
+    for x in (base, base[1:], base[3:], base.half(), base[:1], base[:16], base[:17]):
+        for stride in (1, 2, 16):
+            for add_one in (False, True):
+                for _ in range(2):  # the second launch takes the remembered kernel on a GPU
+                    y = _run(kernel, x, stride, 0.5, add_one, **kw)
+                    want = 0.5 * x[::stride].float() + (1.0 if add_one else 0.0)
+                    torch.testing.assert_close(y.float(), want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_retuned_autotuner_is_not_bypassed() -> None:
+    """A cleared autotuner cache sends the next launch through the autotuner again."""
+    if not on_gpu():
+        pytest.skip("needs a GPU")
+    x = torch.randn(1000, device=device())
+    _run(_tuned_axpb_kernel, x, 1, 2.0, False)
+    _run(_tuned_axpb_kernel, x, 1, 2.0, False)
+    first = _tuned_axpb_kernel.best_config
+    configs = list(_tuned_axpb_kernel.configs)
+    other = next(c for c in configs if c is not first)
+    _tuned_axpb_kernel.cache.clear()
+    _tuned_axpb_kernel.configs = [other]
+    try:
+        y = _run(_tuned_axpb_kernel, x, 1, 2.0, False)
+        assert _tuned_axpb_kernel.best_config is other
+        torch.testing.assert_close(y, 2.0 * x)
+    finally:
+        _tuned_axpb_kernel.configs = configs
+        _tuned_axpb_kernel.cache.clear()
+
+
+def test_switch() -> None:
+    previous = fast_launch_enabled(False)
+    try:
+        x = torch.randn(50, device=device())
+        torch.testing.assert_close(_run(_axpb_kernel, x, 1, 3.0, True, BLOCK=32), 3.0 * x + 1.0)
+    finally:
+        fast_launch_enabled(previous)
+    assert fast_launch_enabled() is previous
