@@ -8,6 +8,7 @@ For fattn at the first benchmark shape of each package, forward (no grad) and fo
 - kernels: the summed device time of every kernel the call launches (torch.profiler), and how many;
 - host: the host's time to issue one call when it does not wait for the GPU (median over calls
   issued back to back; above `kernels`, the call is host-bound).
+`floor` is an empty Triton kernel's row: the launch and synchronize latency every call pays.
 wall - kernels is what the host adds to the GPU's work: the target of launch-path optimizations.
 """
 
@@ -55,7 +56,34 @@ def _setups() -> dict[str, Callable[[], tuple[Callable[..., torch.Tensor], dict,
         q, k, v = (torch.randn(4, 16, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         return (lambda q, k, v: fp8_attention(q, k, v), dict(q=q, k=k, v=v), ("q", "k", "v"))
 
-    return {"msda": msda, "deform": deform, "rope2d": rope2d, "swba": swba, "fp8": fp8}
+    def floor():  # type: ignore[no-untyped-def]
+        from fattn.core.launch import launcher
+
+        x = torch.zeros(1, device="cuda", requires_grad=True)
+
+        def empty_kernel(x):  # type: ignore[no-untyped-def]
+            launcher(_empty_kernel())[(1,)](x)
+            return x.detach().clone().requires_grad_(x.requires_grad) * 1.0
+
+        return empty_kernel, dict(x=x), ("x",)
+
+    return {"floor": floor, "msda": msda, "deform": deform, "rope2d": rope2d, "swba": swba, "fp8": fp8}
+
+
+def _empty_kernel():  # type: ignore[no-untyped-def]
+    import triton
+
+    global _EMPTY
+    if _EMPTY is None:
+        @triton.jit
+        def _noop(x_ptr):
+            pass
+
+        _EMPTY = _noop
+    return _EMPTY
+
+
+_EMPTY = None
 
 
 def _measure(fn: Callable[[], object]) -> tuple[float, float, int, float]:
