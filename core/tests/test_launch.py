@@ -11,6 +11,14 @@ from fattn.core.launch import clear_launch_caches, fast_launch_enabled, launcher
 from fattn.core.testing import device, on_gpu
 
 
+@pytest.fixture(autouse=True)
+def _fast_launch_on():  # type: ignore[no-untyped-def]
+    """These tests are about the shortcut: on for each (it is off by default for now)."""
+    previous = fast_launch_enabled(True)
+    yield
+    fast_launch_enabled(previous)
+
+
 @triton.jit
 def _axpb_kernel(x_ptr, y_ptr, n, a, stride, BLOCK: tl.constexpr, ADD_ONE: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -91,3 +99,25 @@ def test_switch() -> None:
     finally:
         fast_launch_enabled(previous)
     assert fast_launch_enabled() is previous
+
+
+@pytest.mark.gpu
+def test_second_launch_takes_the_shortcut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After one launch, the same launch key does not go through Triton's launch path again."""
+    if not on_gpu():
+        pytest.skip("needs a GPU")
+    x = torch.randn(100, device=device())
+    _run(_axpb_kernel, x, 1, 1.0, False, BLOCK=32)
+    fast = launcher(_axpb_kernel)
+    slow_calls: list[tuple] = []
+    first_launch = fast._first_launch
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        slow_calls.append(args)
+        return first_launch(*args)
+
+    monkeypatch.setattr(fast, "_first_launch", spy)
+    y = _run(_axpb_kernel, x, 1, 1.0, False, BLOCK=32)
+    assert launcher(_axpb_kernel) is fast and slow_calls == [] and torch.equal(y, x)
+    _run(_axpb_kernel, x, 1, 1.0, True, BLOCK=32)  # another constexpr: a new key, the slow path once
+    assert len(slow_calls) == 1
