@@ -105,3 +105,15 @@ def test_eager_calls_skip_the_dispatcher_and_traced_calls_do_not(monkeypatch) ->
 def test_fused_op_binds_keywords_and_defaults() -> None:
     x = randn([4, 3])
     assert torch.equal(scaled_tanh_op(x, scale=0.3), scaled_tanh_op(x, 0.3))
+
+
+def test_fx_tracing_records_the_custom_op() -> None:
+    """torch.fx symbolic tracing sees Proxies, not tensors: the call must reach the custom op."""
+    import torch.fx
+
+    def f(x):  # type: ignore[no-untyped-def]
+        return scaled_tanh_op(x, 0.5)
+
+    graph = torch.fx.symbolic_trace(f).graph
+    targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+    assert any("selftest_scaled_tanh" in t for t in targets), targets

@@ -66,8 +66,8 @@ class FusedOp:
     """A fattn op: the custom op `fattn::<name>` (`.op`) and the launch function it wraps (`.fn`).
 
     Calling it runs, for the same arguments:
-    - the custom op, while torch.compile traces, when a tensor argument is not a plain torch.Tensor
-      (FakeTensor and other subclasses), under functorch transforms (vmap, grad) or a
+    - the custom op, while torch.compile traces, when an argument overrides torch functions (tensor
+      subclasses such as FakeTensor, torch.fx Proxies), under functorch transforms (vmap, grad) or a
       TorchDispatchMode, or with the fast path off: everything those see is the registered op;
     - otherwise (plain eager tensors) the launch function directly, through an autograd.Function
       built from the op's registered setup_context/backward when autograd needs a graph. That skips
@@ -129,8 +129,8 @@ def _eager_plain(args: tuple[Any, ...]) -> bool:
     """True when the eager fast path gives what the custom op would: plain tensors, nothing tracing."""
     if not _EAGER_FAST_PATH or torch.compiler.is_compiling() or _len_torch_dispatch_stack() > 0:
         return False
-    if torch._C._are_functorch_transforms_active():
-        return False
+    if torch._C._are_functorch_transforms_active() or torch.overrides.has_torch_function(args):
+        return False  # (has_torch_function: tensor subclasses, torch.fx Proxies, ...)
     return all(type(a) is torch.Tensor for a in args if isinstance(a, torch.Tensor))
 
 
