@@ -58,6 +58,7 @@ def compile_kernel(
     num_stages: int = 3,
     divisible_by_16: tuple[str, ...] = (),
     unit_strides: tuple[str, ...] = (),
+    maxnreg: int | None = None,
 ) -> CompileReport:
     """Compile `kernel` for sm_<arch> and report registers, spills and shared memory.
 
@@ -66,7 +67,8 @@ def compile_kernel(
     added). divisible_by_16: arguments to hint as multiples of 16, as Triton's launcher does for
     16-byte-aligned pointers and strides at run time (it enables vector loads). unit_strides:
     arguments the launcher would specialize to the constant 1 (contiguous last-dim strides); without
-    these two, the compiled code has scalar loads and misleading register counts.
+    these two, the compiled code has scalar loads and misleading register counts. maxnreg: a register
+    cap per thread (triton.Config's maxnreg), as a launch with that config would compile.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -83,8 +85,10 @@ def compile_kernel(
         raise ValueError(f"compile_kernel: no signature entry for {', '.join(missing)}")
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in divisible_by_16}
     src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 128),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    options: dict[str, Any] = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 128), options=options)
     shared = getattr(compiled.metadata, "shared", 0)
     regs, spills = _ptxas_usage(compiled.asm["ptx"], arch)
     return CompileReport(name or fn.__name__, arch, regs, spills, shared, compiled.asm["ptx"])
