@@ -59,6 +59,7 @@ def _finish(kernel, sig: dict[str, str], consts: dict, name: str, arch: int, cfg
 def compile_fwd(dt: str, d: int, cfg: triton.Config, arch: int = 90, levels: int = 4):
     sig, consts = _common(dt, d, levels, cfg)
     sig |= {"out_ptr": f"*{dt}", "N": "i32", "NUM_SLOTS": "i32"}
+    consts["OFFSETS_64"] = False  # int32 in-slice offsets: every realistic shape (op._needs_64bit_offsets)
     return _finish(kernels.msda_fwd_kernel.fn, sig, consts, "fwd", arch, cfg)
 
 

@@ -132,6 +132,41 @@ def test_every_kernel_path_matches_reference(path: str, monkeypatch: pytest.Monk
               "det": det})
 
 
+def test_int64_offsets_path_matches_int32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forward's int64 in-slice offsets (value / locations / weights past 2**31 elements) give the
+    same bits as the int32 ones."""
+    from fattn.msda import op as op_module
+
+    inputs = make_inputs(2, 13, 2, 8, [(5, 7), (2, 3)], 2, torch.float32)
+    out32 = ms_deform_attn(**inputs)
+    monkeypatch.setattr(op_module, "_needs_64bit_offsets", lambda *args, **kwargs: True)
+    out64 = ms_deform_attn(**inputs)
+    assert torch.equal(out32, out64)
+    ref64 = ms_deform_attn_reference(**{k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()})
+    assert_close("out", out64, ref64, dtype=torch.float32)
+
+
+def test_int64_offsets_decision() -> None:
+    """The host's bound switches to int64 offsets before any in-slice offset can pass 2**31."""
+    from fattn.msda.op import _needs_64bit_offsets
+
+    def meta(shape, stride):  # type: ignore[no-untyped-def]
+        return torch.empty_strided(shape, stride, device="meta")
+
+    n, lq, m, d, levels, points = 1, 100, 8, 32, 4, 4
+    loc = meta((n, lq, m, levels, points, 2), (lq * m * levels * points * 2, m * levels * points * 2,
+                                               levels * points * 2, points * 2, 2, 1))
+    attn = meta((n, lq, m, levels, points), (lq * m * levels * points, m * levels * points, levels * points,
+                                             points, 1))
+    small = meta((n, 21760, m, d), (21760 * m * d, m * d, d, 1))  # Deformable DETR's 800x1333 encoder
+    assert not _needs_64bit_offsets(small, loc, attn)
+    s = (2**31) // (4 * m * d) + 1  # 4 * S * stride_vs passes 2**31
+    big = meta((n, s, m, d), (s * m * d, m * d, d, 1))
+    assert _needs_64bit_offsets(big, loc, attn)
+    long_loc = meta((n, 2**31 // 256, m, levels, points, 2), (0, 256, 32, 8, 2, 1))
+    assert _needs_64bit_offsets(small, long_loc, attn)
+
+
 @pytest.mark.parametrize("value_dtype,loc_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16),
                                                    pytest.param(torch.bfloat16, torch.float32, marks=pytest.mark.bf16)],
                          ids=["value_fp16-loc_fp32", "value_fp32-loc_fp16", "value_bf16-loc_fp32"])

@@ -142,24 +142,29 @@ def _sample_location(loc_ptr, loc_base, q, q_mask, stride_lq, stride_lc, ACC: tl
 
 @triton.jit
 def _fwd_level(acc, lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, loc_head, attn_head,
-               q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
-               stride_aq, stride_al, stride_ap,
-               P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr):
-    """acc + the attention-weighted bilinear samples of level `lvl`'s P points (BLOCK_Q x BLOCK_D)."""
+               loc_q, attn_q, q_mask, qd_mask, d_offs, stride_vs, stride_ll, stride_lp, stride_lc,
+               stride_al, stride_ap,
+               P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr,
+               OFFSETS_64: tl.constexpr):
+    """acc + the attention-weighted bilinear samples of level `lvl`'s P points (BLOCK_Q x BLOCK_D).
+    loc_q / attn_q: the queries' row offsets in the locations / weights (int32 unless OFFSETS_64)."""
     height = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
     width = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
     start = tl.load(starts_ptr + lvl)
     value_lvl = value_head + start * stride_vs
     for pt in tl.static_range(P):  # unrolled: all points' gathers in flight together
-        x, y = _sample_location(loc_ptr, loc_head + lvl * stride_ll + pt * stride_lp, q64, q_mask,
-                                stride_lq, stride_lc, ACC)
-        a = tl.load(attn_ptr + attn_head + lvl * stride_al + pt * stride_ap + q64 * stride_aq,
-                    mask=q_mask, other=0.0)
+        loc_pt = loc_ptr + (loc_head + lvl * stride_ll + pt * stride_lp) + loc_q
+        x = interp_upcast(tl.load(loc_pt, mask=q_mask, other=0.0)).to(ACC)
+        y = interp_upcast(tl.load(loc_pt + stride_lc, mask=q_mask, other=0.0)).to(ACC)
+        a = tl.load(attn_ptr + (attn_head + lvl * stride_al + pt * stride_ap) + attn_q, mask=q_mask, other=0.0)
         a = interp_upcast(a).to(ACC)
         x0, y0, fx, fy, _, _ = bilinear_coords(x, y, width, height, ALIGN_CORNERS, BORDER)
         for corner in tl.static_range(4):
             pix, valid, w, _, _ = bilinear_corner(x0, y0, fx, fy, width, height, corner % 2, corner // 2)
-            rows = value_lvl + pix.to(tl.int64)[:, None] * stride_vs + d_offs
+            if OFFSETS_64:
+                rows = value_lvl + pix.to(tl.int64)[:, None] * stride_vs + d_offs
+            else:  # int32 offsets inside the level: fewer integer instructions per gather
+                rows = value_lvl + (pix * stride_vs)[:, None] + d_offs
             v = tl.load(rows, mask=qd_mask & valid[:, None], other=0.0)
             acc += (a * w)[:, None] * interp_upcast(v).to(ACC)
     return acc
@@ -170,8 +175,11 @@ def _fwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
               stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll, stride_lp,
               stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap,
               L: tl.constexpr, P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr,
-              ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL_LEVELS: tl.constexpr):
-    """Output rows of query block `pid_q` of head `m` of batch `n` (int64)."""
+              ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL_LEVELS: tl.constexpr,
+              OFFSETS_64: tl.constexpr):
+    """Output rows of query block `pid_q` of head `m` of batch `n` (int64). OFFSETS_64: element offsets
+    inside one (batch, head) slice of value / locations / weights may pass int32 (decided on the host,
+    `op._needs_64bit_offsets`); the slice bases are int64 either way."""
     q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_mask = q < Lq
     q64 = q.to(tl.int64)
@@ -180,21 +188,28 @@ def _fwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
     qd_mask = q_mask[:, None] & d_mask[None, :]
 
     value_head = value_ptr + n * stride_vn + m * stride_vm
-    d_offs = d[None, :].to(tl.int64) * stride_vd
     loc_head = n * stride_ln + m * stride_lm
     attn_head = n * stride_an + m * stride_am
+    if OFFSETS_64:
+        d_offs = d[None, :].to(tl.int64) * stride_vd
+        loc_q = q64 * stride_lq
+        attn_q = q64 * stride_aq
+    else:
+        d_offs = d[None, :] * stride_vd
+        loc_q = q * stride_lq
+        attn_q = q * stride_aq
 
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
     if UNROLL_LEVELS:  # every level's gathers in one straight-line block: more loads in flight
         for lvl in tl.static_range(L):
             acc = _fwd_level(acc, lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, loc_head, attn_head,
-                             q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
-                             stride_aq, stride_al, stride_ap, P, ALIGN_CORNERS, BORDER, ACC)
+                             loc_q, attn_q, q_mask, qd_mask, d_offs, stride_vs, stride_ll, stride_lp, stride_lc,
+                             stride_al, stride_ap, P, ALIGN_CORNERS, BORDER, ACC, OFFSETS_64)
     else:  # the round-1 loop: fewer registers, more programs per SM
         for lvl in range(L):
             acc = _fwd_level(acc, lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, loc_head, attn_head,
-                             q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
-                             stride_aq, stride_al, stride_ap, P, ALIGN_CORNERS, BORDER, ACC)
+                             loc_q, attn_q, q_mask, qd_mask, d_offs, stride_vs, stride_ll, stride_lp, stride_lc,
+                             stride_al, stride_ap, P, ALIGN_CORNERS, BORDER, ACC, OFFSETS_64)
 
     # out is [N, Lq, M * D], contiguous.
     out_offs = (n * Lq + q64)[:, None] * (M * D) + m * D + d[None, :]
@@ -211,7 +226,7 @@ def msda_fwd_kernel(
     stride_an, stride_aq, stride_am, stride_al, stride_ap,
     L: tl.constexpr, P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL_LEVELS: tl.constexpr,
-    PERSISTENT: tl.constexpr, PROGRAMS_PER_SLOT: tl.constexpr,
+    PERSISTENT: tl.constexpr, PROGRAMS_PER_SLOT: tl.constexpr, OFFSETS_64: tl.constexpr = True,
 ):
     """Grid: (query blocks, M, N), or with PERSISTENT (NUM_SLOTS * PROGRAMS_PER_SLOT,).
 
@@ -235,13 +250,13 @@ def msda_fwd_kernel(
                       starts_ptr, loc_ptr, attn_ptr, out_ptr, Lq, M, D,
                       stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll,
                       stride_lp, stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap,
-                      L, P, ALIGN_CORNERS, BORDER, ACC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS)
+                      L, P, ALIGN_CORNERS, BORDER, ACC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS, OFFSETS_64)
     else:
         _fwd_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64), value_ptr, shapes_ptr,
                   starts_ptr, loc_ptr, attn_ptr, out_ptr, Lq, M, D,
                   stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll,
                   stride_lp, stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap,
-                  L, P, ALIGN_CORNERS, BORDER, ACC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS)
+                  L, P, ALIGN_CORNERS, BORDER, ACC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS, OFFSETS_64)
 
 
 @triton.jit

@@ -51,6 +51,24 @@ def _grid(lq: int, m: int, n: int, slots: int):  # type: ignore[no-untyped-def]
     return grid
 
 
+_INT32_MAX = 2**31 - 1
+
+
+def _needs_64bit_offsets(value: torch.Tensor, sampling_locations: torch.Tensor,
+                         attention_weights: torch.Tensor, block_q: int = 128) -> bool:
+    """Whether the forward must compute element offsets inside one (batch, head) slice in int64.
+
+    Bounds, with no read of the level sizes (no device sync): a corner pixel index lies within
+    [-(2W + 2), S_l + 3W + 2] (points are clamped to 2 pixels outside the map), so |pix| <= 4S + 8;
+    a padded query index is below Lq + block_q."""
+    s, d = value.shape[1], value.shape[3]
+    lq = sampling_locations.shape[1] + block_q
+    value_span = (4 * s + 8) * value.stride(1) + (d + 1) * value.stride(3)
+    loc_span = lq * sampling_locations.stride(1) + sampling_locations.stride(5) + 1
+    attn_span = lq * attention_weights.stride(1) + 1
+    return max(value_span, loc_span, attn_span) > _INT32_MAX
+
+
 def _as_index(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int64).contiguous()
 
@@ -83,6 +101,7 @@ def msda_fwd(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_inde
         *value.stride(), *sampling_locations.stride(), *attention_weights.stride(),
         L=levels, P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=_acc_dtype(value),
         BLOCK_D=triton.next_power_of_2(d),
+        OFFSETS_64=_needs_64bit_offsets(value, sampling_locations, attention_weights),
     )
     return out
 
