@@ -117,3 +117,26 @@ def test_fx_tracing_records_the_custom_op() -> None:
     graph = torch.fx.symbolic_trace(f).graph
     targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
     assert any("selftest_scaled_tanh" in t for t in targets), targets
+
+
+def test_eager_path_under_checkpoint_inference_mode_and_double_backward() -> None:
+    """The eager autograd.Function behaves like the custom op: activation checkpointing recomputes
+    it, inference mode runs it without a graph, and a backward written in torch arithmetic stays
+    differentiable (create_graph=True gives the right second derivative)."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = randn([6, 5], requires_grad=True)
+    (g_plain,) = torch.autograd.grad(scaled_tanh(x, 0.5).sum(), x)
+    y = checkpoint(lambda t: scaled_tanh(t, 0.5), x, use_reentrant=False)
+    (g_ckpt,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g_plain, g_ckpt)
+
+    with torch.inference_mode():
+        z = scaled_tanh(x, 0.5)
+    assert z.grad_fn is None and torch.equal(z, scaled_tanh(x.detach(), 0.5))
+
+    (g,) = torch.autograd.grad(scaled_tanh(x, 0.5).sum(), x, create_graph=True)
+    # _backward here is plain torch arithmetic, so it is differentiable: the second derivative exists.
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    t = torch.tanh(0.5 * x.detach())
+    torch.testing.assert_close(gg, -2 * 0.25 * t * (1 - t**2), rtol=1e-4, atol=1e-5)
