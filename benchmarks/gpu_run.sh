@@ -3,7 +3,9 @@
 #
 #   bash benchmarks/gpu_run.sh                 # everything
 #   FATTN_PKGS="msda swba" bash benchmarks/gpu_run.sh
-#   FATTN_STEPS="tests sanitize bench" ...     # any of: env tests sanitize bench (default: env tests bench)
+#   FATTN_STEPS="tests sanitize bench" ...     # any of: env tests sanitize overhead bench (default: env tests bench)
+#                                              # overhead: python -m benchmarks.overhead floor <pkgs> (host time
+#                                              # against kernel time per call; overhead.txt)
 #   FATTN_TESTS_K=""                           # pytest -k filter for the tests
 #   FATTN_TEST_WORKERS=4                       # run each package's tests in N processes (pytest-xdist)
 #   FATTN_PKG_TIMEOUT=120                      # seconds allowed to each package's tests / benchmarks
@@ -79,6 +81,15 @@ if has_step sanitize; then
     summ=$(grep "ERROR SUMMARY" "$OUT/last.log" | tail -1)
     echo "memchk $p  rc=$rc  $(( $(date +%s) - start ))s  ${summ:-no summary}  $line  (error lines: $errors)" >>"$SUMMARY"
   done
+fi
+
+if has_step overhead; then
+  pkgs_o=""
+  for p in $PKGS; do [ "$p" = core ] || pkgs_o="$pkgs_o $p"; done
+  start=$(date +%s)
+  ${FATTN_PKG_TIMEOUT:+timeout $FATTN_PKG_TIMEOUT} "$PY" -m benchmarks.overhead floor $pkgs_o 2>&1 \
+    | grep -v -i "warn" | tee "$OUT/overhead.txt"
+  echo "overhead  rc=${PIPESTATUS[0]}  $(( $(date +%s) - start ))s  (overhead.txt)" >>"$SUMMARY"
 fi
 
 if has_step bench; then
