@@ -10,7 +10,7 @@ import triton.language as tl
 
 from fattn.core import empty
 from fattn.core.testing import assert_close, case_id, device, rand, randn
-from fattn.core.triton_helpers import bilinear_coords, bilinear_corner, mask_2d, offsets_2d, tile_range
+from fattn.core.triton_helpers import bilinear_cell, bilinear_coords, bilinear_corner, mask_2d, offsets_2d, tile_range
 
 
 @triton.jit
@@ -27,6 +27,31 @@ def _sample_kernel(map_ptr, xy_ptr, out_ptr, P, C, W, H,
         m = mask_2d(p, P, c, C) & valid[:, None]
         v = tl.load(map_ptr + offsets_2d(pix, c, C, 1), mask=m, other=0.0)
         acc += w[:, None] * v
+    tl.store(out_ptr + offsets_2d(p, c, C, 1), acc, mask=mask_2d(p, P, c, C))
+
+
+@triton.jit
+def _sample_cell_kernel(map_ptr, xy_ptr, out_ptr, P, C, W, H,
+                        ALIGN: tl.constexpr, BORDER: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+    """The same sample through bilinear_cell: per-axis validity and weights, corner = pix + offset."""
+    p, pm = tile_range(tl.program_id(0), BP, P)
+    c = tl.arange(0, BC)
+    x = tl.load(xy_ptr + p * 2, mask=pm, other=0.0)
+    y = tl.load(xy_ptr + p * 2 + 1, mask=pm, other=0.0)
+    pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, _, _ = bilinear_cell(x, y, W, H, ALIGN, BORDER)
+    acc = tl.zeros([BP, BC], tl.float32)
+    for corner in tl.static_range(4):
+        if corner % 2 == 1:
+            in_x, wx = in_x1, wx1
+        else:
+            in_x, wx = in_x0, wx0
+        if corner // 2 == 1:
+            in_y, wy = in_y1, wy1
+        else:
+            in_y, wy = in_y0, wy0
+        m = mask_2d(p, P, c, C) & (in_x & in_y)[:, None]
+        v = tl.load(map_ptr + offsets_2d(pix + (corner % 2) + (corner // 2) * W, c, C, 1), mask=m, other=0.0)
+        acc += tl.where(in_x & in_y, wx * wy, 0.0)[:, None] * v
     tl.store(out_ptr + offsets_2d(p, c, C, 1), acc, mask=mask_2d(p, P, c, C))
 
 
@@ -90,6 +115,10 @@ def test_bilinear_forward_and_gradients_match_grid_sample(case: dict) -> None:
     xy64 = xy.double().requires_grad_(True)
     ref = _reference(fmap64, xy64, align, padding)
     assert_close("out", out, ref, floor=1e-5)
+    out_cell = empty([P, C], dtype=torch.float32, device=device())
+    _sample_cell_kernel[(triton.cdiv(P, BP),)](fmap, xy, out_cell, P, C, W, H, ALIGN=align, BORDER=BORDER,
+                                               BP=BP, BC=BC)
+    assert_close("out (bilinear_cell)", out_cell, ref, floor=1e-5)
 
     gout = randn([P, C])
     gmap = torch.zeros_like(fmap)

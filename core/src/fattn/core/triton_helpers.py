@@ -23,6 +23,7 @@ from fattn.core.runtime import INTERPRET
 __all__ = [
     "LN2",
     "LOG2E",
+    "bilinear_cell",
     "bilinear_coords",
     "bilinear_corner",
     "interp_upcast",
@@ -152,6 +153,24 @@ def bilinear_coords(x, y, width, height, ALIGN_CORNERS: tl.constexpr, BORDER: tl
     x0f = tl.floor(ix)
     y0f = tl.floor(iy)
     return x0f.to(tl.int32), y0f.to(tl.int32), ix - x0f, iy - y0f, dix_dx, diy_dy
+
+
+@triton.jit
+def bilinear_cell(x, y, width, height, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr):
+    """The bilinear cell of each point, per axis: a corner's validity and weight are products of its x
+    and y factors, so four corners cost two compares and two weights per axis, not per corner.
+
+    Returns (pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, dix_dx, diy_dy): the top-left pixel
+    index y0 * width + x0 (int32; the other corners are pix + 1, pix + width, pix + width + 1), whether
+    each of the two columns and two rows lies inside the map, their weights (1 - f, f), and
+    d(pixel coordinate)/d(normalized coordinate) as in `bilinear_coords`.
+    """
+    x0, y0, fx, fy, dix_dx, diy_dy = bilinear_coords(x, y, width, height, ALIGN_CORNERS, BORDER)
+    in_x0 = (x0 >= 0) & (x0 < width)
+    in_x1 = (x0 >= -1) & (x0 < width - 1)
+    in_y0 = (y0 >= 0) & (y0 < height)
+    in_y1 = (y0 >= -1) & (y0 < height - 1)
+    return y0 * width + x0, in_x0, in_x1, in_y0, in_y1, 1.0 - fx, fx, 1.0 - fy, fy, dix_dx, diy_dy
 
 
 @triton.jit

@@ -27,7 +27,7 @@ import triton.language as tl
 from fattn.core.runtime import interpreter_enabled
 from fattn.core.triton_helpers import (
     LOG2E,
-    bilinear_coords,
+    bilinear_cell,
     online_softmax_finalize,
     online_softmax_update,
     probs_from_lse,
@@ -106,19 +106,6 @@ def _prune(configs, named_args, max_configs, **kwargs):  # type: ignore[no-untyp
     return kept[:max_configs]
 
 
-@triton.jit
-def _sample_corners(x, y, width, height, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr):
-    """The bilinear cell of each point, per axis (a corner's validity and weight are products of its x
-    and y factors): top-left pixel index, in-map flags of the two columns and two rows, their weights,
-    and d(pixel coordinate)/d(normalized coordinate) (zero where "border" clamps)."""
-    x0, y0, fx, fy, dix_dx, diy_dy = bilinear_coords(x, y, width, height, ALIGN_CORNERS, BORDER)
-    in_x0 = (x0 >= 0) & (x0 < width)
-    in_x1 = (x0 >= -1) & (x0 < width - 1)
-    in_y0 = (y0 >= 0) & (y0 < height)
-    in_y1 = (y0 >= -1) & (y0 < height - 1)
-    return y0 * width + x0, in_x0, in_x1, in_y0, in_y1, 1.0 - fx, fx, 1.0 - fy, fy, dix_dx, diy_dy
-
-
 @triton.autotune(configs=_fwd_configs(), key=["Lq", "T", "P", "BLOCK_D", "ALIGN_CORNERS", "BORDER", "HAS_VIS"],
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
@@ -180,7 +167,7 @@ def _deform_fwd_kernel(
             c_ptrs = c_t[:, None] + offs_p[None, :] * stride_cp
             x = tl.load(c_ptrs, mask=live, other=0.0).to(ACC_DTYPE)
             y = tl.load(c_ptrs + stride_cc, mask=live, other=0.0).to(ACC_DTYPE)
-            pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, _, _ = _sample_corners(
+            pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, _, _ = bilinear_cell(
                 x, y, width, height, ALIGN_CORNERS, BORDER)
             # Corners off the map (and dead samples) read pixel 0 with weight 0 instead of a masked load:
             # no predicates or zero-fills on the eight gathers (the hot loop is instruction-bound).
@@ -301,7 +288,7 @@ def _deform_bwd_kernel(
             c_ptrs = c_t[:, None] + offs_p[None, :] * stride_cp
             x = tl.load(c_ptrs, mask=live, other=0.0).to(ACC_DTYPE)
             y = tl.load(c_ptrs + stride_cc, mask=live, other=0.0).to(ACC_DTYPE)
-            pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, dix_dx, diy_dy = _sample_corners(
+            pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, dix_dx, diy_dy = bilinear_cell(
                 x, y, width, height, ALIGN_CORNERS, BORDER)
             # Per corner: q . K_c and dO . V_c give the scores, dO . v_sample and the dcoords terms; the
             # blended key is kept for dq. Off-map corners read pixel 0 with zero weights (as the forward).
@@ -395,7 +382,7 @@ def _corner_keys_kernel(
     tl.store(QOFF + offs64, b64 * stride_qb + s64 * stride_qs + m64 * stride_qm, mask=mask)
     tl.store(GOFF + offs64, b64 * stride_gb + s64 * stride_gs + m64 * stride_gm, mask=mask)
     t = (offs // P) % T
-    pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, _, _ = _sample_corners(
+    pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, _, _ = bilinear_cell(
         x, y, width, height, ALIGN_CORNERS, BORDER)
     base = (b.to(tl.int64) * T + t) * (width * height) + pix
     for corner in tl.static_range(4):

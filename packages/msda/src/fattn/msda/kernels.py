@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from fattn.core.runtime import autotune_limit, interpreter_enabled
-from fattn.core.triton_helpers import bilinear_coords, bilinear_corner, interp_upcast
+from fattn.core.triton_helpers import bilinear_cell, bilinear_coords, bilinear_corner, interp_upcast
 
 __all__ = [
     "fwd_configs",
@@ -158,15 +158,33 @@ def _fwd_level(acc, lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, 
         y = interp_upcast(tl.load(loc_pt + stride_lc, mask=q_mask, other=0.0)).to(ACC)
         a = tl.load(attn_ptr + (attn_head + lvl * stride_al + pt * stride_ap) + attn_q, mask=q_mask, other=0.0)
         a = interp_upcast(a).to(ACC)
-        x0, y0, fx, fy, _, _ = bilinear_coords(x, y, width, height, ALIGN_CORNERS, BORDER)
+        # Validity and weights per axis (two of each), the corners' offsets from the top-left one's:
+        # the loop is instruction-bound, and per-corner compares and index products were half of it.
+        pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, _, _ = bilinear_cell(
+            x, y, width, height, ALIGN_CORNERS, BORDER)
+        wx0 = tl.where(in_x0, wx0, 0.0) * a
+        wx1 = tl.where(in_x1, wx1, 0.0) * a
+        wy0 = tl.where(in_y0, wy0, 0.0)
+        wy1 = tl.where(in_y1, wy1, 0.0)
+        if OFFSETS_64:
+            top_left = value_lvl + pix.to(tl.int64)[:, None] * stride_vs + d_offs
+        else:  # int32 offsets inside the level: fewer integer instructions per gather
+            top_left = value_lvl + (pix * stride_vs)[:, None] + d_offs
         for corner in tl.static_range(4):
-            pix, valid, w, _, _ = bilinear_corner(x0, y0, fx, fy, width, height, corner % 2, corner // 2)
+            if corner % 2 == 1:
+                in_x, wx = in_x1, wx1
+            else:
+                in_x, wx = in_x0, wx0
+            if corner // 2 == 1:
+                in_y, wy = in_y1, wy1
+            else:
+                in_y, wy = in_y0, wy0
             if OFFSETS_64:
-                rows = value_lvl + pix.to(tl.int64)[:, None] * stride_vs + d_offs
-            else:  # int32 offsets inside the level: fewer integer instructions per gather
-                rows = value_lvl + (pix * stride_vs)[:, None] + d_offs
-            v = tl.load(rows, mask=qd_mask & valid[:, None], other=0.0)
-            acc += (a * w)[:, None] * interp_upcast(v).to(ACC)
+                rows = top_left + ((corner % 2) + (corner // 2) * width).to(tl.int64) * stride_vs
+            else:
+                rows = top_left + ((corner % 2) + (corner // 2) * width) * stride_vs
+            v = tl.load(rows, mask=qd_mask & (in_x & in_y)[:, None], other=0.0)
+            acc += (wx * wy)[:, None] * interp_upcast(v).to(ACC)
     return acc
 
 
