@@ -146,7 +146,7 @@ def main() -> int:
                 bad = r.n_spills > MAX_SPILL_BYTES or r.shared_bytes > SHARED_MEMORY_LIMIT or not _resident(r.n_regs, cfg)
                 failures += bad
                 print(f"sm_{arch} {dt} D{d} {r.name} {_describe(cfg)}: regs {r.n_regs} spill bytes {r.n_spills} "
-                      f"shared {r.shared_bytes}{'  <-- FAIL' if bad else ''}", flush=True)
+                      f"shared {r.shared_bytes} sass {r.n_sass}{'  <-- FAIL' if bad else ''}", flush=True)
     return 1 if failures else 0
 
 

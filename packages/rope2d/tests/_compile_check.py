@@ -61,7 +61,8 @@ def _check(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int
         return 1
     bad = rep.shared_bytes > SHARED_MEMORY_LIMIT or (rep.n_spills > 0 and not spills_allowed)
     flag = "  <-- SHARED MEMORY OVER LIMIT" if rep.shared_bytes > SHARED_MEMORY_LIMIT else ("  <-- SPILLS" if rep.n_spills else "")
-    print(f"{label}: regs {rep.n_regs} spills {rep.n_spills} smem {rep.shared_bytes}{flag}", flush=True)
+    print(f"{label}: regs {rep.n_regs} spills {rep.n_spills} smem {rep.shared_bytes} sass {rep.n_sass}{flag}",
+          flush=True)
     return int(bad)
 
 

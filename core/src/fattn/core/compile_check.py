@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SHARED_MEMORY_LIMIT", "CompileReport", "compile_kernel", "run_compile_script"]
+__all__ = ["SHARED_MEMORY_LIMIT", "CompileReport", "compile_kernel", "run_compile_script", "sass_instruction_count"]
 
 # Shared memory one block may use on Hopper (sm_90): 227 KiB with the opt-in limit.
 SHARED_MEMORY_LIMIT = 227 * 1024
@@ -32,10 +32,12 @@ class CompileReport:
     n_spills: int
     shared_bytes: int
     ptx: str
+    n_sass: int = -1  # static SASS instructions (cuobjdump), -1 when it is not available
 
     def __str__(self) -> str:
+        sass = f", {self.n_sass} SASS instructions" if self.n_sass >= 0 else ""
         return (f"{self.name} sm_{self.arch}: {self.n_regs} registers, {self.n_spills} spills, "
-                f"{self.shared_bytes / 1024:.1f} KiB shared")
+                f"{self.shared_bytes / 1024:.1f} KiB shared{sass}")
 
 
 def _jit_function(kernel: Any) -> Any:
@@ -91,7 +93,31 @@ def compile_kernel(
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 128), options=options)
     shared = getattr(compiled.metadata, "shared", 0)
     regs, spills = _ptxas_usage(compiled.asm["ptx"], arch)
-    return CompileReport(name or fn.__name__, arch, regs, spills, shared, compiled.asm["ptx"])
+    return CompileReport(name or fn.__name__, arch, regs, spills, shared, compiled.asm["ptx"],
+                         sass_instruction_count(compiled.asm.get("cubin", b"")))
+
+
+def sass_instruction_count(cubin: bytes) -> int:
+    """Static SASS instructions in a cubin (`cuobjdump -sass`, shipped with Triton), or -1.
+
+    A proxy for kernels that ncu shows to be instruction-issue bound: fewer instructions per loop
+    iteration is what such a kernel needs, and it can be counted without a GPU."""
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cubin or not tool.exists():
+        return -1
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        res = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    if res.returncode != 0:
+        return -1
+    return sum(1 for line in res.stdout.splitlines() if line.strip().startswith("/*") and ";" in line)
 
 
 def _ptxas_path(arch: int) -> str:
