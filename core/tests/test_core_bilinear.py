@@ -10,7 +10,15 @@ import triton.language as tl
 
 from fattn.core import empty
 from fattn.core.testing import assert_close, case_id, device, rand, randn
-from fattn.core.triton_helpers import bilinear_cell, bilinear_coords, bilinear_corner, mask_2d, offsets_2d, tile_range
+from fattn.core.triton_helpers import (
+    bilinear_cell,
+    bilinear_coords,
+    bilinear_corner,
+    cell_corner,
+    mask_2d,
+    offsets_2d,
+    tile_range,
+)
 
 
 @triton.jit
@@ -41,17 +49,11 @@ def _sample_cell_kernel(map_ptr, xy_ptr, out_ptr, P, C, W, H,
     pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, _, _ = bilinear_cell(x, y, W, H, ALIGN, BORDER)
     acc = tl.zeros([BP, BC], tl.float32)
     for corner in tl.static_range(4):
-        if corner % 2 == 1:
-            in_x, wx = in_x1, wx1
-        else:
-            in_x, wx = in_x0, wx0
-        if corner // 2 == 1:
-            in_y, wy = in_y1, wy1
-        else:
-            in_y, wy = in_y0, wy0
-        m = mask_2d(p, P, c, C) & (in_x & in_y)[:, None]
-        v = tl.load(map_ptr + offsets_2d(pix + (corner % 2) + (corner // 2) * W, c, C, 1), mask=m, other=0.0)
-        acc += tl.where(in_x & in_y, wx * wy, 0.0)[:, None] * v
+        in_map, wx, wy, _, _, offset = cell_corner(in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, W,
+                                                   corner % 2, corner // 2)
+        m = mask_2d(p, P, c, C) & in_map[:, None]
+        v = tl.load(map_ptr + offsets_2d(pix + offset, c, C, 1), mask=m, other=0.0)
+        acc += tl.where(in_map, wx * wy, 0.0)[:, None] * v
     tl.store(out_ptr + offsets_2d(p, c, C, 1), acc, mask=mask_2d(p, P, c, C))
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "LOG2E",
     "bilinear_cell",
     "bilinear_coords",
+    "cell_corner",
     "bilinear_corner",
     "interp_upcast",
     "mask_2d",
@@ -171,6 +172,22 @@ def bilinear_cell(x, y, width, height, ALIGN_CORNERS: tl.constexpr, BORDER: tl.c
     in_y0 = (y0 >= 0) & (y0 < height)
     in_y1 = (y0 >= -1) & (y0 < height - 1)
     return y0 * width + x0, in_x0, in_x1, in_y0, in_y1, 1.0 - fx, fx, 1.0 - fy, fy, dix_dx, diy_dy
+
+
+@triton.jit
+def cell_corner(in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, width, DX: tl.constexpr, DY: tl.constexpr):
+    """Corner (DX, DY in {0, 1}) of a `bilinear_cell`: (in_map, wx, wy, dwx, dwy, offset), whether it
+    lies inside the map, its x and y weights (their product is its bilinear weight), their derivatives
+    with respect to fx and fy (+-1), and its pixel's offset from the top-left one (DX + DY * width)."""
+    if DX == 1:
+        in_x, wx, dwx = in_x1, wx1, 1.0
+    else:
+        in_x, wx, dwx = in_x0, wx0, -1.0
+    if DY == 1:
+        in_y, wy, dwy = in_y1, wy1, 1.0
+    else:
+        in_y, wy, dwy = in_y0, wy0, -1.0
+    return in_x & in_y, wx, wy, dwx, dwy, DX + DY * width
 
 
 @triton.jit

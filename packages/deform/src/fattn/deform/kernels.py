@@ -28,6 +28,7 @@ from fattn.core.runtime import interpreter_enabled
 from fattn.core.triton_helpers import (
     LOG2E,
     bilinear_cell,
+    cell_corner,
     online_softmax_finalize,
     online_softmax_update,
     probs_from_lse,
@@ -174,17 +175,11 @@ def _deform_fwd_kernel(
             k_s = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
             v_s = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
             for corner in tl.static_range(4):
-                if corner % 2 == 1:
-                    in_x, wx = in_x1, wx1
-                else:
-                    in_x, wx = in_x0, wx0
-                if corner // 2 == 1:
-                    in_y, wy = in_y1, wy1
-                else:
-                    in_y, wy = in_y0, wy0
-                hit = live & in_x & in_y
+                in_map, wx, wy, _, _, offset = cell_corner(in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, width,
+                                                           corner % 2, corner // 2)
+                hit = live & in_map
                 w = tl.where(hit, wx * wy, 0.0)[:, :, None]
-                pix_c = tl.where(hit, pix + ((corner % 2) + (corner // 2) * width), 0)
+                pix_c = tl.where(hit, pix + offset, 0)
                 if OFFSETS_64:
                     pix_c = pix_c.to(tl.int64)
                 k_ptrs = k_t + (pix_c * stride_kp)[:, :, None] + (offs_d * stride_kd)[None, None, :]
@@ -299,17 +294,11 @@ def _deform_bwd_kernel(
             dov_dx = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
             dov_dy = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
             for corner in tl.static_range(4):
-                if corner % 2 == 1:
-                    in_x, wx, dwx = in_x1, wx1, 1.0
-                else:
-                    in_x, wx, dwx = in_x0, wx0, -1.0
-                if corner // 2 == 1:
-                    in_y, wy, dwy = in_y1, wy1, 1.0
-                else:
-                    in_y, wy, dwy = in_y0, wy0, -1.0
-                hit = live & in_x & in_y
+                in_map, wx, wy, dwx, dwy, offset = cell_corner(in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1,
+                                                               width, corner % 2, corner // 2)
+                hit = live & in_map
                 w = tl.where(hit, wx * wy, 0.0)
-                pix_c = tl.where(hit, pix + ((corner % 2) + (corner // 2) * width), 0)
+                pix_c = tl.where(hit, pix + offset, 0)
                 if OFFSETS_64:
                     pix_c = pix_c.to(tl.int64)
                 k_ptrs = k_t + (pix_c * stride_kp)[:, :, None] + (offs_d * stride_kd)[None, None, :]
@@ -386,16 +375,9 @@ def _corner_keys_kernel(
         x, y, width, height, ALIGN_CORNERS, BORDER)
     base = (b.to(tl.int64) * T + t) * (width * height) + pix
     for corner in tl.static_range(4):
-        if corner % 2 == 1:
-            in_x, wx = in_x1, wx1
-        else:
-            in_x, wx = in_x0, wx0
-        if corner // 2 == 1:
-            in_y, wy = in_y1, wy1
-        else:
-            in_y, wy = in_y0, wy0
-        hit = in_x & in_y
-        key = tl.where(hit, base + ((corner % 2) + (corner // 2) * width), sentinel)
+        hit, wx, wy, _, _, offset = cell_corner(in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, width,
+                                                corner % 2, corner // 2)
+        key = tl.where(hit, base + offset, sentinel)
         tl.store(KEY + offs64 * 4 + corner, key.to(KEY.dtype.element_ty), mask=mask)
         tl.store(W + offs64 * 4 + corner, tl.where(hit, wx * wy, 0.0).to(W.dtype.element_ty), mask=mask)
 

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from fattn.core.runtime import autotune_limit, interpreter_enabled
-from fattn.core.triton_helpers import bilinear_cell, bilinear_coords, bilinear_corner, interp_upcast
+from fattn.core.triton_helpers import bilinear_cell, bilinear_coords, bilinear_corner, cell_corner, interp_upcast
 
 __all__ = [
     "fwd_configs",
@@ -171,19 +171,13 @@ def _fwd_level(acc, lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, 
         else:  # int32 offsets inside the level: fewer integer instructions per gather
             top_left = value_lvl + (pix * stride_vs)[:, None] + d_offs
         for corner in tl.static_range(4):
-            if corner % 2 == 1:
-                in_x, wx = in_x1, wx1
-            else:
-                in_x, wx = in_x0, wx0
-            if corner // 2 == 1:
-                in_y, wy = in_y1, wy1
-            else:
-                in_y, wy = in_y0, wy0
+            in_map, wx, wy, _, _, offset = cell_corner(in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, width,
+                                                       corner % 2, corner // 2)
             if OFFSETS_64:
-                rows = top_left + ((corner % 2) + (corner // 2) * width).to(tl.int64) * stride_vs
+                rows = top_left + offset.to(tl.int64) * stride_vs
             else:
-                rows = top_left + ((corner % 2) + (corner // 2) * width) * stride_vs
-            v = tl.load(rows, mask=qd_mask & (in_x & in_y)[:, None], other=0.0)
+                rows = top_left + offset * stride_vs
+            v = tl.load(rows, mask=qd_mask & in_map[:, None], other=0.0)
             acc += (wx * wy)[:, None] * interp_upcast(v).to(ACC)
     return acc
 
