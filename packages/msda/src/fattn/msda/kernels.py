@@ -228,6 +228,19 @@ def _fwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=qd_mask)
 
 
+@triton.jit
+def _persistent_tiles(Lq, N, M, NUM_SLOTS, BLOCK_Q: tl.constexpr):
+    """The PERSISTENT schedule's share of this program (see msda_fwd_kernel): its (batch, head, query
+    block) tiles are first, first + PROGRAMS_PER_SLOT, ... below end (int64), n_qb blocks per head."""
+    n_qb = tl.cdiv(Lq, BLOCK_Q)
+    pid = tl.program_id(0)
+    slot = (pid % NUM_SLOTS).to(tl.int64)
+    n_tiles = slot * 0 + N * M * n_qb  # int64 (N, M, n_qb may be compile-time constants)
+    lo = slot * n_tiles // NUM_SLOTS
+    hi = (slot + 1) * n_tiles // NUM_SLOTS
+    return lo + pid // NUM_SLOTS, hi, n_qb
+
+
 @triton.autotune(configs=fwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def msda_fwd_kernel(
@@ -250,13 +263,8 @@ def msda_fwd_kernel(
     is computed exactly once whatever SM its program lands on.
     """
     if PERSISTENT:
-        n_qb = tl.cdiv(Lq, BLOCK_Q)
-        pid = tl.program_id(0)
-        slot = (pid % NUM_SLOTS).to(tl.int64)
-        n_tiles = slot * 0 + N * M * n_qb  # int64 (N, M, n_qb may be compile-time constants)
-        lo = slot * n_tiles // NUM_SLOTS
-        hi = (slot + 1) * n_tiles // NUM_SLOTS
-        for t in range(lo + pid // NUM_SLOTS, hi, PROGRAMS_PER_SLOT):
+        first, end, n_qb = _persistent_tiles(Lq, N, M, NUM_SLOTS, BLOCK_Q)
+        for t in range(first, end, PROGRAMS_PER_SLOT):
             head = t // n_qb
             _fwd_tile((t % n_qb).to(tl.int32), (head % M).to(tl.int32), head // M, value_ptr, shapes_ptr,
                       starts_ptr, loc_ptr, attn_ptr, out_ptr, Lq, M, D,
@@ -398,13 +406,8 @@ def msda_bwd_kernel(
     or N * M * S for a corner outside the map) and coefficient of each corner's contribution.
     """
     if PERSISTENT:
-        n_qb = tl.cdiv(Lq, BLOCK_Q)
-        pid = tl.program_id(0)
-        slot = (pid % NUM_SLOTS).to(tl.int64)
-        n_tiles = slot * 0 + N * M * n_qb  # int64 (N, M, n_qb may be compile-time constants)
-        lo = slot * n_tiles // NUM_SLOTS
-        hi = (slot + 1) * n_tiles // NUM_SLOTS
-        for t in range(lo + pid // NUM_SLOTS, hi, PROGRAMS_PER_SLOT):
+        first, end, n_qb = _persistent_tiles(Lq, N, M, NUM_SLOTS, BLOCK_Q)
+        for t in range(first, end, PROGRAMS_PER_SLOT):
             head = t // n_qb
             _bwd_tile((t % n_qb).to(tl.int32), (head % M).to(tl.int32), head // M,
                       value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
