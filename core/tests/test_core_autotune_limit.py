@@ -70,3 +70,20 @@ def test_invalid_values_raise(name: str, value: str, expected: str, monkeypatch:
     with pytest.raises(ValueError, match=name) as err:
         autotune_limit(pkg)
     assert expected in str(err.value)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("", True), ("1", True), ("On", True), ("no", False), ("0", False)])
+def test_env_flag_reads_switches(value: str, expected: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fattn.core.runtime import env_flag
+
+    monkeypatch.setenv("FATTN_TEST_FLAG", value)
+    assert env_flag("FATTN_TEST_FLAG", True) is expected
+
+
+def test_env_flag_rejects_typos(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FATTN_EAGER_FAST_PATH / FATTN_FAST_LAUNCH go through env_flag: a typo is an error, not the default."""
+    from fattn.core.runtime import env_flag
+
+    monkeypatch.setenv("FATTN_FAST_LAUNCH", "ture")
+    with pytest.raises(ValueError, match="FATTN_FAST_LAUNCH='ture'"):
+        env_flag("FATTN_FAST_LAUNCH", False)

@@ -23,19 +23,21 @@ default for now: see _ENABLED).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from triton import knobs
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.driver import driver
 
-from fattn.core.runtime import interpreter_enabled
+from fattn.core.runtime import env_flag, interpreter_enabled
 
 __all__ = ["FastLauncher", "clear_launch_caches", "fast_launch_enabled", "launcher"]
 
 # Off by default until the GPU test suites have run through it (its first GPU runs never took the
 # shortcut: Triton 3.6's empty hook chains read as installed hooks). FATTN_FAST_LAUNCH=1 turns it on.
-_ENABLED = os.environ.get("FATTN_FAST_LAUNCH", "0") == "1"
+_ENABLED = env_flag("FATTN_FAST_LAUNCH", False)
 _LAUNCHERS: dict[int, FastLauncher] = {}
 _INT32 = 2**31
 _UNCACHEABLE = object()
@@ -69,8 +71,6 @@ def _hooks_installed() -> bool:
     """Whether a launch enter/exit hook is installed (a profiler such as proton): then every launch
     takes Triton's own path, which gives the hooks their metadata. Triton 3.6 keeps the hooks as
     HookChains (empty when nothing is installed); older versions as None or a callable."""
-    from triton import knobs
-
     for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
         if hook is not None and getattr(hook, "calls", True):
             return True
@@ -95,8 +95,6 @@ class FastLauncher:
     """Launches `kernel` (JITFunction or Autotuner over one) by its remembered compiled kernel."""
 
     def __init__(self, kernel: Any) -> None:
-        from triton.runtime.autotuner import Autotuner
-
         self.kernel = kernel
         self.autotuner = kernel if isinstance(kernel, Autotuner) else None
         jit = kernel.fn if self.autotuner is not None else kernel
@@ -191,8 +189,6 @@ class FastLauncher:
         return compiled
 
     def _launch(self, entry: _Entry, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        from triton.runtime.driver import driver
-
         values = list(args)
         if len(values) < len(self.names):
             rest = {**kwargs, **entry.constexprs}

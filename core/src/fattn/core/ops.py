@@ -30,17 +30,18 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import _len_torch_dispatch_stack
 
+from fattn.core.runtime import env_flag
+
 __all__ = ["NAMESPACE", "FusedOp", "eager_fast_path", "fused_op", "qualified_name", "register_autograd"]
 
 # FATTN_EAGER_FAST_PATH=0 sends every call through the custom op (to compare, or to rule the fast path out).
-_EAGER_FAST_PATH = os.environ.get("FATTN_EAGER_FAST_PATH", "1") != "0"
+_EAGER_FAST_PATH = env_flag("FATTN_EAGER_FAST_PATH", True)
 
 
 def eager_fast_path(enabled: bool | None = None) -> bool:

@@ -16,12 +16,27 @@ __all__ = [
     "INTERPRET",
     "autotune_limit",
     "device_summary",
+    "env_flag",
     "interpreter_enabled",
     "is_compiling",
     "kernel_device_reason",
     "seq_bucket",
     "sm_count",
 ]
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """An on/off environment variable: 1/0, true/false, yes/no, on/off (any case); unset or empty gives
+    `default`. Raises ValueError naming the variable for anything else (a typo must not silently keep
+    the default)."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={os.environ[name]!r}: expected 1 or 0 (also true/false, yes/no, on/off)")
 
 
 def interpreter_enabled() -> bool:
