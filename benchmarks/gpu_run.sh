@@ -3,7 +3,9 @@
 #
 #   bash benchmarks/gpu_run.sh                 # everything
 #   FATTN_PKGS="msda swba" bash benchmarks/gpu_run.sh
-#   FATTN_STEPS="tests sanitize bench" ...     # any of: env tests sanitize overhead bench (default: env tests bench)
+#   FATTN_STEPS="tests sanitize bench" ...     # any of: env tests sanitize overhead launch-ab bench (default: env tests bench)
+#                                              # launch-ab: python -m benchmarks.overhead --ab (fattn.core.launch's
+#                                              # shortcut on against off, interleaved in one process; launch-ab.txt)
 #                                              # overhead: python -m benchmarks.overhead floor <pkgs> (host time
 #                                              # against kernel time per call; overhead.txt)
 #   FATTN_TESTS_K=""                           # pytest -k filter for the tests
@@ -90,6 +92,15 @@ if has_step overhead; then
   ${FATTN_PKG_TIMEOUT:+timeout $FATTN_PKG_TIMEOUT} "$PY" -m benchmarks.overhead floor $pkgs_o 2>&1 \
     | grep -v -i "warn" | tee "$OUT/overhead.txt"
   echo "overhead  rc=${PIPESTATUS[0]}  $(( $(date +%s) - start ))s  (overhead.txt)" >>"$SUMMARY"
+fi
+
+if has_step launch-ab; then
+  pkgs_o=""
+  for p in $PKGS; do [ "$p" = core ] || pkgs_o="$pkgs_o $p"; done
+  start=$(date +%s)
+  ${FATTN_PKG_TIMEOUT:+timeout $FATTN_PKG_TIMEOUT} "$PY" -m benchmarks.overhead --ab floor $pkgs_o 2>&1 \
+    | grep -v -i "warn" | tee "$OUT/launch-ab.txt"
+  echo "launch-ab  rc=${PIPESTATUS[0]}  $(( $(date +%s) - start ))s  (launch-ab.txt)" >>"$SUMMARY"
 fi
 
 if has_step bench; then

@@ -2,6 +2,7 @@
 
     python -m benchmarks.overhead [msda deform rope2d swba fp8]
     python -m benchmarks.overhead --cprofile msda     # where the host's time goes (forward calls)
+    python -m benchmarks.overhead --ab [msda ...]     # fattn.core.launch's shortcut on against off
 
 For fattn at the first benchmark shape of each package, forward (no grad) and forward+backward:
 - wall: one call plus a synchronize, as the benchmarks time it (median of 30);
@@ -149,8 +150,69 @@ def _cprofile(name: str, calls: int = 200) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
+def _host_and_wall(fn: Callable[[], object], batch: int = 20) -> tuple[float, float]:
+    """(host s, wall s) per call: `batch` calls issued back to back without waiting for the GPU, then
+    `batch` calls each followed by a synchronize (as the benchmarks time them)."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(batch):
+        fn()
+    host = (time.perf_counter() - t) / batch
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(batch):
+        fn()
+        torch.cuda.synchronize()
+    return host, (time.perf_counter() - t) / batch
+
+
+def _ab(names: list[str], rounds: int = 15) -> None:
+    """The launch shortcut on against off, interleaved round by round in one process (the host's
+    speed drifts by tens of percent between runs, so only a same-process comparison is fair); the
+    median per-call host and wall time of each, and how many launches took the shortcut."""
+    from fattn.core import launch
+
+    setups = _setups()
+    for name in names:
+        fn, inputs, grads = setups[name]()
+        leaves = [inputs[g].requires_grad_(True) for g in grads]
+        out = fn(**inputs)
+        grad_out = torch.randn_like(out)
+        del out
+        calls = {
+            "fwd": lambda fn=fn, inputs=inputs: _no_grad(fn, inputs),
+            "fwd+bwd": lambda fn=fn, inputs=inputs: torch.autograd.grad(fn(**inputs), leaves, grad_out),
+        }
+        for op, call in calls.items():
+            results: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+            for on in (True, False):  # warm both paths (compiles, autotuning, the shortcut's cache)
+                launch.fast_launch_enabled(on)
+                for _ in range(3):
+                    call()
+            hits_before = sum(f.hits for f in launch._LAUNCHERS.values())
+            for _ in range(rounds):
+                for on in (True, False):
+                    launch.fast_launch_enabled(on)
+                    results[on].append(_host_and_wall(call))
+            hits = sum(f.hits for f in launch._LAUNCHERS.values()) - hits_before
+            row = []
+            for on in (True, False):
+                host = statistics.median(h for h, _ in results[on]) * 1e6
+                wall = statistics.median(w for _, w in results[on]) * 1e6
+                row.append(f"{'on' if on else 'off'}: host {host:7.1f} us wall {wall:7.1f} us")
+            print(f"{name:<8} {op:<8} " + " | ".join(row) + f" | shortcut launches {hits}", flush=True)
+
+
+def _no_grad(fn: Callable[..., object], inputs: dict) -> None:
+    with torch.no_grad():
+        fn(**inputs)
+
+
 def main() -> None:
     setups = _setups()
+    if sys.argv[1:2] == ["--ab"]:
+        _ab(sys.argv[2:] or list(setups))
+        return
     if sys.argv[1:2] == ["--cprofile"]:
         for name in sys.argv[2:] or list(setups):
             _cprofile(name)

@@ -13,7 +13,7 @@ from fattn.core.testing import device, on_gpu
 
 @pytest.fixture(autouse=True)
 def _fast_launch_on():  # type: ignore[no-untyped-def]
-    """These tests are about the shortcut: on for each (it is off by default for now)."""
+    """These tests are about the shortcut: on for each, whatever FATTN_FAST_LAUNCH says."""
     previous = fast_launch_enabled(True)
     yield
     fast_launch_enabled(previous)
