@@ -15,11 +15,13 @@ import triton.language as tl
 __all__ = [
     "INTERPRET",
     "autotune_limit",
+    "cdiv",
     "device_summary",
     "env_flag",
     "interpreter_enabled",
     "is_compiling",
     "kernel_device_reason",
+    "next_power_of_2",
     "seq_bucket",
     "sm_count",
 ]
@@ -126,12 +128,22 @@ def is_compiling() -> bool:
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1). Host code calls this on every launch: Triton's
+    own `triton.next_power_of_2` / `triton.cdiv` are constexpr functions since 3.4, several times
+    slower to call from Python."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (grid sizes)."""
+    return -(-a // b)
+
+
 def seq_bucket(n: int) -> int:
     """Autotuning key of a length: the next power of two, so inputs whose lengths vary (multi-scale
     detection, video clips, a growing KV cache) reuse a tuned config instead of re-tuning per length."""
-    import triton
-
-    return triton.next_power_of_2(max(n, 1))
+    return next_power_of_2(n)
 
 
 @functools.cache

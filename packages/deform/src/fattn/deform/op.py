@@ -6,7 +6,6 @@ import math
 from typing import Optional
 
 import torch
-import triton
 import triton.language as tl
 
 from fattn.core import (
@@ -24,6 +23,7 @@ from fattn.core import (
     tensor_reasons,
 )
 from fattn.core.launch import launcher
+from fattn.core.runtime import cdiv, next_power_of_2
 
 from .kernels import _corner_keys_kernel, _deform_bwd_dkdv_kernel, _deform_bwd_kernel, _deform_fwd_kernel
 
@@ -100,13 +100,13 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Te
     vis, vis_strides = _vis_arg(visibility, coords)
 
     def grid(meta):  # type: ignore[no-untyped-def]
-        return (triton.cdiv(Lq, meta["BLOCK_M"]) * B * S * H,)
+        return (cdiv(Lq, meta["BLOCK_M"]) * B * S * H,)
 
     launcher(_deform_fwd_kernel)[grid](
         q, k, v, coords, vis, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *coords.stride(), *vis_strides,
         S, H, Lq, T, P, D, width, height, float(scale),
-        BLOCK_D=triton.next_power_of_2(D), EVEN_D=triton.next_power_of_2(D) == D, ALIGN_CORNERS=align_corners, BORDER=border,
+        BLOCK_D=next_power_of_2(D), EVEN_D=next_power_of_2(D) == D, ALIGN_CORNERS=align_corners, BORDER=border,
         HAS_VIS=visibility is not None, OFFSETS_64=_needs_64bit_offsets(k, v), ACC_DTYPE=_tl_acc(q),
     )
     return out, lse
@@ -150,7 +150,7 @@ def _corner_entries(coords: torch.Tensor, q: torch.Tensor, grad_out: torch.Tenso
     q_off = empty((n_samples,), dtype=torch.int64, device=dev)
     g_off = empty((n_samples,), dtype=torch.int64, device=dev)
     block = 256
-    launcher(_corner_keys_kernel)[(triton.cdiv(n_samples, block),)](
+    launcher(_corner_keys_kernel)[(cdiv(n_samples, block),)](
         coords.contiguous(), key, weight, q_off, g_off,
         q.stride(0), q.stride(1), q.stride(3), grad_out.stride(0), grad_out.stride(1), grad_out.stride(3),
         n_samples, S * Lq * T * P, Lq, T, P, width, height, sentinel,
@@ -199,9 +199,9 @@ def deform_bwd(
     pr = empty((B, H, S, Lq, T * P), dtype=acc, device=dev)
 
     def grid(meta):  # type: ignore[no-untyped-def]
-        return (triton.cdiv(Lq, meta["BLOCK_M"]) * B * S * H,)
+        return (cdiv(Lq, meta["BLOCK_M"]) * B * S * H,)
 
-    block_d = triton.next_power_of_2(D)
+    block_d = next_power_of_2(D)
     launcher(_deform_bwd_kernel)[grid](
         q, k, v, coords, vis, out, grad_out, lse, dq, dc, ds, pr,
         *q.stride(), *k.stride(), *v.stride(), *coords.stride(), *vis_strides, *grad_out.stride(),

@@ -26,7 +26,7 @@ from fattn.core import (
     tensor_reasons,
 )
 from fattn.core.launch import launcher
-from fattn.core.runtime import interpreter_enabled, seq_bucket
+from fattn.core.runtime import cdiv, interpreter_enabled, seq_bucket
 from fattn.fp8.kernels import (
     _attn_bwd_dkdv_kernel,
     _attn_bwd_dq_kernel,
@@ -74,7 +74,7 @@ def _quantize_launch(x0: torch.Tensor, x1: torch.Tensor | None, center0: bool, t
         descale.fill_(1.0)
         return results
     block = _quant_block()
-    n_tiles = triton.cdiv(n, block)
+    n_tiles = cdiv(n, block)
     col_max = empty([count, b * h, n_tiles, d], dtype=torch.float32, device=x0.device)
     col_min = empty([count, b * h, n_tiles, d], dtype=torch.float32, device=x0.device)
     col_sum = empty([count, b * h, n_tiles, d], dtype=torch.float32, device=x0.device) if center0 else col_max
@@ -179,7 +179,7 @@ def _fwd_launch(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_descale:
         return out
 
     def grid(meta):  # type: ignore[no-untyped-def]
-        return (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
+        return (cdiv(n_q, meta["BLOCK_M"]), b * h)
 
     k_desc, v_desc = _tma_descriptors(k8, v8)
     _launch(
@@ -245,21 +245,21 @@ def fp8_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     delta = empty([b * h, n_q], dtype=torch.float32, device=q.device)
     # Recompute the full-precision forward's log-sum-exp and delta = rowsum(dO * O).
     _launch(
-        "bwd_prep", _attn_fwd_kernel, lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h),
+        "bwd_prep", _attn_fwd_kernel, lambda meta: (cdiv(n_q, meta["BLOCK_M"]), b * h),
         q, k, v, lse, lse, lse, lse, lse, grad_out, delta,
         *q.stride(), *k.stride(), *v.stride(), 0, 0, 0, 0, *grad_out.stride(),
         h, group, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k),
         HEAD_DIM=d, CAUSAL=causal, FP8=False, BWD_PREP=True,
     )
     _launch(
-        "dkdv", _attn_bwd_dkdv_kernel, lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv),
+        "dkdv", _attn_bwd_dkdv_kernel, lambda meta: (cdiv(n_k, meta["BLOCK_N"]), b * h_kv),
         q, k, v, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         h, group, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k),
         HEAD_DIM=d, CAUSAL=causal,
     )
     _launch(
-        "dq", _attn_bwd_dq_kernel, lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h),
+        "dq", _attn_bwd_dq_kernel, lambda meta: (cdiv(n_q, meta["BLOCK_M"]), b * h),
         q, k, v, grad_out, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
         h, group, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from fattn.core import (
@@ -19,7 +18,7 @@ from fattn.core import (
     tensor_reasons,
 )
 from fattn.core.launch import launcher
-from fattn.core.runtime import is_compiling, seq_bucket, sm_count
+from fattn.core.runtime import cdiv, is_compiling, next_power_of_2, seq_bucket, sm_count
 from fattn.msda.kernels import msda_bwd_kernel, msda_fwd_kernel, msda_value_grad_kernel
 
 __all__ = ["ms_deform_attn", "msda_fwd", "msda_bwd", "not_supported_reasons", "MSDeformAttnFunction"]
@@ -46,7 +45,7 @@ def _grid(lq: int, m: int, n: int, slots: int):  # type: ignore[no-untyped-def]
     def grid(meta: dict) -> tuple[int, ...]:
         if meta["PERSISTENT"]:  # every (slot, program) pair must exist: each owns a share of the tiles
             return (slots * meta["PROGRAMS_PER_SLOT"],)
-        return (triton.cdiv(lq, meta["BLOCK_Q"]), m, n)
+        return (cdiv(lq, meta["BLOCK_Q"]), m, n)
 
     return grid
 
@@ -100,7 +99,7 @@ def msda_fwd(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_inde
         n, lq, m, d, seq_bucket(lq), slots,
         *value.stride(), *sampling_locations.stride(), *attention_weights.stride(),
         L=levels, P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=_acc_dtype(value),
-        BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_D=next_power_of_2(d),
         OFFSETS_64=_needs_64bit_offsets(value, sampling_locations, attention_weights),
     )
     return out
@@ -160,7 +159,7 @@ def msda_bwd(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.
         *value.stride(), *sampling_locations.stride(), *attention_weights.stride(),
         gn, gq, gc,
         L=levels, P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=acc, DETERMINISTIC=deterministic,
-        BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_D=next_power_of_2(d),
     )
     if not deterministic:
         grad_value = grad_value_buf if grad_value_buf.dtype == value.dtype else grad_value_buf.to(value.dtype)
@@ -175,10 +174,10 @@ def msda_bwd(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.
     row_start = torch.searchsorted(sorted_dest, torch.arange(n_rows + 1, device=dev, dtype=index_dtype))
     grad_value = empty(value.shape, dtype=value.dtype, device=dev)
     block_r = 16
-    launcher(msda_value_grad_kernel)[(triton.cdiv(n_rows, block_r),)](
+    launcher(msda_value_grad_kernel)[(cdiv(n_rows, block_r),)](
         row_start, src, coef_sorted, grad_out, grad_value,
         n_rows, lq, m, d, s, gn, gq, gc,
-        ACC=acc, BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(d), num_warps=4,
+        ACC=acc, BLOCK_R=block_r, BLOCK_D=next_power_of_2(d), num_warps=4,
     )
     return grad_value, grad_loc, grad_attn
 

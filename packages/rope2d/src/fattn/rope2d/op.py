@@ -8,6 +8,7 @@ import torch
 
 from fattn.core import (
     Reason,
+    TensorCache,
     choice_reasons,
     empty,
     fused_op,
@@ -30,10 +31,20 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 
 
+# cos / sin tables per angle table: a ViT passes the same angles to every block, forward and backward,
+# so they are computed once (two launches and their host time saved per call). An in-place change of
+# the angles or another tensor computes them again; inference tensors (no version counter) every call.
+_TABLES: TensorCache[tuple[torch.Tensor, torch.Tensor]] = TensorCache()
+
+
 def _cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 contiguous cos and sin tables; fp64 tables keep their precision until the final rounding."""
-    a = angles if angles.dtype == torch.float64 else angles.float()
-    return a.cos().float().contiguous(), a.sin().float().contiguous()
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        a = angles.detach()
+        a = a if a.dtype == torch.float64 else a.float()
+        return a.cos().float().contiguous(), a.sin().float().contiguous()
+
+    return _TABLES.get_or_compute((angles,), None, compute)
 
 
 # --------------------------------------------------------------------------------------------

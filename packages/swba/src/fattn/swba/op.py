@@ -6,7 +6,6 @@ import math
 from typing import Optional
 
 import torch
-import triton
 
 from fattn.core import (
     Reason,
@@ -21,7 +20,7 @@ from fattn.core import (
     tensor_reasons,
 )
 from fattn.core.launch import launcher
-from fattn.core.runtime import seq_bucket, sm_count
+from fattn.core.runtime import cdiv, next_power_of_2, seq_bucket, sm_count
 from fattn.swba.kernels import (
     autotune_enabled,
     launch_config,
@@ -49,7 +48,7 @@ def _geometry(n_k: int, block_size: int, window: int) -> tuple[int, int]:
     """
     n = max(n_k, 1)
     block_size = min(block_size, n)
-    window = min(window, triton.cdiv(n, block_size))
+    window = min(window, cdiv(n, block_size))
     return block_size, window
 
 
@@ -62,7 +61,7 @@ def _kv_group_splits(b: int, h_kv: int, n_k: int, group: int, dev: torch.device)
     if group == 1:
         return 1
     target = 2 * sm_count(dev.index) if dev.type == "cuda" else 4  # CPU: small, so tests cover both paths
-    programs = b * h_kv * triton.cdiv(n_k, 128)
+    programs = b * h_kv * cdiv(n_k, 128)
     for splits in range(1, group + 1):
         if group % splits == 0 and programs * splits >= target:
             return splits
@@ -103,11 +102,11 @@ def swba_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
 
     # (B * H) on grid axis 0, whose limit is 2^31 - 1 (axis 1 allows only 65535 programs).
     def grid(meta):  # type: ignore[no-untyped-def]
-        return (b * h, triton.cdiv(n_q, meta["BLOCK_M"]))
+        return (b * h, cdiv(n_q, meta["BLOCK_M"]))
 
     args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             h, h // h_kv, n_q, n_k, block_size, window, scale * _LOG2E, seq_bucket(n_q), seq_bucket(n_k))
-    _launch(swba_fwd_kernel, "fwd", grid, args, q, max(16, triton.next_power_of_2(d)), HEAD_DIM=d,
+    _launch(swba_fwd_kernel, "fwd", grid, args, q, max(16, next_power_of_2(d)), HEAD_DIM=d,
             SCALE_NONNEG=scale >= 0)
     return out, lse
 
@@ -131,12 +130,12 @@ def swba_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     if dk.numel() == 0:
         return dq, dk, dv
     block_size, window = _geometry(n_k, block_size, window)
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, next_power_of_2(d))
     delta = empty((b, h, n_q), dtype=torch.float32, device=q.device)
     if n_q > 0:
         has_dlse = grad_lse is not None
         dlse = grad_lse.contiguous() if has_dlse else lse
-        launcher(swba_bwd_preprocess_kernel)[(b * h, triton.cdiv(n_q, _PREPROCESS_BLOCK_M))](
+        launcher(swba_bwd_preprocess_kernel)[(b * h, cdiv(n_q, _PREPROCESS_BLOCK_M))](
             out, grad_out, dlse, delta, *_strides(out), *_strides(grad_out), h, n_q,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=_PREPROCESS_BLOCK_M, HAS_DLSE=has_dlse,
         )
@@ -153,7 +152,7 @@ def swba_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         dk_out, dv_out = dk, dv
 
     def grid_kv(meta):  # type: ignore[no-untyped-def]
-        return (b * h_kv * n_splits, triton.cdiv(n_k, meta["BLOCK_N"]))
+        return (b * h_kv * n_splits, cdiv(n_k, meta["BLOCK_N"]))
 
     # dK/dV for every key (keys no query sees get exact zeros).
     args = (q, k, v, grad_out, lse, delta, dk_out, dv_out,
@@ -165,7 +164,7 @@ def swba_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         dv.copy_(dv_out.view(b, h_kv, n_splits, n_k, d).sum(2))
     if n_q > 0:
         def grid_q(meta):  # type: ignore[no-untyped-def]
-            return (b * h, triton.cdiv(n_q, meta["BLOCK_M"]))
+            return (b * h, cdiv(n_q, meta["BLOCK_M"]))
 
         args = (q, k, v, grad_out, lse, delta, dq,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
