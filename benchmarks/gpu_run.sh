@@ -17,6 +17,11 @@
 #   FATTN_BENCH_COMPARE=1                      # fail on a >25% median regression against the stored
 #                                              # baseline of this GPU model (benchmarks/baselines/<gpu>)
 #   FATTN_BENCH_SAVE=baseline                  # store this run as that GPU model's baseline
+#   FATTN_TRITON_CACHE_OUT=1                   # pack Triton's compile cache and autotuning results into
+#                                              # $OUT/triton-cache.tgz (if under 15 MiB). Unpacked into the
+#                                              # git-ignored .triton-cache/ and carried to the next call
+#                                              # (carry [".triton-cache"]), it spares a fresh machine the
+#                                              # compiles and autotuning of every kernel already seen.
 #
 # Logs and results go to $OUT (default ./bench-out): tests.log, sanitize.log, bench.log, bench.json,
 # report.txt, benchmarks.png, bench-progress.txt (a line per measurement, written as it is taken). The last thing printed is a short table: tests per package and the
@@ -36,6 +41,14 @@ for p in deform msda swba rope2d fp8; do SRC="$SRC:$REPO/packages/$p/src"; done
 export PYTHONPATH="$SRC:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 unset TRITON_INTERPRET
+CACHE="$REPO/.triton-cache"
+if [ -d "$CACHE" ] || [ -n "${FATTN_TRITON_CACHE_OUT:-}" ]; then
+  mkdir -p "$CACHE"
+  # Autotuning results too: the same GPU model picks the same tiles, and re-timing every candidate
+  # (plus compiling it) is most of a cold benchmark run's time.
+  export TRITON_CACHE_DIR="$CACHE" TRITON_CACHE_AUTOTUNING=1
+  echo "Triton cache: $CACHE ($(du -sh "$CACHE" | cut -f1) on entry)"
+fi
 
 test_path() { if [ "$1" = core ]; then echo core/tests; else echo "packages/$1/tests"; fi; }
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -147,6 +160,16 @@ EOF
 fi
 
 rm -f "$OUT/last.log"
+if [ -n "${FATTN_TRITON_CACHE_OUT:-}" ]; then
+  tar czf "$OUT/triton-cache.tgz" -C "$REPO" .triton-cache
+  size=$(stat -c %s "$OUT/triton-cache.tgz")
+  if [ "$size" -gt $((15 * 1024 * 1024)) ]; then
+    echo "triton cache: $((size / 1024 / 1024)) MiB packed, over the 16 MiB a file may come back with: dropped"
+    rm -f "$OUT/triton-cache.tgz"
+  else
+    echo "triton cache: $((size / 1024)) KiB packed in triton-cache.tgz"
+  fi
+fi
 echo
 echo "================ fattn GPU run: $(head -2 "$OUT/env.txt" 2>/dev/null | tail -1)"
 [ -s "$OUT/report.txt" ] && cat "$OUT/report.txt"

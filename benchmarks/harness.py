@@ -88,9 +88,12 @@ class Measure:
         bench = self.benchmark
         bench.group = f"{op} | {shape}"
         cuda = torch.cuda.is_available()
+        started = time.perf_counter()
         for _ in range(self.warmup):
             fn()
         sync()
+        # Warm-up time (compiles, autotuning, a peer's torch.compile): where a device call's minutes go.
+        info["warmup_s"] = round(time.perf_counter() - started, 1)
         peak_mb = None
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -144,8 +147,9 @@ def _progress(info: dict[str, Any], median: float | None) -> None:
     peak = f"{info['peak_mem_mb']:.0f}" if info.get("peak_mem_mb") is not None else "-"
     with open(path, "a") as f:
         config = f"  [{info['config']}]" if info.get("config") else ""
+        warmup = f" {info['warmup_s']:6.1f} s warm-up" if info.get("warmup_s") is not None else ""
         f.write(f"{info['op']:<14} {info['shape']:<34} {info['impl']:<18} {ms:>9} ms {tflops:>7} TF/s {peak:>7} MB"
-                f"{config}\n")
+                f"{warmup}{config}\n")
 
 
 def _median_seconds(bench: Any) -> float | None:
