@@ -121,3 +121,13 @@ def test_second_launch_takes_the_shortcut(monkeypatch: pytest.MonkeyPatch) -> No
     assert launcher(_axpb_kernel) is fast and slow_calls == [] and torch.equal(y, x)
     _run(_axpb_kernel, x, 1, 1.0, True, BLOCK=32)  # another constexpr: a new key, the slow path once
     assert len(slow_calls) == 1
+
+
+def test_launch_keys_are_as_specific_as_triton() -> None:
+    """Runs without a GPU: the keys of a compiled (not interpreted) kernel, in a subprocess."""
+    from pathlib import Path
+
+    from fattn.core.compile_check import run_compile_script
+
+    res = run_compile_script(Path(__file__).with_name("launch_key_script.py"))
+    assert res.returncode == 0, res.stdout + res.stderr

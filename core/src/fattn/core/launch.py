@@ -10,9 +10,10 @@ it is paid by every eager call (benchmarks/overhead.py measures it).
 the normal path produced, and launches it straight through its compiled launcher. The launch key
 is at least as specific as Triton's own cache key, so a hit is always the kernel Triton would run:
 - per tensor argument its dtype and whether its address is 16-byte aligned;
-- per int argument whether it is 1, whether it is a multiple of 16, and its integer width class;
-  floats, bools and None by type; constexpr arguments and all keyword arguments by value;
-- the autotuner's key (its key arguments' values and the tensors' dtypes), and on a hit the
+- per int argument whether it is 1, whether it is a multiple of 16, and whether it fits int32 (else
+  its value); floats and bools by type; None;
+- constexpr arguments, the autotuner's key arguments and all keyword arguments by value (numbers
+  tagged with their type), so an equal launch key means an equal autotuner key. On a hit the
   autotuner's cache must still hold the very config remembered (a cleared or re-tuned autotuner
   sends the call back through the normal path);
 - the device.
@@ -38,8 +39,10 @@ __all__ = ["FastLauncher", "clear_launch_caches", "fast_launch_enabled", "launch
 # FATTN_FAST_LAUNCH=0: every launch takes Triton's own path (e.g. to rule the shortcut out of a bug hunt).
 _ENABLED = env_flag("FATTN_FAST_LAUNCH", True)
 _LAUNCHERS: dict[int, FastLauncher] = {}
-_INT32 = 2**31
 _UNCACHEABLE = object()
+_INT32 = 2**31
+# Launch keys remembered per kernel; past this many (e.g. a shape changing every call) start over.
+_MAX_ENTRIES = 4096
 
 
 def fast_launch_enabled(enabled: bool | None = None) -> bool:
@@ -76,9 +79,6 @@ def _hooks_installed() -> bool:
     return False
 
 
-def _int_class(v: int) -> tuple[bool, bool, int]:
-    return v == 1, v % 16 == 0, 0 if -_INT32 <= v < _INT32 else (1 if v < 2**63 else 2)
-
 
 class _Entry:
     __slots__ = ("compiled", "config", "constexprs", "tune_key")
@@ -108,33 +108,48 @@ class FastLauncher:
         self.defaults = {name: p.default for name, p in jit.signature.parameters.items()
                          if p.default is not p.empty}
         self.tune_names = list(self.autotuner.keys) if self.autotuner is not None else []
+        # Positional parameters keyed by value (constexprs, the autotuner's key) or, for ints, floats
+        # and bools, by what Triton specializes them on (a growing KV-cache length keeps its key).
+        by_value = set(self.tune_names) if self.autotuner is not None and len(self.autotuner.configs) > 1 else set()
+        self.int_by_class = tuple(not (p.is_constexpr or p.name in by_value) for p in jit.params)
 
     def __getitem__(self, grid: Any) -> Callable[..., Any]:
         return lambda *args, **kwargs: self.run(grid, args, kwargs)
 
     # The key ------------------------------------------------------------------------------------
     def _key(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple | None:
+        """The launch key (module docstring), or None for an argument it does not model. Hot path
+        (host time per launch is what this module is for): one exact type check per int."""
         parts: list[Any] = []
-        for value, is_constexpr in zip(args, self.constexpr):
-            if is_constexpr:
-                parts.append(value)
-            elif isinstance(value, torch.Tensor):
-                parts.append((value.dtype, value.data_ptr() % 16 == 0))
-            elif isinstance(value, bool):
-                parts.append(bool)
-            elif isinstance(value, int):
-                parts.append(_int_class(value))
-            elif isinstance(value, float):
-                parts.append(float)
+        append = parts.append
+        tensor = torch.Tensor
+        for value, by_class in zip(args, self.int_by_class):
+            tp = type(value)
+            if tp is int:
+                if by_class:  # Triton's specialization: == 1, % 16 == 0, int32 or wider (by value)
+                    append(-1 if value == 1 else (-16 if value % 16 == 0 else 0) if -_INT32 <= value < _INT32
+                           else value)
+                else:
+                    append(value)
             elif value is None:
-                parts.append(None)
+                append(None)
+            elif tp is tensor or isinstance(value, tensor):
+                append((value.dtype, value.data_ptr() % 16 == 0))
+            elif tp is float or tp is bool:
+                # by type, or tagged value: 1 == 1.0 == True, but Triton compiles each differently
+                append(tp if by_class else (tp, value))
+            elif not by_class:
+                append(value)
             else:
-                return None  # e.g. a TensorDescriptor: not modelled here
-        for name, value in kwargs.items():
-            if isinstance(value, torch.Tensor):
-                parts.append((name, value.dtype, value.data_ptr() % 16 == 0))
-            else:
-                parts.append((name, value))
+                return None  # e.g. a TensorDescriptor, a numpy int: not modelled here
+        if kwargs:
+            append(tuple(kwargs))
+            for value in kwargs.values():
+                tp = type(value)
+                if tp is tensor or isinstance(value, tensor):
+                    append((value.dtype, value.data_ptr() % 16 == 0))
+                else:
+                    append((tp, value))
         return tuple(parts)
 
     def _tune_key(self, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple | None:
@@ -158,26 +173,26 @@ class FastLauncher:
         try:
             key = self._key(args, kwargs)
             if key is not None:
-                key = (torch.cuda.current_device(), *key)
-                hash(key)
+                key = (torch.cuda.current_device(), key)
+                entry = self.cache.get(key)
         except TypeError:  # an unhashable argument: not modelled
             key = None
         if key is None:
             return self.kernel[grid](*args, **kwargs)
-        entry = self.cache.get(key)
         if entry is _UNCACHEABLE:
             return self.kernel[grid](*args, **kwargs)
-        tune_key = None
-        if entry is not None and self.autotuner is not None and entry.tune_key is not None:  # type: ignore[union-attr]
-            tune_key = self._tune_key(args, kwargs)
-            if tune_key != entry.tune_key or self.autotuner.cache.get(tune_key) is not entry.config:  # type: ignore[union-attr]
-                entry = None
+        # The key holds the autotuner's key values: only a cleared or re-tuned autotuner can differ.
+        if entry is not None and entry.tune_key is not None and \
+                self.autotuner.cache.get(entry.tune_key) is not entry.config:  # type: ignore[union-attr]
+            entry = None
         if entry is None:
             return self._first_launch(grid, args, kwargs, key)
         self.hits += 1
         return self._launch(entry, grid, args, kwargs)  # type: ignore[arg-type]
 
     def _first_launch(self, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: tuple) -> Any:
+        if len(self.cache) >= _MAX_ENTRIES:
+            self.cache.clear()
         compiled = self.kernel[grid](*args, **kwargs)
         config = self.autotuner.best_config if self.autotuner is not None else None
         if compiled is None or not hasattr(compiled, "packed_metadata") or (
