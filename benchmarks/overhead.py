@@ -4,7 +4,8 @@
     python -m benchmarks.overhead --cprofile msda     # where the host's time goes (forward calls)
     python -m benchmarks.overhead --ab [msda ...]     # fattn.core.launch's shortcut on against off
 
-For fattn at the first benchmark shape of each package, forward (no grad) and forward+backward:
+For fattn at each package's default benchmark shape (benchmarks.cases), forward (no grad) and
+forward+backward:
 - wall: one call plus a synchronize, as the benchmarks time it (median of 30);
 - kernels: the summed device time of every kernel the call launches (torch.profiler), and how many;
 - host: the host's time to issue one call when it does not wait for the GPU (median over calls
@@ -24,38 +25,8 @@ import torch
 
 
 def _setups() -> dict[str, Callable[[], tuple[Callable[..., torch.Tensor], dict, tuple[str, ...]]]]:
-    def msda():  # type: ignore[no-untyped-def]
-        from benchmarks import bench_msda as b
-
-        return b._impl("fattn"), b.make_inputs(b.SHAPES[0], torch.float32), (
-            "value", "sampling_locations", "attention_weights")
-
-    def deform():  # type: ignore[no-untyped-def]
-        from benchmarks import bench_deform as b
-
-        shape = b.SHAPES[0]
-        return b._impl("fattn", shape), b.make_inputs(shape, torch.float32), ("q", "k", "v", "coords")
-
-    def rope2d():  # type: ignore[no-untyped-def]
-        from fattn.rope2d import axial_angles, rope2d_attention
-
-        B, H, side, prefix, D = 256, 6, 14, 1, 64  # ViT-S/16 at 224
-        q, k, v = (torch.randn(B, H, prefix + side * side, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        angles = axial_angles(side, side, D, device="cuda")
-        return (lambda q, k, v, angles: rope2d_attention(q, k, v, angles, n_prefix=prefix),
-                dict(q=q, k=k, v=v, angles=angles), ("q", "k", "v"))
-
-    def swba():  # type: ignore[no-untyped-def]
-        from fattn.swba import swba_attention
-
-        q, k, v = (torch.randn(1, 12, 4096, 64, device="cuda", dtype=torch.float16) for _ in range(3))
-        return (lambda q, k, v: swba_attention(q, k, v, 256, 4), dict(q=q, k=k, v=v), ("q", "k", "v"))
-
-    def fp8():  # type: ignore[no-untyped-def]
-        from fattn.fp8 import fp8_attention
-
-        q, k, v = (torch.randn(4, 16, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        return (lambda q, k, v: fp8_attention(q, k, v), dict(q=q, k=k, v=v), ("q", "k", "v"))
+    """Each package's call at its default benchmark shape (benchmarks.cases), and the floor row."""
+    from benchmarks.cases import PACKAGES, fattn_case
 
     def floor():  # type: ignore[no-untyped-def]
         from fattn.core.launch import launcher
@@ -68,7 +39,10 @@ def _setups() -> dict[str, Callable[[], tuple[Callable[..., torch.Tensor], dict,
 
         return empty_kernel, dict(x=x), ("x",)
 
-    return {"floor": floor, "msda": msda, "deform": deform, "rope2d": rope2d, "swba": swba, "fp8": fp8}
+    setups = {"floor": floor}
+    for package in PACKAGES:
+        setups[package] = lambda package=package: fattn_case(package)
+    return setups
 
 
 def _empty_kernel():  # type: ignore[no-untyped-def]

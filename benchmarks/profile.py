@@ -4,7 +4,7 @@
         python -m benchmarks.profile msda --shape 0 --dtype fp32 --op fwd+bwd
 
 The op is called a few times first (autotuning and compiles happen outside the range), then once
-between cudaProfilerStart and cudaProfilerStop. Shapes are the benchmark modules' SHAPES.
+between cudaProfilerStart and cudaProfilerStop. Shapes and inputs come from benchmarks.cases.
 """
 
 from __future__ import annotations
@@ -13,34 +13,20 @@ import argparse
 
 import torch
 
-
-def _call(package: str, shape_index: int, dtype_name: str):  # type: ignore[no-untyped-def]
-    """(fn, inputs dict, names of the differentiable inputs)."""
-    if package == "msda":
-        from benchmarks import bench_msda as b
-
-        shape = b.SHAPES[shape_index]
-        inputs = b.make_inputs(shape, b.DTYPES[dtype_name])
-        return b._impl("fattn"), inputs, ("value", "sampling_locations", "attention_weights")
-    if package == "deform":
-        from benchmarks import bench_deform as b
-
-        shape = b.SHAPES[shape_index]
-        inputs = b.make_inputs(shape, b.DTYPES[dtype_name])
-        return b._impl("fattn", shape), inputs, ("q", "k", "v", "coords")
-    raise SystemExit(f"no profile setup for package {package!r} (msda, deform)")
+from benchmarks.cases import PACKAGES, fattn_case
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("package")
-    parser.add_argument("--shape", type=int, default=0, help="index into the benchmark module's SHAPES")
-    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("package", choices=PACKAGES)
+    parser.add_argument("--shape", type=int, default=None,
+                        help="index into the benchmark module's shapes (default: benchmarks.cases.DEFAULT_SHAPE)")
+    parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: the shape's own)")
     parser.add_argument("--op", choices=["fwd", "fwd+bwd"], default="fwd")
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
 
-    fn, inputs, grad_names = _call(args.package, args.shape, args.dtype)
+    fn, inputs, grad_names = fattn_case(args.package, args.shape, args.dtype)
     backward = args.op == "fwd+bwd"
     if backward:
         for name in grad_names:
