@@ -107,6 +107,53 @@ def _prune(configs, named_args, max_configs, **kwargs):  # type: ignore[no-untyp
     return kept[:max_configs]
 
 
+@triton.jit
+def _program_tile(Lq, S, H, BLOCK_M: tl.constexpr):
+    """(query tile, b, s, h as int64) of this program. A 1-D grid (dims 1-2 would cap B * S * H at
+    65535), query tiles fastest, then query groups: programs running together read one (b, h)'s maps."""
+    n_tiles = tl.cdiv(Lq, BLOCK_M)
+    pid_m = tl.program_id(0) % n_tiles
+    pid_bhs = tl.program_id(0) // n_tiles
+    s = pid_bhs % S
+    h = (pid_bhs // S) % H
+    b = (pid_bhs // S) // H
+    return pid_m, b.to(tl.int64), s.to(tl.int64), h.to(tl.int64)
+
+
+@triton.jit
+def _view_live(m_mask, w_t, HAS_VIS: tl.constexpr):
+    """[BM] queries that see the current view (in range, and visible when a visibility mask is given)."""
+    if HAS_VIS:
+        return m_mask & (tl.load(w_t, mask=m_mask, other=0) != 0)
+    return m_mask
+
+
+@triton.jit
+def _load_points(c_t, offs_p, live, stride_cp, stride_cc, ACC_DTYPE: tl.constexpr):
+    """(x, y) [BM, BN] of points offs_p of the current view (0 where not live)."""
+    c_ptrs = c_t[:, None] + offs_p[None, :] * stride_cp
+    x = tl.load(c_ptrs, mask=live, other=0.0).to(ACC_DTYPE)
+    y = tl.load(c_ptrs + stride_cc, mask=live, other=0.0).to(ACC_DTYPE)
+    return x, y
+
+
+@triton.jit
+def _gather_corner(k_t, v_t, pix, hit, offs_d, d_mask, stride_kp, stride_kd, stride_vp, stride_vd,
+                   EVEN_D: tl.constexpr, OFFSETS_64: tl.constexpr):
+    """The K and V rows [BM, BN, BD] (storage dtype) of one bilinear corner at pixel `pix` of the
+    current view. Misses (off the map, dead samples) read pixel 0 instead of a masked load (callers
+    give them weight 0): no predicates or zero-fills on the gathers (the hot loop is instruction-bound)."""
+    pix_c = tl.where(hit, pix, 0)
+    if OFFSETS_64:
+        pix_c = pix_c.to(tl.int64)
+    k_ptrs = k_t + (pix_c * stride_kp)[:, :, None] + (offs_d * stride_kd)[None, None, :]
+    v_ptrs = v_t + (pix_c * stride_vp)[:, :, None] + (offs_d * stride_vd)[None, None, :]
+    if EVEN_D:
+        return tl.load(k_ptrs), tl.load(v_ptrs)
+    return (tl.load(k_ptrs, mask=d_mask[None, None, :], other=0.0),
+            tl.load(v_ptrs, mask=d_mask[None, None, :], other=0.0))
+
+
 @triton.autotune(configs=_fwd_configs(), key=["Lq", "T", "P", "BLOCK_D", "ALIGN_CORNERS", "BORDER", "HAS_VIS"],
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
@@ -121,14 +168,7 @@ def _deform_fwd_kernel(
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr,
     HAS_VIS: tl.constexpr, OFFSETS_64: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # A 1-D grid: grid dims 1-2 would cap B * S * H at 65535.
-    n_tiles = tl.cdiv(Lq, BLOCK_M)
-    pid_m = tl.program_id(0) % n_tiles
-    pid_bhs = tl.program_id(0) // n_tiles
-    s = pid_bhs % S
-    h = (pid_bhs // S) % H
-    b = (pid_bhs // S) // H
-    b64, s64, h64 = b.to(tl.int64), s.to(tl.int64), h.to(tl.int64)
+    pid_m, b64, s64, h64 = _program_tile(Lq, S, H, BLOCK_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -159,19 +199,14 @@ def _deform_fwd_kernel(
     c_t = c_row
     w_t = w_row
     for t in range(0, T):
-        live_m = m_mask
-        if HAS_VIS:
-            live_m = live_m & (tl.load(w_t, mask=m_mask, other=0) != 0)
+        live_m = _view_live(m_mask, w_t, HAS_VIS)
         for p0 in range(0, P, BLOCK_N):
             offs_p = p0 + tl.arange(0, BLOCK_N)
             live = live_m[:, None] & (offs_p < P)[None, :]
-            c_ptrs = c_t[:, None] + offs_p[None, :] * stride_cp
-            x = tl.load(c_ptrs, mask=live, other=0.0).to(ACC_DTYPE)
-            y = tl.load(c_ptrs + stride_cc, mask=live, other=0.0).to(ACC_DTYPE)
+            x, y = _load_points(c_t, offs_p, live, stride_cp, stride_cc, ACC_DTYPE)
             pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, _, _ = bilinear_cell(
                 x, y, width, height, ALIGN_CORNERS, BORDER)
-            # Corners off the map (and dead samples) read pixel 0 with weight 0 instead of a masked load:
-            # no predicates or zero-fills on the eight gathers (the hot loop is instruction-bound).
+            # Misses get weight 0 here and read pixel 0 in _gather_corner.
             k_s = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
             v_s = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
             for corner in tl.static_range(4):
@@ -179,17 +214,8 @@ def _deform_fwd_kernel(
                                                            corner % 2, corner // 2)
                 hit = live & in_map
                 w = tl.where(hit, wx * wy, 0.0)[:, :, None]
-                pix_c = tl.where(hit, pix + offset, 0)
-                if OFFSETS_64:
-                    pix_c = pix_c.to(tl.int64)
-                k_ptrs = k_t + (pix_c * stride_kp)[:, :, None] + (offs_d * stride_kd)[None, None, :]
-                v_ptrs = v_t + (pix_c * stride_vp)[:, :, None] + (offs_d * stride_vd)[None, None, :]
-                if EVEN_D:
-                    kc = tl.load(k_ptrs)
-                    vc = tl.load(v_ptrs)
-                else:
-                    kc = tl.load(k_ptrs, mask=d_mask[None, None, :], other=0.0)
-                    vc = tl.load(v_ptrs, mask=d_mask[None, None, :], other=0.0)
+                kc, vc = _gather_corner(k_t, v_t, pix + offset, hit, offs_d, d_mask, stride_kp, stride_kd,
+                                        stride_vp, stride_vd, EVEN_D, OFFSETS_64)
                 k_s += w * kc.to(ACC_DTYPE)
                 v_s += w * vc.to(ACC_DTYPE)
             scores = tl.sum(q[:, None, :] * k_s, 2)
@@ -232,13 +258,7 @@ def _deform_bwd_kernel(
     """dq (owned rows), each head's dcoords (DC slice h, stride_dch apart; summed over heads afterwards),
     and the probabilities PR and score gradients DS ([B, H, S, Lq, T*P]) for `_deform_bwd_dkdv_kernel`.
     No atomics."""
-    n_tiles = tl.cdiv(Lq, BLOCK_M)
-    pid_m = tl.program_id(0) % n_tiles
-    pid_bhs = tl.program_id(0) // n_tiles
-    s = pid_bhs % S
-    h = (pid_bhs // S) % H
-    b = (pid_bhs // S) // H
-    b64, s64, h64 = b.to(tl.int64), s.to(tl.int64), h.to(tl.int64)
+    pid_m, b64, s64, h64 = _program_tile(Lq, S, H, BLOCK_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -273,16 +293,12 @@ def _deform_bwd_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
     for t in range(0, T):
-        live_m = m_mask
-        if HAS_VIS:
-            live_m = live_m & (tl.load(w_t, mask=m_mask, other=0) != 0)
+        live_m = _view_live(m_mask, w_t, HAS_VIS)
         for p0 in range(0, P, BLOCK_N):
             offs_p = p0 + tl.arange(0, BLOCK_N)
             mn_mask = m_mask[:, None] & (offs_p < P)[None, :]
             live = live_m[:, None] & (offs_p < P)[None, :]
-            c_ptrs = c_t[:, None] + offs_p[None, :] * stride_cp
-            x = tl.load(c_ptrs, mask=live, other=0.0).to(ACC_DTYPE)
-            y = tl.load(c_ptrs + stride_cc, mask=live, other=0.0).to(ACC_DTYPE)
+            x, y = _load_points(c_t, offs_p, live, stride_cp, stride_cc, ACC_DTYPE)
             pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, dix_dx, diy_dy = bilinear_cell(
                 x, y, width, height, ALIGN_CORNERS, BORDER)
             # Per corner: q . K_c and dO . V_c give the scores, dO . v_sample and the dcoords terms; the
@@ -298,17 +314,10 @@ def _deform_bwd_kernel(
                                                                width, corner % 2, corner // 2)
                 hit = live & in_map
                 w = tl.where(hit, wx * wy, 0.0)
-                pix_c = tl.where(hit, pix + offset, 0)
-                if OFFSETS_64:
-                    pix_c = pix_c.to(tl.int64)
-                k_ptrs = k_t + (pix_c * stride_kp)[:, :, None] + (offs_d * stride_kd)[None, None, :]
-                v_ptrs = v_t + (pix_c * stride_vp)[:, :, None] + (offs_d * stride_vd)[None, None, :]
-                if EVEN_D:
-                    kc = tl.load(k_ptrs).to(ACC_DTYPE)
-                    vc = tl.load(v_ptrs).to(ACC_DTYPE)
-                else:
-                    kc = tl.load(k_ptrs, mask=d_mask[None, None, :], other=0.0).to(ACC_DTYPE)
-                    vc = tl.load(v_ptrs, mask=d_mask[None, None, :], other=0.0).to(ACC_DTYPE)
+                kc, vc = _gather_corner(k_t, v_t, pix + offset, hit, offs_d, d_mask, stride_kp, stride_kd,
+                                        stride_vp, stride_vd, EVEN_D, OFFSETS_64)
+                kc = kc.to(ACC_DTYPE)
+                vc = vc.to(ACC_DTYPE)
                 k_s += w[:, :, None] * kc
                 dov_c = tl.sum(do[:, None, :] * vc, 2)
                 dov += w * dov_c
