@@ -45,6 +45,24 @@ def _setups() -> dict[str, Callable[[], tuple[Callable[..., torch.Tensor], dict,
     return setups
 
 
+def _calls(name: str) -> dict[str, Callable[[], object]]:
+    """The package's forward (no grad) and forward+backward calls, inputs built once."""
+    fn, inputs, grads = _setups()[name]()
+    leaves = [inputs[g].requires_grad_(True) for g in grads]
+    out = fn(**inputs)
+    grad_out = torch.randn_like(out)
+    del out
+
+    def fwd() -> None:
+        with torch.no_grad():
+            fn(**inputs)
+
+    def fwd_bwd() -> None:
+        torch.autograd.grad(fn(**inputs), leaves, grad_out)
+
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+
+
 def _empty_kernel():  # type: ignore[no-untyped-def]
     import triton
 
@@ -92,36 +110,23 @@ def _measure(fn: Callable[[], object]) -> tuple[float, float, int, float]:
 
 def _cprofile(name: str, calls: int = 200) -> None:
     """The host-side functions that take the time of `calls` forward calls (no grad), then of
-    forward+backward calls: the top entries by own time."""
+    calls // 4 forward+backward calls: the top entries by own time."""
     import cProfile
     import pstats
 
-    fn, inputs, grads = _setups()[name]()
-    with torch.no_grad():
+    for op, call in _calls(name).items():
+        count = calls if op == "fwd" else calls // 4
         for _ in range(5):
-            fn(**inputs)
+            call()
         torch.cuda.synchronize()
         prof = cProfile.Profile()
         prof.enable()
-        for _ in range(calls):
-            fn(**inputs)
+        for _ in range(count):
+            call()
         prof.disable()
-    torch.cuda.synchronize()
-    print(f"== {name} forward, {calls} calls")
-    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-    leaves = [inputs[g].requires_grad_(True) for g in grads]
-    out = fn(**inputs)
-    grad_out = torch.randn_like(out)
-    torch.autograd.grad(out, leaves, grad_out)
-    torch.cuda.synchronize()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(calls // 4):
-        torch.autograd.grad(fn(**inputs), leaves, grad_out)
-    prof.disable()
-    torch.cuda.synchronize()
-    print(f"== {name} forward+backward, {calls // 4} calls")
-    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        torch.cuda.synchronize()
+        print(f"== {name} {op}, {count} calls")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 def _host_and_wall(fn: Callable[[], object], batch: int = 20) -> tuple[float, float]:
@@ -146,17 +151,8 @@ def _ab(names: list[str], rounds: int = 15) -> None:
     median per-call host and wall time of each, and how many launches took the shortcut."""
     from fattn.core import launch
 
-    setups = _setups()
     for name in names:
-        fn, inputs, grads = setups[name]()
-        leaves = [inputs[g].requires_grad_(True) for g in grads]
-        out = fn(**inputs)
-        grad_out = torch.randn_like(out)
-        del out
-        calls = {
-            "fwd": lambda fn=fn, inputs=inputs: _no_grad(fn, inputs),
-            "fwd+bwd": lambda fn=fn, inputs=inputs: torch.autograd.grad(fn(**inputs), leaves, grad_out),
-        }
+        calls = _calls(name)
         for op, call in calls.items():
             results: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
             for on in (True, False):  # warm both paths (compiles, autotuning, the shortcut's cache)
@@ -177,11 +173,6 @@ def _ab(names: list[str], rounds: int = 15) -> None:
             print(f"{name:<8} {op:<8} " + " | ".join(row) + f" | shortcut launches {hits}", flush=True)
 
 
-def _no_grad(fn: Callable[..., object], inputs: dict) -> None:
-    with torch.no_grad():
-        fn(**inputs)
-
-
 def main() -> None:
     setups = _setups()
     if sys.argv[1:2] == ["--ab"]:
@@ -192,25 +183,9 @@ def main() -> None:
             _cprofile(name)
         return
     names = sys.argv[1:] or list(setups)
-    rows = []
     for name in names:
-        fn, inputs, grads = setups[name]()
-
-        def fwd(fn=fn, inputs=inputs) -> None:  # type: ignore[no-untyped-def]
-            with torch.no_grad():
-                fn(**inputs)
-
-        leaves = [inputs[g].requires_grad_(True) for g in grads]
-        out = fn(**inputs)
-        grad_out = torch.randn_like(out)
-        del out
-
-        def fwd_bwd(fn=fn, inputs=inputs, leaves=leaves, grad_out=grad_out) -> None:  # type: ignore[no-untyped-def]
-            torch.autograd.grad(fn(**inputs), leaves, grad_out)
-
-        for op, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        for op, call in _calls(name).items():
             wall, kernels, count, host = _measure(call)
-            rows.append((name, op, wall, kernels, count, host))
             print(f"{name:<8} {op:<8} wall {wall * 1e6:8.1f} us  kernels {kernels * 1e6:8.1f} us ({count})  "
                   f"host {host * 1e6:8.1f} us  wall-kernels {(wall - kernels) * 1e6:7.1f} us", flush=True)
 
