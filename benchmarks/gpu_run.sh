@@ -98,23 +98,17 @@ if has_step sanitize; then
   done
 fi
 
-if has_step overhead; then
-  pkgs_o=""
+# benchmarks.overhead over the packages (not core): step name, the module's flags, the output file.
+overhead_step() {
+  local step=$1 flags=$2 file=$3 pkgs_o=""
   for p in $PKGS; do [ "$p" = core ] || pkgs_o="$pkgs_o $p"; done
-  start=$(date +%s)
-  ${FATTN_PKG_TIMEOUT:+timeout $FATTN_PKG_TIMEOUT} "$PY" -m benchmarks.overhead floor $pkgs_o 2>&1 \
-    | grep -v -i "warn" | tee "$OUT/overhead.txt"
-  echo "overhead  rc=${PIPESTATUS[0]}  $(( $(date +%s) - start ))s  (overhead.txt)" >>"$SUMMARY"
-fi
-
-if has_step launch-ab; then
-  pkgs_o=""
-  for p in $PKGS; do [ "$p" = core ] || pkgs_o="$pkgs_o $p"; done
-  start=$(date +%s)
-  ${FATTN_PKG_TIMEOUT:+timeout $FATTN_PKG_TIMEOUT} "$PY" -m benchmarks.overhead --ab floor $pkgs_o 2>&1 \
-    | grep -v -i "warn" | tee "$OUT/launch-ab.txt"
-  echo "launch-ab  rc=${PIPESTATUS[0]}  $(( $(date +%s) - start ))s  (launch-ab.txt)" >>"$SUMMARY"
-fi
+  local start=$(date +%s)
+  ${FATTN_PKG_TIMEOUT:+timeout $FATTN_PKG_TIMEOUT} "$PY" -m benchmarks.overhead $flags floor $pkgs_o 2>&1 \
+    | grep -v -i "warn" | tee "$OUT/$file"
+  echo "$step  rc=${PIPESTATUS[0]}  $(( $(date +%s) - start ))s  ($file)" >>"$SUMMARY"
+}
+has_step overhead && overhead_step overhead "" overhead.txt
+has_step launch-ab && overhead_step launch-ab --ab launch-ab.txt
 
 if has_step bench; then
   : >"$OUT/bench.log"
