@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fattn.core.runtime import interpreter_enabled
+from fattn.core.runtime import interpreter_enabled, next_power_of_2
 from fattn.core.triton_helpers import (
     LOG2E,
     bilinear_cell,
@@ -97,13 +97,13 @@ def _prune(configs, named_args, max_configs, **kwargs):  # type: ignore[no-untyp
         if bm * bn * block_d > elems * 32 * warps or bm < m_lanes * warps:
             continue
         # Samples are tiled within a view (BLOCK_N of its P points at a time).
-        if bn > max(1, triton.next_power_of_2(n_points)) or bm > max(m_lanes * warps, triton.next_power_of_2(lq)):
+        if bn > max(1, next_power_of_2(n_points)) or bm > max(m_lanes * warps, next_power_of_2(lq)):
             continue
         kept.append(c)
     if not kept:  # very small or very large head dims: the largest tiles that fit, lanes idle or not
         kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * block_d <= elems * 32 * c.num_warps
-                and c.kwargs["BLOCK_N"] <= max(1, triton.next_power_of_2(n_points))
-                and c.kwargs["BLOCK_M"] <= max(8, triton.next_power_of_2(lq))] or configs[-1:]
+                and c.kwargs["BLOCK_N"] <= max(1, next_power_of_2(n_points))
+                and c.kwargs["BLOCK_M"] <= max(8, next_power_of_2(lq))] or configs[-1:]
     return kept[:max_configs]
 
 

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from fattn.core import empty
 from fattn.core.launch import launcher
-from fattn.core.runtime import autotune_limit, interpreter_enabled
+from fattn.core.runtime import autotune_limit, cdiv, interpreter_enabled, next_power_of_2
 from fattn.core.triton_helpers import (
     LOG2E,
     interp_upcast,
@@ -45,7 +45,7 @@ __all__ = ["rope2d_fwd_launch", "rope2d_bwd_launch", "pair_block", "prerotate_mo
 
 def pair_block(head_dim: int) -> int:
     """Width of a pair-half tile: D/2 rounded up to a power of two, at least 16 (tl.dot's minimum K)."""
-    return max(16, triton.next_power_of_2(head_dim // 2))
+    return max(16, next_power_of_2(head_dim // 2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,7 +547,7 @@ def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_prefix: in
     out = empty((B, H, N, D), dtype=x.dtype, device=x.device)
     meta = _meta(D, pairing)
     block = _rotate_block(D)
-    launcher(_rope2d_rotate_kernel)[(triton.cdiv(N, block) * B * H,)](
+    launcher(_rope2d_rotate_kernel)[(cdiv(N, block) * B * H,)](
         x, cos, sin, out, *x.stride(), H, N, n_prefix,
         D=D, DH=meta["DH"], BLOCK_DH=meta["BLOCK_DH"], INTERLEAVED=meta["INTERLEAVED"], BLOCK=block,
         num_warps=4,
@@ -559,7 +559,7 @@ def _fwd_prerotates_k(N: int) -> bool:
     mode = prerotate_mode()
     if mode != "auto":
         return mode == "1"
-    return triton.cdiv(N, 128) >= PREROTATE_MIN_Q_TILES
+    return cdiv(N, 128) >= PREROTATE_MIN_Q_TILES
 
 
 def _bwd_prerotates() -> bool:
@@ -575,7 +575,7 @@ def rope2d_fwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     prerotate = _fwd_prerotates_k(N)
     if prerotate:
         k = _rotated(k, cos, sin, n_prefix, pairing)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
+    grid = lambda meta: (cdiv(N, meta["BLOCK_M"]) * B * H,)
     launcher(_rope2d_fwd_kernel)[grid](
         q, k, v, cos, sin, out, lse,
         *q.stride(), *k.stride(), *v.stride(),
@@ -592,7 +592,7 @@ def rope2d_bwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     B, H, N, D = q.shape
     meta = _meta(D, pairing)
     delta_block = 64
-    launcher(_bwd_delta_kernel)[(triton.cdiv(N, delta_block) * B * H,)](
+    launcher(_bwd_delta_kernel)[(cdiv(N, delta_block) * B * H,)](
         out, grad_out, delta, *grad_out.stride(), H, N,
         D=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_block,
     )
@@ -600,12 +600,12 @@ def rope2d_bwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     if prerotate:
         q, k = _rotated(q, cos, sin, n_prefix, pairing), _rotated(k, cos, sin, n_prefix, pairing)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    grid_n = lambda m: (triton.cdiv(N, m["BLOCK_N"]) * B * H,)
+    grid_n = lambda m: (cdiv(N, m["BLOCK_N"]) * B * H,)
     launcher(_rope2d_bwd_dkdv_kernel)[grid_n](
         q, k, v, cos, sin, grad_out, lse, delta, dk, dv, *strides, H, N, n_prefix, scale, **meta,
         PREROTATED=prerotate,
     )
-    grid_m = lambda m: (triton.cdiv(N, m["BLOCK_M"]) * B * H,)
+    grid_m = lambda m: (cdiv(N, m["BLOCK_M"]) * B * H,)
     launcher(_rope2d_bwd_dq_kernel)[grid_m](
         q, k, v, cos, sin, grad_out, lse, delta, dq, *strides, H, N, n_prefix, scale, **meta,
         PREROTATED=prerotate,
