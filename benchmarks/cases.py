@@ -29,6 +29,8 @@ def fattn_case(package: str, shape: int | None = None, dtype: str | None = None,
     (default DEFAULT_SHAPE) in `dtype` (default: the shape's own, else fp32 / bf16 for rope2d and fp8)."""
     if package not in PACKAGES:
         raise ValueError(f"package must be one of {PACKAGES}, got {package!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     index = DEFAULT_SHAPE[package] if shape is None else shape
     dev = device()
     if package == "msda":

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from benchmarks.cases import PACKAGES, fattn_case
+from benchmarks.cases import DTYPES, PACKAGES, fattn_case
 
 
 def main() -> None:
@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("package", choices=PACKAGES)
     parser.add_argument("--shape", type=int, default=None,
                         help="index into the benchmark module's shapes (default: benchmarks.cases.DEFAULT_SHAPE)")
-    parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: the shape's own)")
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: the shape's own")
     parser.add_argument("--op", choices=["fwd", "fwd+bwd"], default="fwd")
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()

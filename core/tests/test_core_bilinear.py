@@ -22,12 +22,18 @@ from fattn.core.triton_helpers import (
 
 
 @triton.jit
-def _sample_kernel(map_ptr, xy_ptr, out_ptr, P, C, W, H,
-                   ALIGN: tl.constexpr, BORDER: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+def _points(xy_ptr, P, BP: tl.constexpr, BC: tl.constexpr):
+    """This program's BP points (indices p), channel indices c, and their (x, y)."""
     p, pm = tile_range(tl.program_id(0), BP, P)
-    c = tl.arange(0, BC)
     x = tl.load(xy_ptr + p * 2, mask=pm, other=0.0)
     y = tl.load(xy_ptr + p * 2 + 1, mask=pm, other=0.0)
+    return p, tl.arange(0, BC), x, y
+
+
+@triton.jit
+def _sample_kernel(map_ptr, xy_ptr, out_ptr, P, C, W, H,
+                   ALIGN: tl.constexpr, BORDER: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+    p, c, x, y = _points(xy_ptr, P, BP, BC)
     x0, y0, fx, fy, _, _ = bilinear_coords(x, y, W, H, ALIGN, BORDER)
     acc = tl.zeros([BP, BC], tl.float32)
     for corner in tl.static_range(4):
@@ -42,10 +48,7 @@ def _sample_kernel(map_ptr, xy_ptr, out_ptr, P, C, W, H,
 def _sample_cell_kernel(map_ptr, xy_ptr, out_ptr, P, C, W, H,
                         ALIGN: tl.constexpr, BORDER: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
     """The same sample through bilinear_cell: per-axis validity and weights, corner = pix + offset."""
-    p, pm = tile_range(tl.program_id(0), BP, P)
-    c = tl.arange(0, BC)
-    x = tl.load(xy_ptr + p * 2, mask=pm, other=0.0)
-    y = tl.load(xy_ptr + p * 2 + 1, mask=pm, other=0.0)
+    p, c, x, y = _points(xy_ptr, P, BP, BC)
     pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, _, _ = bilinear_cell(x, y, W, H, ALIGN, BORDER)
     acc = tl.zeros([BP, BC], tl.float32)
     for corner in tl.static_range(4):
