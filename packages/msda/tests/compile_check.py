@@ -68,7 +68,7 @@ def compile_bwd(dt: str, d: int, cfg: triton.Config, deterministic: bool, arch: 
     sig, consts = _common(dt, d, levels, cfg)
     sig |= {"grad_out_ptr": f"*{dt}", "grad_value_ptr": f"*{gdt}", "grad_loc_ptr": f"*{dt}",
             "grad_attn_ptr": f"*{dt}", "dest_ptr": "*i32", "coef_ptr": f"*{gdt}", "S": "i32", "N": "i32",
-            "coarse_max": "i32", "NUM_SLOTS": "i32"}
+            "NUM_SLOTS": "i32"}
     sig |= _strides("g", "nqc")
     consts |= {"DETERMINISTIC": deterministic, "BORDER": True}
     return _finish(kernels.msda_bwd_kernel.fn, sig, consts, "bwd-det" if deterministic else "bwd-atomic",
@@ -83,20 +83,6 @@ def compile_value_grad(dt: str, d: int, arch: int = 90):
     consts = {"ACC": ACC[dt], "BLOCK_R": 16, "BLOCK_D": triton.next_power_of_2(d)}
     cfg = triton.Config({}, num_warps=4, num_stages=3)
     return _finish(kernels.msda_value_grad_kernel, sig, consts, "value-grad", arch, cfg)
-
-
-def compile_coarse(dt: str, d: int, arch: int = 90):
-    """msda_coarse_value_grad_kernel at the tiling op._coarse_value_grad picks for head dim d."""
-    block_d = max(16, triton.next_power_of_2(d))
-    tiles = kernels.coarse_tiles(block_d)
-    warps = tiles.pop("num_warps")
-    sig = {"shapes_ptr": "*i64", "starts_ptr": "*i64", "loc_ptr": f"*{dt}", "attn_ptr": f"*{dt}",
-           "grad_out_ptr": f"*{dt}", "grad_value_ptr": "*fp32", "lvl": "i32", "Lq": "i32", "M": "i32", "D": "i32",
-           "S": "i32", "n_qb": "i32", "n_chunks": "i32"}
-    sig |= _strides("l", "nqmlpc") | _strides("a", "nqmlp") | _strides("g", "nqc")
-    consts = {"P": 4, "ALIGN_CORNERS": False, "BORDER": False, "ACC": tl.float32, "BLOCK_D": block_d, **tiles}
-    cfg = triton.Config(tiles, num_warps=warps, num_stages=1)
-    return _finish(kernels.msda_coarse_value_grad_kernel, sig, consts, "coarse-value-grad", arch, cfg)
 
 
 def _kept(configs: list[triton.Config], dt: str, d: int, lq: int = 1 << 20) -> list[triton.Config]:
@@ -150,10 +136,6 @@ def main() -> int:
             if not quick or (d == 32 and dt == "fp32"):
                 jobs += [(lambda c=c: compile_bwd(dt, d, c, True, arch), c) for c in bwd[:1]]
                 jobs += [(lambda: compile_value_grad(dt, d, arch), triton.Config({"BLOCK_Q": 0}, num_warps=4))]
-            if dt != "fp64":  # (fp64 never takes the coarse kernel: op._coarse_levels)
-                tiles = kernels.coarse_tiles(max(16, triton.next_power_of_2(d)))
-                jobs += [(lambda: compile_coarse(dt, d, arch),
-                          triton.Config({"BLOCK_Q": tiles["BLOCK_Q"]}, num_warps=tiles["num_warps"], num_stages=1))]
             for job, cfg in jobs:
                 try:
                     r = job()

@@ -132,24 +132,6 @@ def test_every_kernel_path_matches_reference(path: str, monkeypatch: pytest.Monk
               "det": det})
 
 
-@pytest.mark.parametrize("padding,align", [("zeros", False), ("border", True)], ids=["zeros", "border-align"])
-def test_coarse_level_value_gradient(padding: str, align: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Small levels' value gradient is a dense product (msda_coarse_value_grad_kernel), the others' a
-    # scatter: a shape with both kinds on the CPU and the GPU, then the same with the dense path off.
-    from fattn.msda import op
-
-    lq = 301 if on_gpu() else 101  # > 1 program's queries (kernels.coarse_tiles)
-    case = dict(N=2, Lq=lq, M=2, D=12, levels="23x29+9x7+2x3", P=3, dtype=torch.float32, padding=padding,
-                align=align, det=False)
-    shapes, _, _ = level_tensors(parse_levels(case["levels"]))
-    coarse = op._coarse_levels(shapes, torch.empty(0), deterministic=False)
-    assert 0 < len(coarse) < 3, coarse
-    _run(case)
-    monkeypatch.setattr(op, "coarse_max_pixels", lambda: 0)
-    assert op._coarse_levels(shapes, torch.empty(0), deterministic=False) == []
-    _run(case)
-
-
 def test_int64_offsets_path_matches_int32(monkeypatch: pytest.MonkeyPatch) -> None:
     """The forward's int64 in-slice offsets (value / locations / weights past 2**31 elements) give the
     same bits as the int32 ones."""

@@ -84,14 +84,23 @@ def autotune_limit(package: str) -> int:
             if value not in ("0", "1"):
                 raise ValueError(f"{name}={value!r}: expected 0 (first config only) or 1 (autotune over all)")
             return 1 if value == "0" else 0
-        try:
-            limit = int(value)
-        except ValueError:
-            limit = -1
-        if limit < 0:
-            raise ValueError(f"{name}={value!r}: expected a non-negative integer (configs to autotune over, 0: all)")
-        return limit
+        return env_int(name, 0, "configs to autotune over, 0: all")
     return 0
+
+
+def env_int(name: str, default: int, meaning: str) -> int:
+    """A non-negative integer environment variable; unset or empty gives `default`. Raises ValueError
+    naming the variable and `meaning` for anything else."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise ValueError(f"{name}={os.environ[name]!r}: expected a non-negative integer ({meaning})")
+    return number
 
 
 def kernel_device_reason(name: str, tensor: torch.Tensor) -> str | None:

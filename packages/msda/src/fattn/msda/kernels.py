@@ -36,7 +36,6 @@ __all__ = [
     "msda_fwd_kernel",
     "msda_bwd_kernel",
     "msda_value_grad_kernel",
-    "msda_coarse_value_grad_kernel",
 ]
 
 
@@ -282,16 +281,14 @@ def msda_fwd_kernel(
 
 @triton.jit
 def _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_value_head, grad_loc_ptr,
-               grad_attn_ptr, dest_ptr, coef_ptr, g, point_base, loc_head, attn_head, n, m, N, M, D, S, coarse_max,
+               grad_attn_ptr, dest_ptr, coef_ptr, g, point_base, loc_head, attn_head, n, m, N, M, D, S,
                q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
                stride_aq, stride_al, stride_ap,
                P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr,
                DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Gradients of level `lvl`'s P points: grad_attn / grad_loc stored, value's scattered (unless the
-    level has at most `coarse_max` pixels: msda_coarse_value_grad_kernel's)."""
+    """Gradients of level `lvl`'s P points: grad_attn / grad_loc stored, value's scattered."""
     height = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
     width = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
-    scatter = height * width > coarse_max
     start = tl.load(starts_ptr + lvl)
     value_lvl = value_head + start * stride_vs
     for pt in tl.static_range(P):
@@ -326,7 +323,7 @@ def _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_
                 dest = tl.where(valid, (n * M + m) * S + start + pix64, N * M * S)
                 tl.store(dest_ptr + point * 4 + corner, dest.to(dest_ptr.dtype.element_ty), mask=q_mask)
                 tl.store(coef_ptr + point * 4 + corner, a * w, mask=q_mask)
-            elif scatter:
+            else:
                 contrib = (a * w) * g
                 tl.atomic_add(grad_value_head + (start + pix64) * (M * D),
                               contrib.to(grad_value_head.dtype.element_ty), mask=corner_mask, sem="relaxed")
@@ -342,7 +339,7 @@ def _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_
 
 @triton.jit
 def _bwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
-              grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S, coarse_max,
+              grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S,
               stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll, stride_lp,
               stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap, stride_gn, stride_gq, stride_gc,
               L: tl.constexpr, P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr,
@@ -374,14 +371,14 @@ def _bwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
         for lvl in tl.static_range(L):
             _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_value_head, grad_loc_ptr,
                        grad_attn_ptr, dest_ptr, coef_ptr, g, point_base, loc_head, attn_head, n, m, N, M, D, S,
-                       coarse_max, q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
+                       q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
                        stride_aq, stride_al, stride_ap, P, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC,
                        BLOCK_Q, BLOCK_D)
     else:
         for lvl in range(L):
             _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_value_head, grad_loc_ptr,
                        grad_attn_ptr, dest_ptr, coef_ptr, g, point_base, loc_head, attn_head, n, m, N, M, D, S,
-                       coarse_max, q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
+                       q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
                        stride_aq, stride_al, stride_ap, P, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC,
                        BLOCK_Q, BLOCK_D)
 
@@ -392,7 +389,7 @@ def _bwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
 def msda_bwd_kernel(
     value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
     grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr,
-    N, Lq, M, D, S, coarse_max, LQ_BUCKET, NUM_SLOTS,
+    N, Lq, M, D, S, LQ_BUCKET, NUM_SLOTS,
     stride_vn, stride_vs, stride_vm, stride_vd,
     stride_ln, stride_lq, stride_lm, stride_ll, stride_lp, stride_lc,
     stride_an, stride_aq, stride_am, stride_al, stride_ap,
@@ -401,10 +398,10 @@ def msda_bwd_kernel(
     DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL_LEVELS: tl.constexpr,
     PERSISTENT: tl.constexpr, PROGRAMS_PER_SLOT: tl.constexpr,
 ):
-    """Gradients of (batch, head, query block) tiles. Grid and PERSISTENT schedule as msda_fwd_kernel's.
+    """Gradients of (batch, head, query block) tiles. Grid: (query blocks * M * N,), program
+    query_block * N * M + n * M + m; or the PERSISTENT schedule of msda_fwd_kernel.
 
-    grad_value_ptr: [N, S, M, D] contiguous, zero-filled, written with atomics (unless DETERMINISTIC), except
-    for levels of at most coarse_max pixels (msda_coarse_value_grad_kernel's; 0: none).
+    grad_value_ptr: [N, S, M, D] contiguous, zero-filled, written with atomics (unless DETERMINISTIC).
     grad_loc_ptr / grad_attn_ptr: contiguous [N, Lq, M, L, P, 2] / [N, Lq, M, L, P], fully written.
     dest_ptr / coef_ptr (DETERMINISTIC only): [N, Lq, M, L, P, 4] destination row ((n * M + m) * S + s,
     or N * M * S for a corner outside the map) and coefficient of each corner's contribution.
@@ -415,119 +412,23 @@ def msda_bwd_kernel(
             head = t // n_qb
             _bwd_tile((t % n_qb).to(tl.int32), (head % M).to(tl.int32), head // M,
                       value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
-                      grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S, coarse_max,
+                      grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S,
                       stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll, stride_lp,
                       stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap, stride_gn, stride_gq, stride_gc,
                       L, P, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS)
     else:
-        _bwd_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64),
+        # (batch, head) fastest: the programs in flight scatter into every head's value-gradient rows,
+        # not all into one head's. Atomics on few hot addresses serialize in L2: on sm_90 this cut the
+        # 8x8 level's share of the backward from 236 to 72 us (B4 Q10000 M8).
+        pid = tl.program_id(0)
+        heads = N * M
+        nm = pid % heads
+        _bwd_tile(pid // heads, nm % M, (nm // M).to(tl.int64),
                   value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
-                  grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S, coarse_max,
+                  grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S,
                   stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll, stride_lp,
                   stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap, stride_gn, stride_gq, stride_gc,
                   L, P, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS)
-
-
-# Coarse levels: the value gradient as a dense product instead of a scatter. The fast backward is
-# bound by its fp32 atomics (one 16-byte L2 atomic per 4 channels of every bilinear corner of every
-# point), and a small level takes as many of them as a large one while offering few destinations.
-# For a level of at most COARSE_MAX_PIXELS pixels, this kernel builds the [BLOCK_Q, BLOCK_PIX] matrix of
-# bilinear weights (times attention) from a block of queries to a chunk of the level's pixels, then
-# grad_value[chunk] += A^T @ grad_out[block]: BLOCK_PIX * D / 4 atomics per block instead of
-# 4 * P * D / 4 per query. Building A costs ~8 instructions per (query, point, pixel), which beats a
-# query's 4 * D / 4 atomics per point up to several hundred pixels.
-COARSE_MAX_PIXELS = 512
-
-
-def coarse_max_pixels() -> int:
-    """Levels of at most this many pixels take `msda_coarse_value_grad_kernel` (the GPU's threshold is
-    above; under the CPU interpreter 24, so that the tests' small levels take both paths)."""
-    return 24 if interpreter_enabled() else COARSE_MAX_PIXELS
-
-
-def coarse_tiles(block_d: int) -> dict:
-    """The coarse kernel's tiling for a head dim padded to block_d (a launch's constexprs and warps).
-
-    Query blocks of 16 in a loop over QUERIES_PER_PROGRAM queries, so that each program flushes its
-    [BLOCK_PIX, D] sum once per 256 queries; the [BLOCK_PIX, block_d] accumulator kept at <= 2048
-    fp32 elements (8 registers a thread at 8 warps; sm_90 compiles take 80 registers at D 32)."""
-    if interpreter_enabled():  # small tiles: the tests' levels span several chunks and query blocks
-        return dict(BLOCK_Q=16, QUERIES_PER_PROGRAM=32, BLOCK_PIX=16, num_warps=4)
-    return dict(BLOCK_Q=16, QUERIES_PER_PROGRAM=256, BLOCK_PIX=max(16, min(64, 2048 // block_d)), num_warps=8)
-
-
-@triton.jit
-def _coarse_weights(loc_ptr, attn_ptr, loc_level, attn_level, q, q_mask, px, py, width, height,
-                    stride_lq, stride_lp, stride_lc, stride_aq, stride_ap,
-                    P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr):
-    """[BLOCK_Q, BLOCK_PIX] weights of queries q on pixels (px, py): the sum over points of attn *
-    tent(ix - px) * tent(iy - py), tent(t) = max(1 - |t|, 0), which is exactly the bilinear weight
-    of each of the (up to) four corners inside the map and zero elsewhere."""
-    weights = tl.zeros([q.shape[0], px.shape[0]], dtype=ACC)
-    for pt in tl.static_range(P):
-        x, y = _sample_location(loc_ptr, loc_level + pt * stride_lp, q, q_mask, stride_lq, stride_lc, ACC)
-        a = tl.load(attn_ptr + attn_level + pt * stride_ap + q * stride_aq, mask=q_mask, other=0.0)
-        a = interp_upcast(a).to(ACC)
-        x0, y0, fx, fy, _, _ = bilinear_coords(x, y, width, height, ALIGN_CORNERS, BORDER)
-        ix = x0.to(ACC) + fx
-        iy = y0.to(ACC) + fy
-        tent_x = tl.maximum(1.0 - tl.abs(ix[:, None] - px[None, :]), 0.0)
-        tent_y = tl.maximum(1.0 - tl.abs(iy[:, None] - py[None, :]), 0.0)
-        weights += (a[:, None] * tent_x) * tent_y
-    return weights
-
-
-@triton.jit
-def msda_coarse_value_grad_kernel(
-    shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr, grad_value_ptr,
-    lvl, Lq, M, D, S, n_qb, n_chunks,
-    stride_ln, stride_lq, stride_lm, stride_ll, stride_lp, stride_lc,
-    stride_an, stride_aq, stride_am, stride_al, stride_ap,
-    stride_gn, stride_gq, stride_gc,
-    P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_Q: tl.constexpr, QUERIES_PER_PROGRAM: tl.constexpr, BLOCK_PIX: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Value gradient of level `lvl` (see COARSE_MAX_PIXELS). Grid: (n_qb * n_chunks * N * M,), program
-    ((n * M + m) * n_chunks + chunk) * n_qb + qb takes queries [qb, qb + 1) * QUERIES_PER_PROGRAM,
-    BLOCK_Q at a time, against BLOCK_PIX pixels of the level. grad_value_ptr: [N, S, M, D] fp32, added
-    to with atomics, once per program (the main backward kernel skips this level's value gradient)."""
-    pid = tl.program_id(0).to(tl.int64)
-    qb = pid % n_qb
-    chunk = (pid // n_qb) % n_chunks
-    nm = pid // (n_qb * n_chunks)
-    n = nm // M
-    m = nm % M
-    height = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
-    width = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
-    start = tl.load(starts_ptr + lvl)
-
-    pix = chunk.to(tl.int32) * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
-    pix_mask = pix < height * width
-    px = (pix % width).to(ACC)  # pixel centres in bilinear_coords' pixel coordinates
-    py = (pix // width).to(ACC)
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < D
-    loc_level = n * stride_ln + m * stride_lm + lvl * stride_ll
-    attn_level = n * stride_an + m * stride_am + lvl * stride_al
-    g_head = grad_out_ptr + n * stride_gn + (m * D + d[None, :]).to(tl.int64) * stride_gc
-
-    # Small query blocks in a loop, not one large one: the weights are built in the dot operand's
-    # layout, which replicates them across warps (a [64, 64] block took 200-255 registers on sm_90).
-    contrib = tl.zeros([BLOCK_PIX, BLOCK_D], dtype=ACC)
-    q_first = (qb * QUERIES_PER_PROGRAM).to(tl.int32)
-    for q0 in range(q_first, tl.minimum(q_first + QUERIES_PER_PROGRAM, Lq), BLOCK_Q):
-        q = q0 + tl.arange(0, BLOCK_Q)
-        q_mask = q < Lq
-        weights = _coarse_weights(loc_ptr, attn_ptr, loc_level, attn_level, q, q_mask, px, py, width, height,
-                                  stride_lq, stride_lp, stride_lc, stride_aq, stride_ap,
-                                  P, ALIGN_CORNERS, BORDER, ACC)
-        g = tl.load(g_head + q.to(tl.int64)[:, None] * stride_gq, mask=q_mask[:, None] & d_mask[None, :], other=0.0)
-        # tf32x3: fp32 accuracy from three tf32 tensor-core products (plain tf32 would round the
-        # weights and gradients to 10 bits; ieee's FMA loop costs registers and as many instructions
-        # as building the weights).
-        contrib += tl.dot(tl.trans(weights), interp_upcast(g).to(ACC), input_precision="tf32x3")
-    rows = (n * S + start + pix.to(tl.int64))[:, None] * (M * D) + m * D + d[None, :]
-    tl.atomic_add(grad_value_ptr + rows, contrib, mask=pix_mask[:, None] & d_mask[None, :], sem="relaxed")
 
 
 @triton.jit

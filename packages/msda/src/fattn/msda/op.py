@@ -19,14 +19,7 @@ from fattn.core import (
 )
 from fattn.core.launch import launcher
 from fattn.core.runtime import cdiv, is_compiling, next_power_of_2, seq_bucket, sm_count
-from fattn.msda.kernels import (
-    coarse_max_pixels,
-    coarse_tiles,
-    msda_bwd_kernel,
-    msda_coarse_value_grad_kernel,
-    msda_fwd_kernel,
-    msda_value_grad_kernel,
-)
+from fattn.msda.kernels import msda_bwd_kernel, msda_fwd_kernel, msda_value_grad_kernel
 
 __all__ = ["ms_deform_attn", "msda_fwd", "msda_bwd", "not_supported_reasons", "MSDeformAttnFunction"]
 
@@ -48,10 +41,14 @@ def _num_slots(dev: torch.device) -> int:
     return 3
 
 
-def _grid(lq: int, m: int, n: int, slots: int):  # type: ignore[no-untyped-def]
+def _grid(lq: int, m: int, n: int, slots: int, flat: bool = False):  # type: ignore[no-untyped-def]
+    """The kernels' grid: persistent, else (query blocks, M, N), or with `flat` (the backward's order)
+    (query blocks * M * N,)."""
     def grid(meta: dict) -> tuple[int, ...]:
         if meta["PERSISTENT"]:  # every (slot, program) pair must exist: each owns a share of the tiles
             return (slots * meta["PROGRAMS_PER_SLOT"],)
+        if flat:
+            return (cdiv(lq, meta["BLOCK_Q"]) * m * n,)
         return (cdiv(lq, meta["BLOCK_Q"]), m, n)
 
     return grid
@@ -77,37 +74,6 @@ def _needs_64bit_offsets(value: torch.Tensor, sampling_locations: torch.Tensor,
 
 def _as_index(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int64).contiguous()
-
-
-# Host copies of each level's H * W, read once per spatial_shapes tensor (a device sync; the
-# validation's read fills it too): the backward picks the levels its coarse kernel takes from them.
-_LEVEL_SIZES: TensorCache[tuple[int, ...]] = TensorCache()
-
-
-def _level_sizes(spatial_shapes: torch.Tensor) -> tuple[int, ...] | None:
-    """H * W of each level, or None where no host read may happen (a CUDA graph being captured)."""
-    sizes = _LEVEL_SIZES.get((spatial_shapes,))
-    if sizes is not None:
-        return sizes
-    if spatial_shapes.is_cuda and torch.cuda.is_current_stream_capturing():
-        return None
-    hw = spatial_shapes.detach().to("cpu", torch.int64)
-    sizes = tuple(int(v) for v in (hw[:, 0] * hw[:, 1]).tolist())
-    _LEVEL_SIZES.put((spatial_shapes,), None, sizes)
-    return sizes
-
-
-def _coarse_levels(spatial_shapes: torch.Tensor, value: torch.Tensor,
-                   deterministic: bool) -> list[tuple[int, int]]:
-    """(level, H * W) of the levels whose value gradient `msda_coarse_value_grad_kernel` computes (kernels.COARSE_MAX_PIXELS):
-    none in deterministic mode (its flushes are atomics) or for fp64 (gradcheck; no fp64 dot needed)."""
-    if deterministic or value.dtype == torch.float64:
-        return []
-    sizes = _level_sizes(spatial_shapes)
-    if sizes is None:
-        return []
-    limit = coarse_max_pixels()
-    return [(lvl, size) for lvl, size in enumerate(sizes) if 0 < size <= limit]
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,20 +155,16 @@ def msda_bwd(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.
 
     gn, gq, gc = grad_out.stride()
     slots = _num_slots(dev)
-    coarse = _coarse_levels(spatial_shapes, value, deterministic)
-    launcher(msda_bwd_kernel)[_grid(lq, m, n, slots)](
+    launcher(msda_bwd_kernel)[_grid(lq, m, n, slots, flat=True)](
         value, shapes, starts, sampling_locations, attention_weights, grad_out,
         grad_value_buf, grad_loc, grad_attn, dest if deterministic else grad_loc,
         coef if deterministic else grad_loc,
-        n, lq, m, d, s, coarse_max_pixels() if coarse else 0, seq_bucket(lq), slots,
+        n, lq, m, d, s, seq_bucket(lq), slots,
         *value.stride(), *sampling_locations.stride(), *attention_weights.stride(),
         gn, gq, gc,
         L=levels, P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=acc, DETERMINISTIC=deterministic,
         BLOCK_D=next_power_of_2(d),
     )
-    if coarse:
-        _coarse_value_grad(coarse, grad_out, grad_value_buf, shapes, starts, sampling_locations, attention_weights,
-                           padding_mode, align_corners)
     if not deterministic:
         grad_value = grad_value_buf if grad_value_buf.dtype == value.dtype else grad_value_buf.to(value.dtype)
         return grad_value, grad_loc, grad_attn
@@ -222,26 +184,6 @@ def msda_bwd(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.
         ACC=acc, BLOCK_R=block_r, BLOCK_D=next_power_of_2(d), num_warps=4,
     )
     return grad_value, grad_loc, grad_attn
-
-
-def _coarse_value_grad(levels: list[tuple[int, int]], grad_out: torch.Tensor, grad_value_buf: torch.Tensor,
-                       shapes: torch.Tensor, starts: torch.Tensor, sampling_locations: torch.Tensor,
-                       attention_weights: torch.Tensor, padding_mode: str, align_corners: bool) -> None:
-    """Adds the value gradient of `levels` (see _coarse_levels) into the fp32 grad_value_buf."""
-    n, s, m, d = grad_value_buf.shape
-    lq, points = sampling_locations.shape[1], sampling_locations.shape[4]
-    block_d = max(16, next_power_of_2(d))  # tl.dot's smallest N
-    tiles = coarse_tiles(block_d)
-    n_qb = cdiv(lq, tiles["QUERIES_PER_PROGRAM"])
-    for lvl, size in levels:
-        n_chunks = cdiv(size, tiles["BLOCK_PIX"])
-        launcher(msda_coarse_value_grad_kernel)[(n_qb * n_chunks * n * m,)](
-            shapes, starts, sampling_locations, attention_weights, grad_out, grad_value_buf,
-            lvl, lq, m, d, s, n_qb, n_chunks,
-            *sampling_locations.stride(), *attention_weights.stride(), *grad_out.stride(),
-            P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=tl.float32,
-            BLOCK_D=block_d, **tiles,
-        )
 
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
@@ -334,7 +276,6 @@ def _index_value_reasons(spatial_shapes: torch.Tensor, level_start_index: torch.
         out.append(Reason(f"spatial_shapes must hold positive (H, W) pairs, got {hw.tolist()}"))
         return out
     sizes = hw[:, 0] * hw[:, 1]
-    _LEVEL_SIZES.put((spatial_shapes,), None, tuple(int(v) for v in sizes.tolist()))  # spares the backward a read
     if int(sizes.sum()) != s:
         out.append(Reason(f"spatial_shapes {hw.tolist()} cover sum(H * W) = {int(sizes.sum())} positions, "
                           f"but value has S = {s} (value must be [N, S, M, D] with the levels concatenated)"))
