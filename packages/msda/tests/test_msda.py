@@ -133,17 +133,28 @@ def test_every_kernel_path_matches_reference(path: str, monkeypatch: pytest.Monk
 
 
 def test_int64_offsets_path_matches_int32(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The forward's int64 in-slice offsets (value / locations / weights past 2**31 elements) give the
-    same bits as the int32 ones."""
+    """The int64 in-slice offsets (value / locations / weights past 2**31 elements) give the same bits
+    as the int32 ones, forward and backward (the deterministic backward; the atomic one to rounding)."""
     from fattn.msda import op as op_module
 
     inputs = make_inputs(2, 13, 2, 8, [(5, 7), (2, 3)], 2, torch.float32)
-    out32 = ms_deform_attn(**inputs)
+    grad_out = torch.randn(2, 13, 2 * 8, device=inputs["value"].device)
+
+    def run(deterministic: bool) -> tuple[torch.Tensor, ...]:
+        leaves = {k: inputs[k].detach().clone().requires_grad_(True) for k in GRADS}
+        out = ms_deform_attn(**{**inputs, **leaves}, deterministic=deterministic)
+        return (out.detach(), *torch.autograd.grad(out, list(leaves.values()), grad_out))
+
+    runs32 = {det: run(det) for det in (True, False)}
     monkeypatch.setattr(op_module, "_needs_64bit_offsets", lambda *args, **kwargs: True)
-    out64 = ms_deform_attn(**inputs)
-    assert torch.equal(out32, out64)
+    for det in (True, False):
+        for name, a, b in zip(["out", *GRADS], runs32[det], run(det)):
+            if det or name != "value":
+                assert torch.equal(a, b), name
+            else:
+                assert_close(name, b, a, dtype=torch.float32)
     ref64 = ms_deform_attn_reference(**{k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()})
-    assert_close("out", out64, ref64, dtype=torch.float32)
+    assert_close("out", runs32[True][0], ref64, dtype=torch.float32)
 
 
 def test_int64_offsets_decision() -> None:
