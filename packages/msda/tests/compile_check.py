@@ -70,7 +70,7 @@ def compile_bwd(dt: str, d: int, cfg: triton.Config, deterministic: bool, arch: 
             "grad_attn_ptr": f"*{dt}", "dest_ptr": "*i32", "coef_ptr": f"*{gdt}", "S": "i32", "N": "i32",
             "NUM_SLOTS": "i32"}
     sig |= _strides("g", "nqc")
-    consts |= {"DETERMINISTIC": deterministic, "BORDER": True, "OFFSETS_64": False}
+    consts |= {"DETERMINISTIC": deterministic, "BORDER": True}
     return _finish(kernels.msda_bwd_kernel.fn, sig, consts, "bwd-det" if deterministic else "bwd-atomic",
                    arch, cfg)
 

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from fattn.core.runtime import autotune_limit, interpreter_enabled
-from fattn.core.triton_helpers import bilinear_cell, cell_corner, interp_upcast
+from fattn.core.triton_helpers import bilinear_cell, bilinear_coords, bilinear_corner, cell_corner, interp_upcast
 
 __all__ = [
     "fwd_configs",
@@ -285,20 +285,12 @@ def _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_
                q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
                stride_aq, stride_al, stride_ap,
                P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr,
-               DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-               OFFSETS_64: tl.constexpr):
-    """Gradients of level `lvl`'s P points: grad_attn / grad_loc stored, value's scattered.
-
-    Per corner c, one reduction gv_c = g . v_c over the D channels; the point's gradients are then
-    scalar sums per query: d/d(attn) = sum w_c gv_c, d/d(fx) = sum dw_c/dfx gv_c, likewise fy (a corner
-    outside the map loads v_c = 0 and adds nothing). That is one multiply per element and corner,
-    instead of accumulating the sample and its two derivatives over all D channels (three).
-    """
+               DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Gradients of level `lvl`'s P points: grad_attn / grad_loc stored, value's scattered."""
     height = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
     width = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
     start = tl.load(starts_ptr + lvl)
     value_lvl = value_head + start * stride_vs
-    grad_value_lvl = grad_value_head + start * (M * D)
     for pt in tl.static_range(P):
         # Loaded as 1-D vectors (one load per distinct query, not per replicated column element).
         q_1d = tl.reshape(q64, (BLOCK_Q,))
@@ -308,42 +300,36 @@ def _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_
         a = tl.load(attn_ptr + attn_head + lvl * stride_al + pt * stride_ap + q_1d * stride_aq,
                     mask=mask_1d, other=0.0)
         a = interp_upcast(a).to(ACC)[:, None]
-        pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, dix_dx, diy_dy = bilinear_cell(
-            x[:, None], y[:, None], width, height, ALIGN_CORNERS, BORDER)
-        if OFFSETS_64:
-            top_left = value_lvl + pix.to(tl.int64) * stride_vs + d_offs
-            grad_top_left = grad_value_lvl + pix.to(tl.int64) * (M * D)
-        else:  # int32 offsets inside the level (op._needs_64bit_offsets): fewer integer instructions
-            top_left = value_lvl + (pix * stride_vs + d_offs)
-            grad_top_left = grad_value_lvl + pix * (M * D)
-        grad_a = tl.zeros([BLOCK_Q, 1], dtype=ACC)
-        grad_fx = tl.zeros([BLOCK_Q, 1], dtype=ACC)
-        grad_fy = tl.zeros([BLOCK_Q, 1], dtype=ACC)
+        x = x[:, None]
+        y = y[:, None]
+        x0, y0, fx, fy, dix_dx, diy_dy = bilinear_coords(x, y, width, height, ALIGN_CORNERS, BORDER)
+        # The bilinear sample and its derivatives along fx and fy, all D channels; each gradient
+        # below is then one reduction against g (3 per point, not 3 per corner).
+        sample = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
+        sample_dfx = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
+        sample_dfy = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
         point = point_base + lvl * P + pt
         for corner in tl.static_range(4):
-            in_map, wx, wy, dwx, dwy, offset = cell_corner(in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, width,
-                                                           corner % 2, corner // 2)
-            corner_mask = qd_mask & in_map
-            if OFFSETS_64:
-                v = tl.load(top_left + offset.to(tl.int64) * stride_vs, mask=corner_mask, other=0.0)
-            else:
-                v = tl.load(top_left + offset * stride_vs, mask=corner_mask, other=0.0)
-            gv = tl.sum(g * interp_upcast(v).to(ACC), 1, keep_dims=True)
-            w = wx * wy
-            grad_a += w * gv
-            grad_fx += (dwx * wy) * gv
-            grad_fy += (wx * dwy) * gv
+            pix, valid, w, dw_dfx, dw_dfy = bilinear_corner(x0, y0, fx, fy, width, height,
+                                                            corner % 2, corner // 2)
+            pix64 = pix.to(tl.int64)
+            corner_mask = qd_mask & valid
+            v = tl.load(value_lvl + pix64 * stride_vs + d_offs, mask=corner_mask, other=0.0)
+            v = interp_upcast(v).to(ACC)
+            sample += w * v
+            sample_dfx += dw_dfx * v
+            sample_dfy += dw_dfy * v
             if DETERMINISTIC:
-                dest = tl.where(in_map, (n * M + m) * S + start + (pix + offset).to(tl.int64), N * M * S)
+                dest = tl.where(valid, (n * M + m) * S + start + pix64, N * M * S)
                 tl.store(dest_ptr + point * 4 + corner, dest.to(dest_ptr.dtype.element_ty), mask=q_mask)
-                tl.store(coef_ptr + point * 4 + corner, a * tl.where(in_map, w, 0.0), mask=q_mask)
+                tl.store(coef_ptr + point * 4 + corner, a * w, mask=q_mask)
             else:
                 contrib = (a * w) * g
-                if OFFSETS_64:
-                    rows = grad_top_left + offset.to(tl.int64) * (M * D)
-                else:
-                    rows = grad_top_left + offset * (M * D)
-                tl.atomic_add(rows, contrib.to(grad_value_head.dtype.element_ty), mask=corner_mask, sem="relaxed")
+                tl.atomic_add(grad_value_head + (start + pix64) * (M * D),
+                              contrib.to(grad_value_head.dtype.element_ty), mask=corner_mask, sem="relaxed")
+        grad_a = tl.sum(g * sample, 1, keep_dims=True)
+        grad_fx = tl.sum(g * sample_dfx, 1, keep_dims=True)
+        grad_fy = tl.sum(g * sample_dfy, 1, keep_dims=True)
         tl.store(grad_attn_ptr + point, grad_a.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)
         tl.store(grad_loc_ptr + point * 2, (a * grad_fx * dix_dx).to(grad_loc_ptr.dtype.element_ty),
                  mask=q_mask)
@@ -358,8 +344,8 @@ def _bwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
               stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap, stride_gn, stride_gq, stride_gc,
               L: tl.constexpr, P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr,
               ACC: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-              UNROLL_LEVELS: tl.constexpr, OFFSETS_64: tl.constexpr):
-    """Gradients of query block `pid_q` of head `m` of batch `n` (int64). OFFSETS_64 as _fwd_tile's."""
+              UNROLL_LEVELS: tl.constexpr):
+    """Gradients of query block `pid_q` of head `m` of batch `n` (int64)."""
     # Per-query values are [BLOCK_Q, 1] columns rather than 1-D vectors: one layout family for the
     # whole kernel (1-D vectors mixed with row reductions of fp32 tiles tripped Triton 3.6's
     # RemoveLayoutConversions pass). Only the per-point location / weight loads are 1-D (expanded
@@ -371,7 +357,7 @@ def _bwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
     qd_mask = q_mask & (d < D)
 
     value_head = value_ptr + n * stride_vn + m * stride_vm
-    d_offs = d.to(tl.int64) * stride_vd if OFFSETS_64 else d * stride_vd
+    d_offs = d.to(tl.int64) * stride_vd
     loc_head = n * stride_ln + m * stride_lm
     attn_head = n * stride_an + m * stride_am
     # The output gradient of these queries, kept in registers for every point.
@@ -387,14 +373,14 @@ def _bwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
                        grad_attn_ptr, dest_ptr, coef_ptr, g, point_base, loc_head, attn_head, n, m, N, M, D, S,
                        q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
                        stride_aq, stride_al, stride_ap, P, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC,
-                       BLOCK_Q, BLOCK_D, OFFSETS_64)
+                       BLOCK_Q, BLOCK_D)
     else:
         for lvl in range(L):
             _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_value_head, grad_loc_ptr,
                        grad_attn_ptr, dest_ptr, coef_ptr, g, point_base, loc_head, attn_head, n, m, N, M, D, S,
                        q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
                        stride_aq, stride_al, stride_ap, P, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC,
-                       BLOCK_Q, BLOCK_D, OFFSETS_64)
+                       BLOCK_Q, BLOCK_D)
 
 
 @triton.autotune(configs=bwd_configs(), key=_KEY + ["DETERMINISTIC"],
@@ -410,7 +396,7 @@ def msda_bwd_kernel(
     stride_gn, stride_gq, stride_gc,
     L: tl.constexpr, P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr,
     DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL_LEVELS: tl.constexpr,
-    PERSISTENT: tl.constexpr, PROGRAMS_PER_SLOT: tl.constexpr, OFFSETS_64: tl.constexpr = True,
+    PERSISTENT: tl.constexpr, PROGRAMS_PER_SLOT: tl.constexpr,
 ):
     """Gradients of (batch, head, query block) tiles. Grid: (query blocks * M * N,), program
     query_block * N * M + n * M + m; or the PERSISTENT schedule of msda_fwd_kernel.
@@ -429,7 +415,7 @@ def msda_bwd_kernel(
                       grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S,
                       stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll, stride_lp,
                       stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap, stride_gn, stride_gq, stride_gc,
-                      L, P, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS, OFFSETS_64)
+                      L, P, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS)
     else:
         # (batch, head) fastest: the programs in flight scatter into every head's value-gradient rows,
         # not all into one head's. Atomics on few hot addresses serialize in L2: on sm_90 this cut the
@@ -442,7 +428,7 @@ def msda_bwd_kernel(
                   grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S,
                   stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll, stride_lp,
                   stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap, stride_gn, stride_gq, stride_gc,
-                  L, P, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS, OFFSETS_64)
+                  L, P, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS)
 
 
 @triton.jit

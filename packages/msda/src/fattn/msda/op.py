@@ -164,8 +164,6 @@ def msda_bwd(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.
         gn, gq, gc,
         L=levels, P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=acc, DETERMINISTIC=deterministic,
         BLOCK_D=next_power_of_2(d),
-        # (the value gradient's rows within a batch: (start + pixel) * M * D, pixel < 4S + 8 as bounded there)
-        OFFSETS_64=_needs_64bit_offsets(value, sampling_locations, attention_weights) or (5 * s + 8) * m * d > _INT32_MAX,
     )
     if not deterministic:
         grad_value = grad_value_buf if grad_value_buf.dtype == value.dtype else grad_value_buf.to(value.dtype)
