@@ -134,8 +134,9 @@ def test_every_kernel_path_matches_reference(path: str, monkeypatch: pytest.Monk
 
 def test_int64_offsets_path_matches_int32(monkeypatch: pytest.MonkeyPatch) -> None:
     """The forward's int64 in-slice offsets (value / locations / weights past 2**31 elements) give the
-    same bits as the int32 ones; the gradients too (the deterministic backward's bits; the atomic
-    one's to rounding), whichever offsets the backward uses."""
+    same bits as the int32 ones, and the gradients do not change (the backward's offsets are int64
+    throughout today; this holds it to that if it gains an int32 path): the deterministic backward's
+    bits, the atomic one's to rounding."""
     from fattn.msda import op as op_module
 
     inputs = make_inputs(2, 13, 2, 8, [(5, 7), (2, 3)], 2, torch.float32)
