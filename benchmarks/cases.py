@@ -3,6 +3,7 @@
 
     fn, inputs, grad_names = fattn_case("msda", shape=0, dtype="fp32")
     out = fn(**inputs)   # grad_names: the inputs a backward differentiates
+    calls = timed_calls(fattn_case("msda"))   # {"fwd": ..., "fwd+bwd": ...}, as the benchmarks time them
 
 `smoke=True` gives each module's tiny CPU shape: `TRITON_INTERPRET=1 python -m benchmarks.cases` runs
 every package's case forward and backward once on the CPU (a check of this file, not of the ops).
@@ -82,6 +83,24 @@ def fattn_case(package: str, shape: int | None = None, dtype: str | None = None,
         return fp8_attention(q, k, v, causal=causal)
 
     return fp8, dict(q=q, k=k, v=v), ("q", "k", "v")
+
+
+def timed_calls(case: Case) -> dict[str, Callable[[], None]]:
+    """The forward (no grad) and forward+backward calls of a case, as the benchmarks time them
+    (benchmarks.harness.timed_call): fwd+bwd is `autograd.grad` of the inputs named in the case with
+    a fixed random output gradient. Runs the forward once here (to size that gradient)."""
+    fn, inputs, grads = case
+    leaves = [inputs[g].requires_grad_(True) for g in grads]
+    grad_out = torch.randn_like(fn(**inputs))
+
+    def fwd() -> None:
+        with torch.no_grad():
+            fn(**inputs)
+
+    def fwd_bwd() -> None:
+        torch.autograd.grad(fn(**inputs), leaves, grad_out)
+
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
 
 def main() -> None:

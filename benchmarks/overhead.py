@@ -47,20 +47,9 @@ def _setups() -> dict[str, Callable[[], tuple[Callable[..., torch.Tensor], dict,
 
 def _calls(name: str) -> dict[str, Callable[[], object]]:
     """The package's forward (no grad) and forward+backward calls, inputs built once."""
-    fn, inputs, grads = _setups()[name]()
-    leaves = [inputs[g].requires_grad_(True) for g in grads]
-    out = fn(**inputs)
-    grad_out = torch.randn_like(out)
-    del out
+    from benchmarks.cases import timed_calls
 
-    def fwd() -> None:
-        with torch.no_grad():
-            fn(**inputs)
-
-    def fwd_bwd() -> None:
-        torch.autograd.grad(fn(**inputs), leaves, grad_out)
-
-    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+    return timed_calls(_setups()[name]())
 
 
 def _empty_kernel():  # type: ignore[no-untyped-def]

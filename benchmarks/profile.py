@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from benchmarks.cases import DTYPES, PACKAGES, fattn_case
+from benchmarks.cases import DTYPES, PACKAGES, fattn_case, timed_calls
 
 
 def main() -> None:
@@ -32,25 +32,15 @@ def main() -> None:
                         help="with --kernels: print the table again after setting this environment variable "
                              "(repeatable; the op must read it per call, e.g. FATTN_FAST_LAUNCH=0)")
     args = parser.parse_args()
+    if args.kernels < 0:
+        parser.error(f"--kernels must be a non-negative number of calls, got {args.kernels}")
+    if args.also and not args.kernels:
+        parser.error("--also needs --kernels N (it repeats the kernel table)")
+    for setting in args.also:
+        if "=" not in setting or setting.startswith("="):
+            parser.error(f"--also expects NAME=VALUE, got {setting!r}")
 
-    fn, inputs, grad_names = fattn_case(args.package, args.shape, args.dtype)
-    backward = args.op == "fwd+bwd"
-    if backward:
-        for name in grad_names:
-            inputs[name].requires_grad_(True)
-
-    leaves = [inputs[name] for name in grad_names]
-    grad_out: list[torch.Tensor] = []
-
-    def once() -> None:  # as the benchmarks time it (benchmarks.harness.timed_call)
-        if not backward:
-            with torch.no_grad():
-                fn(**inputs)
-            return
-        out = fn(**inputs)
-        if not grad_out:
-            grad_out.append(torch.randn_like(out))
-        torch.autograd.grad(out, leaves, grad_out[0])
+    once = timed_calls(fattn_case(args.package, args.shape, args.dtype))[args.op]
 
     for _ in range(args.warmup):
         once()

@@ -79,7 +79,6 @@ def _hooks_installed() -> bool:
     return False
 
 
-
 class _Entry:
     __slots__ = ("compiled", "config", "constexprs", "tune_key")
 
