@@ -28,14 +28,17 @@ def main() -> None:
     parser.add_argument("--kernels", type=int, default=0, metavar="N",
                         help="no profiler range: run N calls under torch.profiler and print each GPU kernel's "
                              "time per call, and the wall time per call (no Nsight needed)")
+    parser.add_argument("--host", action="store_true",
+                        help="with --kernels: also print the last call's host timeline (top-level CPU events and "
+                             "kernel launches, each thread) beside its kernels, in microseconds from the call's start")
     parser.add_argument("--also", action="append", default=[], metavar="NAME=VALUE",
                         help="with --kernels: print the table again after setting this environment variable "
                              "(repeatable; the op must read it per call, e.g. FATTN_FAST_LAUNCH=0)")
     args = parser.parse_args()
     if args.kernels < 0:
         parser.error(f"--kernels must be a non-negative number of calls, got {args.kernels}")
-    if args.also and not args.kernels:
-        parser.error("--also needs --kernels N (it repeats the kernel table)")
+    if (args.also or args.host) and not args.kernels:
+        parser.error("--also and --host need --kernels N (they extend the kernel table)")
     for setting in args.also:
         if "=" not in setting or setting.startswith("="):
             parser.error(f"--also expects NAME=VALUE, got {setting!r}")
@@ -46,14 +49,14 @@ def main() -> None:
         once()
     torch.cuda.synchronize()
     if args.kernels:
-        kernel_table(once, args.kernels)
+        kernel_table(once, args.kernels, host=args.host)
         for setting in args.also:  # the same calls again with an environment variable changed
             name, _, value = setting.partition("=")
             os.environ[name] = value
             once()
             torch.cuda.synchronize()
             print(f"--- {setting}")
-            kernel_table(once, args.kernels)
+            kernel_table(once, args.kernels, host=args.host)
         return
     torch.cuda.cudart().cudaProfilerStart()
     once()
@@ -62,28 +65,39 @@ def main() -> None:
     print(f"profiled {args.package} {args.op} shape {args.shape} {args.dtype}")
 
 
-def kernel_table(once, calls: int) -> None:  # type: ignore[no-untyped-def]
-    """Per-call GPU time of each kernel over `calls` calls, then the median wall time of a call."""
+def kernel_table(once, calls: int, host: bool = False) -> None:  # type: ignore[no-untyped-def]
+    """Per-call GPU time of each kernel over `calls` calls, then the median wall time of a call; with
+    `host`, the last call's host events and kernels on one time axis."""
     import time
 
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host else [])
+    with profile(activities=activities) as prof:
         for _ in range(calls):
-            once()
-        torch.cuda.synchronize()
-    rows = [(e.device_time_total / calls, e.count / calls, e.key) for e in prof.key_averages()
-            if e.device_time_total > 0]
+            with record_function("fattn-profile-call"):
+                once()
+            torch.cuda.synchronize()
+    # GPU activity only (CPU-side ops and the call marker also report the device time they caused).
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA" and e.name != "fattn-profile-call"),
+                     key=lambda e: e.time_range.start)
+    totals: dict[str, list[float]] = {}
+    for e in kernels:
+        total = totals.setdefault(e.name, [0.0, 0])
+        total[0] += e.time_range.elapsed_us()
+        total[1] += 1
+    rows = [(us / calls, count / calls, name) for name, (us, count) in totals.items()]
     for us, count, name in sorted(rows, reverse=True):
         print(f"{us:10.1f} us  x{count:4.1f}  {name[:90]}")
     print(f"{sum(r[0] for r in rows):10.1f} us  GPU total per call")
     # The last call's kernels in launch order: a gap before a kernel is GPU time spent waiting for the host.
-    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
     last = kernels[-(len(kernels) // calls):] if kernels else []
     end = last[0].time_range.start if last else 0
     for e in last:
         print(f"    gap {e.time_range.start - end:8.1f} us, then {e.time_range.elapsed_us():8.1f} us  {e.name[:70]}")
         end = e.time_range.end
+    if host:
+        host_timeline(prof)
     walls = []
     for _ in range(max(calls, 5)):
         start = time.perf_counter()
@@ -91,6 +105,31 @@ def kernel_table(once, calls: int) -> None:  # type: ignore[no-untyped-def]
         torch.cuda.synchronize()
         walls.append(time.perf_counter() - start)
     print(f"{sorted(walls)[len(walls) // 2] * 1e6:10.1f} us  wall per call (median)")
+
+
+def host_timeline(prof) -> None:  # type: ignore[no-untyped-def]
+    """The last profiled call: its top-level host events on every thread (autograd's worker thread
+    runs the backward), kernel launches, and the kernels, sorted by start, in us from the call's start.
+    What the GPU waits for shows as a launch issued after the previous kernel ended."""
+    events = prof.events()
+    marks = [e for e in events if e.name == "fattn-profile-call" and e.device_type.name == "CPU"]
+    if not marks:
+        return
+    begin, end = marks[-1].time_range.start, marks[-1].time_range.end
+    rows = []
+    for e in events:
+        start = e.time_range.start
+        if e.name == "fattn-profile-call" or not begin <= start <= end + 2000:
+            continue
+        on_gpu = e.device_type.name == "CUDA"
+        launch = "LaunchKernel" in e.name or "Memset" in e.name or "Memcpy" in e.name
+        top = e.cpu_parent is None or e.cpu_parent.name == "fattn-profile-call"
+        if on_gpu or launch or top:
+            where = "gpu" if on_gpu else f"t{e.thread % 1000:03d}"
+            rows.append((start - begin, e.time_range.elapsed_us(), where, e.name))
+    print("--- last call, host and GPU (start us, duration us)")
+    for start, dur, where, name in sorted(rows):
+        print(f"{start:9.1f} {dur:9.1f}  {where}  {name[:80]}")
 
 
 if __name__ == "__main__":

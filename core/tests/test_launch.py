@@ -126,3 +126,62 @@ def test_launch_keys_are_as_specific_as_triton() -> None:
 
     res = run_compile_script(Path(__file__).with_name("launch_key_script.py"))
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _run_planned(kernel, x: torch.Tensor, stride: int, a: float, add_one: bool, builds: list | None = None,
+                 **kw):  # type: ignore[no-untyped-def]
+    """_run through launch_planned, signed by what fixes the non-tensor arguments and the grid."""
+    n = (x.numel() + stride - 1) // stride
+    y = torch.full((n,), float("nan"), dtype=x.dtype, device=x.device)
+
+    def build():  # type: ignore[no-untyped-def]
+        if builds is not None:
+            builds.append(n)
+        return (lambda meta: (triton.cdiv(n, meta["BLOCK"]),)), (x, y, n, a, stride), dict(ADD_ONE=add_one, **kw)
+
+    launcher(kernel).launch_planned((n, stride, a, add_one, tuple(kw.items())), (x, y), build)
+    return y
+
+
+@pytest.mark.parametrize("tuned", [False, True], ids=["jit", "autotuned"])
+def test_planned_launches_match_the_reference(tuned: bool) -> None:
+    """One signature, tensors of other dtypes or alignments: the plan must not launch the kernel
+    compiled for the first ones (its tensor checks send such calls through the normal path)."""
+    if tuned and not on_gpu():
+        pytest.skip("the autotuner times configs on a GPU")
+    kernel = _tuned_axpb_kernel if tuned else _axpb_kernel
+    kw = {} if tuned else {"BLOCK": 64}
+    clear_launch_caches()
+    base = torch.randn(301, device=device())
+    for x in (base[:300], base[1:], base[:300].half(), base[1:].half(), base[:300]):
+        for _ in range(2):
+            y = _run_planned(kernel, x, 2, 0.5, True, **kw)
+            torch.testing.assert_close(y.float(), 0.5 * x[::2].float() + 1.0, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_planned_launch_builds_once() -> None:
+    """The second call with a signature neither builds its arguments nor takes Triton's path; a
+    cleared autotuner (a re-tune) is not bypassed."""
+    if not on_gpu():
+        pytest.skip("needs a GPU")
+    clear_launch_caches()
+    x = torch.randn(1000, device=device())
+    builds: list[int] = []
+    fast = launcher(_tuned_axpb_kernel)
+    _run_planned(_tuned_axpb_kernel, x, 1, 2.0, False, builds)
+    hits = fast.hits
+    y = _run_planned(_tuned_axpb_kernel, x.clone(), 1, 2.0, False, builds)
+    assert builds == [1000] and fast.hits == hits + 1
+    torch.testing.assert_close(y, 2.0 * x)
+    configs = list(_tuned_axpb_kernel.configs)
+    other = next(c for c in configs if c is not _tuned_axpb_kernel.best_config)
+    _tuned_axpb_kernel.cache.clear()
+    _tuned_axpb_kernel.configs = [other]
+    try:
+        y = _run_planned(_tuned_axpb_kernel, x, 1, 2.0, False, builds)
+        assert _tuned_axpb_kernel.best_config is other and builds == [1000, 1000]
+        torch.testing.assert_close(y, 2.0 * x)
+    finally:
+        _tuned_axpb_kernel.configs = configs
+        _tuned_axpb_kernel.cache.clear()

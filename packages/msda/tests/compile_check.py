@@ -71,6 +71,7 @@ def compile_bwd(dt: str, d: int, cfg: triton.Config, deterministic: bool, arch: 
             "NUM_SLOTS": "i32"}
     sig |= _strides("g", "nqc")
     consts |= {"DETERMINISTIC": deterministic, "BORDER": True}
+    consts.setdefault("ROTATE_LEVELS", True)
     return _finish(kernels.msda_bwd_kernel.fn, sig, consts, "bwd-det" if deterministic else "bwd-atomic",
                    arch, cfg)
 

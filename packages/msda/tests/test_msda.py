@@ -124,8 +124,10 @@ def test_every_kernel_path_matches_reference(path: str, monkeypatch: pytest.Monk
     extra = {"PERSISTENT": path == "persistent", "PROGRAMS_PER_SLOT": 2}
     monkeypatch.setattr(kernels.msda_fwd_kernel, "configs", [triton.Config(
         {"BLOCK_Q": 16, "UNROLL_LEVELS": unroll, **extra}, num_warps=4, num_stages=1 if unroll else 3)])
+    # (the backward's level loop in program order; the other two paths rotate it, see _bwd_tile)
     monkeypatch.setattr(kernels.msda_bwd_kernel, "configs", [triton.Config(
-        {"BLOCK_Q": 16, "UNROLL_LEVELS": unroll, **extra}, num_warps=4, num_stages=1)])
+        {"BLOCK_Q": 16, "UNROLL_LEVELS": unroll, "ROTATE_LEVELS": path != "level_loop", **extra},
+        num_warps=4, num_stages=1)])
     # (the CPU suite's default path is the unrolled one: the others get both backward modes)
     for det in (False,) if unroll else (False, True):
         _run({**BASE, "levels": "5x7+2x3+1x2", "dtype": torch.float32, "padding": "zeros", "align": False,

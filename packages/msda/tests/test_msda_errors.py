@@ -150,3 +150,17 @@ def test_index_values_checked_under_inference_mode() -> None:
         inputs["level_start_index"][1] = 11
         with pytest.raises(ValueError, match=r"level_start_index must be the running sum"):
             ms_deform_attn(**inputs)
+
+
+def test_checked_signature_still_checks_index_values() -> None:
+    """A call with the shapes, dtypes and devices of an accepted one skips the metadata checks, not the
+    check of the index tensors' values: new index tensors with wrong values are still refused."""
+    good = _good()
+    ms_deform_attn(**good)
+    ms_deform_attn(**good)  # the signature is now a checked one
+    bad = {**good, "level_start_index": _index([0, 11])}
+    with pytest.raises(ValueError, match="level_start_index must be the running sum"):
+        ms_deform_attn(**bad)
+    bad = {**good, "spatial_shapes": _index([[3, 4], [1, 2]])}
+    with pytest.raises(ValueError, match="cover sum"):
+        ms_deform_attn(**bad)

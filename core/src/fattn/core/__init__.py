@@ -2,7 +2,9 @@
 
 from fattn.core.alloc import empty, empty_like, poison_enabled, poisoning
 from fattn.core.checks import (
+    CheckedSignatures,
     Reason,
+    call_signature,
     choice_reasons,
     gpu_arch_reasons,
     head_dim_reasons,
@@ -20,10 +22,12 @@ from fattn.core.tensor_cache import TensorCache
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CheckedSignatures",
     "FusedOp",
     "Reason",
     "TensorCache",
     "autotune_limit",
+    "call_signature",
     "choice_reasons",
     "device_summary",
     "eager_fast_path",

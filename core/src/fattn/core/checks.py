@@ -16,7 +16,9 @@ import torch
 from fattn.core.runtime import kernel_device_reason
 
 __all__ = [
+    "CheckedSignatures",
     "Reason",
+    "call_signature",
     "choice_reasons",
     "dtype_name",
     "gpu_arch_reasons",
@@ -39,6 +41,42 @@ class Reason:
 
     def __str__(self) -> str:
         return self.message
+
+
+def call_signature(*args: object) -> tuple | None:
+    """What an op's checks and launch parameters can depend on, as a hashable tuple: per tensor its
+    shape, strides, dtype, device and requires_grad; other arguments by type and value. None when an
+    argument is not a plain tensor or hashable value (tensor subclasses, lists): check it in full."""
+    parts: list[object] = []
+    for a in args:
+        if type(a) is torch.Tensor:
+            parts.append((a.shape, a.stride(), a.dtype, a.device, a.requires_grad))
+        elif a is None or type(a) in (bool, int, float, str):
+            parts.append((type(a), a))
+        else:
+            return None
+    return tuple(parts)
+
+
+class CheckedSignatures:
+    """Call signatures (`call_signature`) whose argument checks passed. A model calls an op with the
+    same shapes and dtypes again and again; the checks depend only on the signature, so they run once
+    per signature (tens of microseconds of host time saved per call). Checks of tensor *values* are
+    not covered. Bounded: past `limit` signatures it starts over."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._seen: set[tuple] = set()
+        self._limit = limit
+
+    def __contains__(self, signature: tuple | None) -> bool:
+        return signature is not None and signature in self._seen
+
+    def add(self, signature: tuple | None) -> None:
+        if signature is None:
+            return
+        if len(self._seen) >= self._limit:
+            self._seen.clear()
+        self._seen.add(signature)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

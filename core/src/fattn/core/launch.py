@@ -67,6 +67,7 @@ def clear_launch_caches() -> None:
     """Forget every remembered kernel (the next launches take Triton's normal path once)."""
     for fast in _LAUNCHERS.values():
         fast.cache.clear()
+        fast.plans.clear()
 
 
 def _hooks_installed() -> bool:
@@ -89,6 +90,20 @@ class _Entry:
         self.constexprs = constexprs
 
 
+class _Plan:
+    """A launch with everything but its tensor arguments fixed (see FastLauncher.launch_planned)."""
+
+    __slots__ = ("entry", "grid", "values", "slots", "tensor_meta")
+
+    def __init__(self, entry: _Entry, grid: tuple[int, int, int], values: list[Any], slots: tuple[int, ...],
+                 tensor_meta: tuple[tuple[torch.dtype, bool], ...]) -> None:
+        self.entry = entry
+        self.grid = grid
+        self.values = values  # every parameter's value, the tensors' slots included (replaced per call)
+        self.slots = slots
+        self.tensor_meta = tensor_meta
+
+
 class FastLauncher:
     """Launches `kernel` (JITFunction or Autotuner over one) by its remembered compiled kernel."""
 
@@ -98,6 +113,7 @@ class FastLauncher:
         jit = kernel.fn if self.autotuner is not None else kernel
         self.usable = (not interpreter_enabled()) and hasattr(jit, "params") and hasattr(jit, "signature")
         self.cache: dict[tuple, _Entry | object] = {}
+        self.plans: dict[tuple, _Plan | object] = {}
         self.hits = 0  # launches that took the shortcut (benchmarks/overhead.py reports them)
         if not self.usable:
             return
@@ -163,6 +179,64 @@ class FastLauncher:
         key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
         return tuple(key)
 
+    # Planned launches --------------------------------------------------------------------------
+    def launch_planned(self, signature: tuple | None, tensors: tuple[torch.Tensor, ...],
+                       build: Callable[[], tuple[Any, tuple[Any, ...], dict[str, Any]]]) -> Any:
+        """Launch with `build()`'s (grid, args, kwargs), building them once per `signature`.
+
+        For ops whose arguments are all derived from a few tensors' metadata: the caller promises that
+        `signature` (hashable; e.g. fattn.core.checks.call_signature of the inputs) fixes the grid, every
+        non-tensor argument and every keyword argument, and passes the call's tensors in the order
+        they appear in `build()`'s args (a None signature: no plan, `run`). A hit skips the launch key and argument binding; the tensors'
+        dtypes and 16-byte alignment (what Triton specializes them on) are still checked on every call,
+        and a miss or anything unusual takes `run`.
+        """
+        if signature is None or not (_ENABLED and self.usable) or _hooks_installed():
+            grid, args, kwargs = build()
+            return self.run(grid, args, kwargs)
+        key = (torch.cuda.current_device(), signature)
+        plan = self.plans.get(key)
+        if type(plan) is _Plan:
+            meta = plan.tensor_meta
+            if len(tensors) == len(meta) and all(
+                    t.dtype is dt and (t.data_ptr() % 16 == 0) is aligned for t, (dt, aligned) in zip(tensors, meta)):
+                entry = plan.entry
+                if entry.tune_key is None or \
+                        self.autotuner.cache.get(entry.tune_key) is entry.config:  # type: ignore[union-attr]
+                    values = plan.values.copy()
+                    for slot, t in zip(plan.slots, tensors):
+                        values[slot] = t
+                    self.hits += 1
+                    return self._launch_values(entry, plan.grid, values)
+        grid, args, kwargs = build()
+        result = self.run(grid, args, kwargs)
+        if plan is None or type(plan) is _Plan:
+            if len(self.plans) >= _MAX_ENTRIES:
+                self.plans.clear()
+            self.plans[key] = self._plan(grid, args, kwargs, tensors)
+        return result
+
+    def _plan(self, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+              tensors: tuple[torch.Tensor, ...]) -> _Plan | object:
+        """The plan of a launch `run` just made, or _UNCACHEABLE (e.g. `tensors` not the args' tensors)."""
+        try:
+            key = self._key(args, kwargs)
+            entry = self.cache.get((torch.cuda.current_device(), key)) if key is not None else None
+        except TypeError:
+            entry = None
+        slots = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+        if type(entry) is not _Entry or len(slots) != len(tensors) or \
+                any(args[i] is not t for i, t in zip(slots, tensors)):
+            return _UNCACHEABLE
+        values = self._values(entry, args, kwargs)
+        if callable(grid):
+            grid = grid(dict(zip(self.names, values)))
+        grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        for i in slots:
+            values[i] = None  # the plan keeps no tensor alive
+        meta = tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
+        return _Plan(entry, grid, values, slots, meta)  # type: ignore[arg-type]
+
     # Launch ------------------------------------------------------------------------------------
     def run(self, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not (_ENABLED and self.usable):
@@ -203,22 +277,29 @@ class FastLauncher:
         self.cache[key] = _Entry(compiled, config, self._tune_key(args, kwargs), constexprs)
         return compiled
 
-    def _launch(self, entry: _Entry, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _values(self, entry: _Entry, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        """Every parameter's value: the positional args, then keyword args, the config's constexprs, defaults."""
         values = list(args)
         if len(values) < len(self.names):
             rest = {**kwargs, **entry.constexprs}
             for name in self.names[len(values):]:
                 values.append(rest[name] if name in rest else self.defaults[name])
+        return values
+
+    def _launch(self, entry: _Entry, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        values = self._values(entry, args, kwargs)
         if callable(grid):
             grid = grid(dict(zip(self.names, values)))
-        g0 = grid[0]
-        g1 = grid[1] if len(grid) > 1 else 1
-        g2 = grid[2] if len(grid) > 2 else 1
+        return self._launch_values(entry, (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1),
+                                   values)
+
+    def _launch_values(self, entry: _Entry, grid: tuple[int, int, int], values: list[Any]) -> Any:
         if self.autotuner is not None:
             self.autotuner.best_config = entry.config
         compiled = entry.compiled
         device = driver.active.get_current_device()
         stream = driver.active.get_current_stream(device)
         # No launch hooks are installed (checked in run): the launcher gets no metadata and no hooks.
-        compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None, *values)
+        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *values)
         return compiled

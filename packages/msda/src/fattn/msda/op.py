@@ -6,6 +6,7 @@ import torch
 import triton.language as tl
 
 from fattn.core import (
+    CheckedSignatures,
     Reason,
     TensorCache,
     choice_reasons,
@@ -15,6 +16,7 @@ from fattn.core import (
     raise_if_unsupported,
     register_autograd,
     same_device_reasons,
+    call_signature,
     tensor_reasons,
 )
 from fattn.core.launch import launcher
@@ -92,20 +94,24 @@ def msda_fwd(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_inde
              align_corners: bool, deterministic: bool) -> torch.Tensor:
     """Forward launch. `deterministic` only matters to the backward; it rides along for autograd."""
     n, _, m, d = value.shape
-    _, lq, _, levels, points, _ = sampling_locations.shape
+    lq = sampling_locations.shape[1]
     out = empty((n, lq, m * d), dtype=value.dtype, device=value.device)
     if out.numel() == 0:
         return out
-    shapes, starts = _as_index(spatial_shapes), _as_index(level_start_index)
-    slots = _num_slots(value.device)
-    launcher(msda_fwd_kernel)[_grid(lq, m, n, slots)](
-        value, shapes, starts, sampling_locations, attention_weights, out,
-        n, lq, m, d, seq_bucket(lq), slots,
-        *value.stride(), *sampling_locations.stride(), *attention_weights.stride(),
-        L=levels, P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=_acc_dtype(value),
-        BLOCK_D=next_power_of_2(d),
-        OFFSETS_64=_needs_64bit_offsets(value, sampling_locations, attention_weights),
-    )
+    tensors = (value, _as_index(spatial_shapes), _as_index(level_start_index), sampling_locations,
+               attention_weights, out)
+
+    def build() -> tuple:  # what the shapes, strides and flags fix: computed once per signature
+        _, _, _, levels, points, _ = sampling_locations.shape
+        slots = _num_slots(value.device)
+        args = (*tensors, n, lq, m, d, seq_bucket(lq), slots,
+                *value.stride(), *sampling_locations.stride(), *attention_weights.stride())
+        return _grid(lq, m, n, slots), args, dict(
+            L=levels, P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=_acc_dtype(value),
+            BLOCK_D=next_power_of_2(d), OFFSETS_64=_needs_64bit_offsets(value, sampling_locations, attention_weights))
+
+    signature = call_signature(value, sampling_locations, attention_weights, padding_mode, align_corners)
+    launcher(msda_fwd_kernel).launch_planned(signature, tensors, build)
     return out
 
 
@@ -154,17 +160,20 @@ def msda_bwd(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.
         grad_value_buf = torch.zeros(value.shape, dtype=acc_torch, device=dev)
 
     gn, gq, gc = grad_out.stride()
-    slots = _num_slots(dev)
-    launcher(msda_bwd_kernel)[_grid(lq, m, n, slots, flat=True)](
-        value, shapes, starts, sampling_locations, attention_weights, grad_out,
-        grad_value_buf, grad_loc, grad_attn, dest if deterministic else grad_loc,
-        coef if deterministic else grad_loc,
-        n, lq, m, d, s, seq_bucket(lq), slots,
-        *value.stride(), *sampling_locations.stride(), *attention_weights.stride(),
-        gn, gq, gc,
-        L=levels, P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=acc, DETERMINISTIC=deterministic,
-        BLOCK_D=next_power_of_2(d),
-    )
+    tensors = (value, shapes, starts, sampling_locations, attention_weights, grad_out, grad_value_buf, grad_loc,
+               grad_attn, dest if deterministic else grad_loc, coef if deterministic else grad_loc)
+
+    def build() -> tuple:  # what the shapes, strides and flags fix: computed once per signature
+        slots = _num_slots(dev)
+        args = (*tensors, n, lq, m, d, s, seq_bucket(lq), slots,
+                *value.stride(), *sampling_locations.stride(), *attention_weights.stride(), gn, gq, gc)
+        return _grid(lq, m, n, slots, flat=True), args, dict(
+            L=levels, P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=acc,
+            DETERMINISTIC=deterministic, BLOCK_D=next_power_of_2(d))
+
+    signature = call_signature(grad_out, value, sampling_locations, attention_weights, padding_mode, align_corners,
+                               deterministic)
+    launcher(msda_bwd_kernel).launch_planned(signature, tensors, build)
     if not deterministic:
         grad_value = grad_value_buf if grad_value_buf.dtype == value.dtype else grad_value_buf.to(value.dtype)
         return grad_value, grad_loc, grad_attn
@@ -252,9 +261,19 @@ def _reasons(value: object, spatial_shapes: object, level_start_index: object, s
         out.append(Reason(f"value: batch size and number of heads must be at most {MAX_GRID_YZ}, got N={n}, M={m}"))
     if out or not check_values:
         return out
+    return _index_reasons(spatial_shapes, level_start_index, s)
+
+
+# Signatures (fattn.core.call_signature) of ms_deform_attn's arguments whose shape / dtype / device
+# checks passed: later calls with the same signature only check the index tensors' values.
+_CHECKED = CheckedSignatures()
+
+
+def _index_reasons(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, s: int) -> list[Reason]:
+    """The index tensors' values checked against S, once per pair of tensors (see _CHECKED_INDEX)."""
     if _CHECKED_INDEX.get((spatial_shapes, level_start_index), s):
-        return out
-    out += _index_value_reasons(spatial_shapes, level_start_index, s)
+        return []
+    out = _index_value_reasons(spatial_shapes, level_start_index, s)
     if not out:
         _CHECKED_INDEX.put((spatial_shapes, level_start_index), s, True)
     return out
@@ -325,9 +344,16 @@ def ms_deform_attn(
         [N, Lq, M * D] in value's dtype. Gradients flow to value, sampling_locations and
         attention_weights, in their own dtypes.
     """
-    raise_if_unsupported("ms_deform_attn", _reasons(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, padding_mode,
-        align_corners, deterministic, check_values=not is_compiling()))
+    signature = call_signature(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                               padding_mode, align_corners, deterministic)
+    if signature in _CHECKED:  # the same shapes, dtypes and devices passed before: only the values are new
+        if not is_compiling():
+            raise_if_unsupported("ms_deform_attn", _index_reasons(spatial_shapes, level_start_index, value.shape[1]))
+    else:
+        raise_if_unsupported("ms_deform_attn", _reasons(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, padding_mode,
+            align_corners, deterministic, check_values=not is_compiling()))
+        _CHECKED.add(signature)
     return msda_fwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                     padding_mode, align_corners, deterministic)
 
