@@ -376,3 +376,17 @@ def test_beyond_int32_offsets() -> None:
     assert_close("out", out[-2:], ref, dtype=torch.float16, floor=2e-3)
     for name, g, rg in zip("qkv", grads, ref_grads):
         assert_close(f"grad_{name}", g[-2:], rg, dtype=torch.float16, floor=4e-3)
+
+
+def test_error_after_a_checked_signature() -> None:
+    """Checks run once per argument signature, which includes grad mode: angles that require grad
+    pass under no_grad, and are still refused once gradients are recorded."""
+    q, k, v, angles = _good()
+    angles.requires_grad_(True)
+    with torch.no_grad():
+        rope2d_attention(q, k, v, angles, n_prefix=1)
+        rope2d_attention(q, k, v, angles, n_prefix=1)
+    with pytest.raises(ValueError, match="angles requires grad"):
+        rope2d_attention(q, k, v, angles, n_prefix=1)
+    with pytest.raises(ValueError, match="n_prefix must be <= N"):
+        rope2d_attention(q, k, v, angles.detach(), n_prefix=100)

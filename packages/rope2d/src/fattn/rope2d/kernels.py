@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fattn.core import empty
+from fattn.core import call_signature, empty
 from fattn.core.launch import launcher
 from fattn.core.runtime import autotune_limit, cdiv, interpreter_enabled, next_power_of_2
 from fattn.core.triton_helpers import (
@@ -545,13 +545,16 @@ def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_prefix: in
     """Rotated x (storage dtype) in a fresh contiguous [B, H, N, D] slab, pair halves split (a | b)."""
     B, H, N, D = x.shape
     out = empty((B, H, N, D), dtype=x.dtype, device=x.device)
-    meta = _meta(D, pairing)
-    block = _rotate_block(D)
-    launcher(_rope2d_rotate_kernel)[(cdiv(N, block) * B * H,)](
-        x, cos, sin, out, *x.stride(), H, N, n_prefix,
-        D=D, DH=meta["DH"], BLOCK_DH=meta["BLOCK_DH"], INTERLEAVED=meta["INTERLEAVED"], BLOCK=block,
-        num_warps=4,
-    )
+    tensors = (x, cos, sin, out)
+
+    def build() -> tuple:
+        meta = _meta(D, pairing)
+        block = _rotate_block(D)
+        return (cdiv(N, block) * B * H,), (*tensors, *x.stride(), H, N, n_prefix), dict(
+            D=D, DH=meta["DH"], BLOCK_DH=meta["BLOCK_DH"], INTERLEAVED=meta["INTERLEAVED"], BLOCK=block,
+            num_warps=4)
+
+    launcher(_rope2d_rotate_kernel).launch_planned(call_signature(x, n_prefix, pairing), tensors, build)
     return out
 
 
@@ -575,13 +578,15 @@ def rope2d_fwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     prerotate = _fwd_prerotates_k(N)
     if prerotate:
         k = _rotated(k, cos, sin, n_prefix, pairing)
-    grid = lambda meta: (cdiv(N, meta["BLOCK_M"]) * B * H,)
-    launcher(_rope2d_fwd_kernel)[grid](
-        q, k, v, cos, sin, out, lse,
-        *q.stride(), *k.stride(), *v.stride(),
-        H, N, n_prefix, scale * 1.4426950408889634,
-        **_meta(D, pairing), PREROTATED_K=prerotate,
-    )
+    tensors = (q, k, v, cos, sin, out, lse)
+
+    def build() -> tuple:  # what the signature fixes: built once per signature (FastLauncher.launch_planned)
+        grid = lambda meta: (cdiv(N, meta["BLOCK_M"]) * B * H,)
+        args = (*tensors, *q.stride(), *k.stride(), *v.stride(), H, N, n_prefix, scale * 1.4426950408889634)
+        return grid, args, dict(**_meta(D, pairing), PREROTATED_K=prerotate)
+
+    signature = call_signature(q, k, v, n_prefix, pairing, scale, prerotate)
+    launcher(_rope2d_fwd_kernel).launch_planned(signature, tensors, build)
 
 
 def rope2d_bwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -590,23 +595,27 @@ def rope2d_bwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
                       n_prefix: int, pairing: str, scale: float) -> None:
     """dq, dk, dv: contiguous [B, H, N, D]; delta: contiguous [B, H, N] fp32 scratch."""
     B, H, N, D = q.shape
-    meta = _meta(D, pairing)
-    delta_block = 64
-    launcher(_bwd_delta_kernel)[(cdiv(N, delta_block) * B * H,)](
-        out, grad_out, delta, *grad_out.stride(), H, N,
-        D=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_block,
-    )
+    delta_tensors = (out, grad_out, delta)
+
+    def build_delta() -> tuple:
+        delta_block = 64
+        return (cdiv(N, delta_block) * B * H,), (*delta_tensors, *grad_out.stride(), H, N), dict(
+            D=D, BLOCK_D=_meta(D, pairing)["BLOCK_D"], BLOCK_M=delta_block)
+
+    launcher(_bwd_delta_kernel).launch_planned(call_signature(out, grad_out, pairing), delta_tensors, build_delta)
     prerotate = _bwd_prerotates()
     if prerotate:
         q, k = _rotated(q, cos, sin, n_prefix, pairing), _rotated(k, cos, sin, n_prefix, pairing)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    grid_n = lambda m: (cdiv(N, m["BLOCK_N"]) * B * H,)
-    launcher(_rope2d_bwd_dkdv_kernel)[grid_n](
-        q, k, v, cos, sin, grad_out, lse, delta, dk, dv, *strides, H, N, n_prefix, scale, **meta,
-        PREROTATED=prerotate,
-    )
-    grid_m = lambda m: (cdiv(N, m["BLOCK_M"]) * B * H,)
-    launcher(_rope2d_bwd_dq_kernel)[grid_m](
-        q, k, v, cos, sin, grad_out, lse, delta, dq, *strides, H, N, n_prefix, scale, **meta,
-        PREROTATED=prerotate,
-    )
+    # The arguments of both kernels are fixed by this signature: built once per signature each.
+    signature = call_signature(q, k, v, grad_out, n_prefix, pairing, scale, prerotate)
+    dkdv_tensors = (q, k, v, cos, sin, grad_out, lse, delta, dk, dv)
+    dq_tensors = (q, k, v, cos, sin, grad_out, lse, delta, dq)
+
+    def build(tensors: tuple, block: str) -> tuple:
+        strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+        grid = lambda m: (cdiv(N, m[block]) * B * H,)
+        return grid, (*tensors, *strides, H, N, n_prefix, scale), dict(**_meta(D, pairing), PREROTATED=prerotate)
+
+    launcher(_rope2d_bwd_dkdv_kernel).launch_planned(signature, dkdv_tensors,
+                                                      lambda: build(dkdv_tensors, "BLOCK_N"))
+    launcher(_rope2d_bwd_dq_kernel).launch_planned(signature, dq_tensors, lambda: build(dq_tensors, "BLOCK_M"))

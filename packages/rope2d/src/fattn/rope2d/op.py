@@ -7,6 +7,7 @@ import math
 import torch
 
 from fattn.core import (
+    CheckedSignatures,
     Reason,
     TensorCache,
     choice_reasons,
@@ -19,6 +20,7 @@ from fattn.core import (
     same_device_reasons,
     same_dtype_reasons,
     shape_reasons,
+    call_signature,
     tensor_reasons,
 )
 from fattn.rope2d.kernels import rope2d_bwd_launch, rope2d_fwd_launch
@@ -148,6 +150,10 @@ def _reasons(q: object, k: object, v: object, angles: object, n_prefix: object, 
     return out
 
 
+# Signatures (fattn.core.call_signature) of rope2d_attention's arguments whose checks passed.
+_CHECKED = CheckedSignatures()
+
+
 def not_supported_reasons(q: object, k: object, v: object, angles: object, *, n_prefix: object = 0,
                           pairing: object = "interleaved", scale: object = None) -> list[str]:
     """Why `rope2d_attention(q, k, v, angles, ...)` would reject these inputs (empty list: supported)."""
@@ -174,7 +180,10 @@ def rope2d_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: 
     Returns:
         [B, H, N, D] in the input dtype (fp32 accumulation). Differentiable in q, k and v.
     """
-    raise_if_unsupported("rope2d_attention", _reasons(q, k, v, angles, n_prefix, pairing, scale))
+    signature = call_signature(q, k, v, angles, n_prefix, pairing, scale, torch.is_grad_enabled())
+    if signature not in _CHECKED:  # the checks depend on nothing else: once per signature
+        raise_if_unsupported("rope2d_attention", _reasons(q, k, v, angles, n_prefix, pairing, scale))
+        _CHECKED.add(signature)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, _ = rope2d_fwd(q, k, v, angles, n_prefix, pairing, scale)
     return out
