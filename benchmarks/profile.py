@@ -115,11 +115,11 @@ def host_timeline(prof) -> None:  # type: ignore[no-untyped-def]
     marks = [e for e in events if e.name == "fattn-profile-call" and e.device_type.name == "CPU"]
     if not marks:
         return
-    begin, end = marks[-1].time_range.start, marks[-1].time_range.end
+    begin = marks[-1].time_range.start
     rows = []
-    for e in events:
+    for e in events:  # everything from the last call's start on belongs to it (its kernels may end later)
         start = e.time_range.start
-        if e.name == "fattn-profile-call" or not begin <= start <= end + 2000:
+        if e.name == "fattn-profile-call" or start < begin:
             continue
         on_gpu = e.device_type.name == "CUDA"
         launch = "LaunchKernel" in e.name or "Memset" in e.name or "Memcpy" in e.name

@@ -34,9 +34,14 @@ _tuned_axpb_kernel = triton.autotune(
 )(_axpb_kernel)
 
 
-def _run(kernel, x: torch.Tensor, stride: int, a: float, add_one: bool, **kw):  # type: ignore[no-untyped-def]
+def _output(x: torch.Tensor, stride: int) -> tuple[int, torch.Tensor]:
+    """(n, y): the number of strided elements of x and a NaN-filled output for them."""
     n = (x.numel() + stride - 1) // stride
-    y = torch.full((n,), float("nan"), dtype=x.dtype, device=x.device)
+    return n, torch.full((n,), float("nan"), dtype=x.dtype, device=x.device)
+
+
+def _run(kernel, x: torch.Tensor, stride: int, a: float, add_one: bool, **kw):  # type: ignore[no-untyped-def]
+    n, y = _output(x, stride)
 
     def grid(meta):  # type: ignore[no-untyped-def]
         return (triton.cdiv(n, meta["BLOCK"]),)
@@ -131,8 +136,7 @@ def test_launch_keys_are_as_specific_as_triton() -> None:
 def _run_planned(kernel, x: torch.Tensor, stride: int, a: float, add_one: bool, builds: list | None = None,
                  **kw):  # type: ignore[no-untyped-def]
     """_run through launch_planned, signed by what fixes the non-tensor arguments and the grid."""
-    n = (x.numel() + stride - 1) // stride
-    y = torch.full((n,), float("nan"), dtype=x.dtype, device=x.device)
+    n, y = _output(x, stride)
 
     def build():  # type: ignore[no-untyped-def]
         if builds is not None:

@@ -187,9 +187,9 @@ class FastLauncher:
         For ops whose arguments are all derived from a few tensors' metadata: the caller promises that
         `signature` (hashable; e.g. fattn.core.checks.call_signature of the inputs) fixes the grid, every
         non-tensor argument and every keyword argument, and passes the call's tensors in the order
-        they appear in `build()`'s args (a None signature: no plan, `run`). A hit skips the launch key and argument binding; the tensors'
-        dtypes and 16-byte alignment (what Triton specializes them on) are still checked on every call,
-        and a miss or anything unusual takes `run`.
+        they appear in `build()`'s args (a None signature: no plan, `run`). A hit skips the launch key
+        and argument binding; the tensors' dtypes and 16-byte alignment (what Triton specializes them
+        on) are still checked on every call, and a miss or anything unusual takes `run`.
         """
         if signature is None or not (_ENABLED and self.usable) or _hooks_installed():
             grid, args, kwargs = build()
@@ -229,9 +229,7 @@ class FastLauncher:
                 any(args[i] is not t for i, t in zip(slots, tensors)):
             return _UNCACHEABLE
         values = self._values(entry, args, kwargs)
-        if callable(grid):
-            grid = grid(dict(zip(self.names, values)))
-        grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        grid = self._grid3(grid, values)
         for i in slots:
             values[i] = None  # the plan keeps no tensor alive
         meta = tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
@@ -286,12 +284,15 @@ class FastLauncher:
                 values.append(rest[name] if name in rest else self.defaults[name])
         return values
 
-    def _launch(self, entry: _Entry, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        values = self._values(entry, args, kwargs)
+    def _grid3(self, grid: Any, values: list[Any]) -> tuple[int, int, int]:
+        """The grid as three ints (a callable grid gets every parameter's value by name)."""
         if callable(grid):
             grid = grid(dict(zip(self.names, values)))
-        return self._launch_values(entry, (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1),
-                                   values)
+        return grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
+
+    def _launch(self, entry: _Entry, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        values = self._values(entry, args, kwargs)
+        return self._launch_values(entry, self._grid3(grid, values), values)
 
     def _launch_values(self, entry: _Entry, grid: tuple[int, int, int], values: list[Any]) -> Any:
         if self.autotuner is not None:
