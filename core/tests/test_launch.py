@@ -189,3 +189,31 @@ def test_planned_launch_builds_once() -> None:
     finally:
         _tuned_axpb_kernel.configs = configs
         _tuned_axpb_kernel.cache.clear()
+
+
+@pytest.mark.gpu
+def test_planned_launch_checks_each_tensors_device() -> None:
+    """Planned launches pass tensors as addresses (Triton's launcher then skips its driver check of
+    each pointer): a tensor on another device than the plan's, a CPU one above all, must not be
+    served by the plan."""
+    if not on_gpu():
+        pytest.skip("needs a GPU")
+    from fattn.core.launch import _Plan, _tensor_pointers
+
+    clear_launch_caches()
+    x = torch.randn(300, device=device())
+    fast = launcher(_axpb_kernel)
+    _run_planned(_axpb_kernel, x, 1, 2.0, False, BLOCK=64)
+    hits = fast.hits
+    y = _run_planned(_axpb_kernel, x, 1, 2.0, False, BLOCK=64)
+    assert fast.hits == hits + 1  # the plan served the second call
+    torch.testing.assert_close(y, 2.0 * x)
+
+    plan = next(p for p in fast.plans.values() if type(p) is _Plan)
+    n, out = _output(x, 1)
+    values = _tensor_pointers(plan, (x, out))
+    assert values is not None and [values[i] for i in plan.slots] == [x.data_ptr(), out.data_ptr()]
+    assert _tensor_pointers(plan, (x.cpu(), out)) is None
+    assert _tensor_pointers(plan, (x, out.cpu())) is None
+    assert _tensor_pointers(plan, (x.half(), out)) is None  # dtype
+    assert _tensor_pointers(plan, (x,)) is None  # count

@@ -70,7 +70,7 @@ def compile_bwd(dt: str, d: int, cfg: triton.Config, deterministic: bool, arch: 
             "grad_attn_ptr": f"*{dt}", "dest_ptr": "*i32", "coef_ptr": f"*{gdt}", "S": "i32", "N": "i32",
             "NUM_SLOTS": "i32"}
     sig |= _strides("g", "nqc")
-    consts |= {"DETERMINISTIC": deterministic, "BORDER": True}
+    consts |= {"DETERMINISTIC": deterministic, "BORDER": True, "P_BLOCK": triton.next_power_of_2(consts["P"])}
     consts.setdefault("ROTATE_LEVELS", True)
     return _finish(kernels.msda_bwd_kernel.fn, sig, consts, "bwd-det" if deterministic else "bwd-atomic",
                    arch, cfg)
@@ -124,14 +124,15 @@ def main() -> int:
         kept = _kept(all_configs, dt, d)
         return [c for c in kept if not c.kwargs["UNROLL_LEVELS"]][:1] if quick else kept
 
-    persistent_loop = [triton.Config({"BLOCK_Q": 16, "UNROLL_LEVELS": False, "PERSISTENT": True,
-                                      "PROGRAMS_PER_SLOT": 6}, num_warps=4, num_stages=1)]
+    def persistent_loop(per_slot: int) -> list[triton.Config]:  # as fwd_configs / bwd_configs hold it
+        return [triton.Config({"BLOCK_Q": 16, "UNROLL_LEVELS": False, "PERSISTENT": True,
+                               "PROGRAMS_PER_SLOT": per_slot}, num_warps=4, num_stages=1)]
 
     failures = 0
     for arch in archs:
         for dt, d in plan:
-            fwd = configs(kernels.fwd_configs(), dt, d) + (persistent_loop if quick and d == 32 else [])
-            bwd = configs(kernels.bwd_configs(), dt, d) + (persistent_loop if quick and d == 32 else [])
+            fwd = configs(kernels.fwd_configs(), dt, d) + (persistent_loop(6) if quick and d == 32 else [])
+            bwd = configs(kernels.bwd_configs(), dt, d) + (persistent_loop(4) if quick and d == 32 else [])
             jobs = [(lambda c=c: compile_fwd(dt, d, c, arch), c) for c in fwd]
             jobs += [(lambda c=c: compile_bwd(dt, d, c, False, arch), c) for c in bwd]
             if not quick or (d == 32 and dt == "fp32"):

@@ -96,12 +96,32 @@ class _Plan:
     __slots__ = ("entry", "grid", "values", "slots", "tensor_meta")
 
     def __init__(self, entry: _Entry, grid: tuple[int, int, int], values: list[Any], slots: tuple[int, ...],
-                 tensor_meta: tuple[tuple[torch.dtype, bool], ...]) -> None:
+                 tensor_meta: tuple[tuple[torch.dtype, bool, int], ...]) -> None:
         self.entry = entry
         self.grid = grid
         self.values = values  # every parameter's value, the tensors' slots included (replaced per call)
         self.slots = slots
         self.tensor_meta = tensor_meta
+
+
+def _tensor_pointers(plan: _Plan, tensors: tuple[torch.Tensor, ...]) -> list[Any] | None:
+    """The plan's argument values with this call's tensors in place, as device addresses; None when a
+    tensor's dtype, 16-byte alignment or device differs from the plan's (the call then takes `run`).
+
+    Addresses, not tensors: Triton's launcher asks the driver to confirm every tensor argument's
+    address (cuPointerGetAttribute, 1-3 us each on the lent machines' hosts) and calls its data_ptr();
+    an int argument skips both. That check exists to catch a CPU tensor, which the device index
+    compared here (-1 for a CPU tensor) catches first."""
+    meta = plan.tensor_meta
+    if len(tensors) != len(meta):
+        return None
+    values = plan.values.copy()
+    for slot, t, (dtype, aligned, device) in zip(plan.slots, tensors, meta):
+        address = t.data_ptr()
+        if t.dtype is not dtype or (address % 16 == 0) is not aligned or t.get_device() != device:
+            return None
+        values[slot] = address
+    return values
 
 
 class FastLauncher:
@@ -189,7 +209,8 @@ class FastLauncher:
         non-tensor argument and every keyword argument, and passes the call's tensors in the order
         they appear in `build()`'s args (a None signature: no plan, `run`). A hit skips the launch key
         and argument binding; the tensors' dtypes and 16-byte alignment (what Triton specializes them
-        on) are still checked on every call, and a miss or anything unusual takes `run`.
+        on) and devices are still checked on every call (then passed as addresses, see
+        `_tensor_pointers`), and a miss or anything unusual takes `run`.
         """
         if signature is None or not (_ENABLED and self.usable) or _hooks_installed():
             grid, args, kwargs = build()
@@ -197,15 +218,11 @@ class FastLauncher:
         key = (torch.cuda.current_device(), signature)
         plan = self.plans.get(key)
         if type(plan) is _Plan:
-            meta = plan.tensor_meta
-            if len(tensors) == len(meta) and all(
-                    t.dtype is dt and (t.data_ptr() % 16 == 0) is aligned for t, (dt, aligned) in zip(tensors, meta)):
+            values = _tensor_pointers(plan, tensors)
+            if values is not None:
                 entry = plan.entry
                 if entry.tune_key is None or \
                         self.autotuner.cache.get(entry.tune_key) is entry.config:  # type: ignore[union-attr]
-                    values = plan.values.copy()
-                    for slot, t in zip(plan.slots, tensors):
-                        values[slot] = t
                     self.hits += 1
                     return self._launch_values(entry, plan.grid, values)
         grid, args, kwargs = build()
@@ -232,7 +249,7 @@ class FastLauncher:
         grid = self._grid3(grid, values)
         for i in slots:
             values[i] = None  # the plan keeps no tensor alive
-        meta = tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
+        meta = tuple((t.dtype, t.data_ptr() % 16 == 0, t.get_device()) for t in tensors)
         return _Plan(entry, grid, values, slots, meta)  # type: ignore[arg-type]
 
     # Launch ------------------------------------------------------------------------------------

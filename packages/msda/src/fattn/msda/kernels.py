@@ -89,8 +89,8 @@ def bwd_configs() -> list[triton.Config]:
     off = False
     return (_configs([16, 32, 64], [4, 8], [1], rotate=off) + _configs([8], [4, 8], [1], rotate=off)
             + _configs([16], [4], [1], unroll=True, rotate=off)
-            # persistent (sm_90 compiles: 72-80 registers at BQ16 / 4 warps -> 6 resident per SM)
-            + _configs([16], [4], [1], per_slot=6, rotate=off) + _configs([32], [8], [1], per_slot=2, rotate=off)
+            # persistent (sm_90 compiles: 96-102 registers at BQ16 / 4 warps -> 4 resident per SM)
+            + _configs([16], [4], [1], per_slot=4, rotate=off) + _configs([32], [8], [1], per_slot=2, rotate=off)
             # Rotated level order (see _bwd_tile) for the tiles that win on sm_90: B4 Q10000 with uniform
             # random points 957 -> 910 us (fp32, H200); an encoder's local points 1936 -> 1968 us: tuned.
             + _configs([16], [4], [1], unroll=True, rotate=True) + _configs([16, 32], [4], [1], rotate=True))
@@ -295,13 +295,23 @@ def _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_
                grad_attn_ptr, dest_ptr, coef_ptr, g, point_base, loc_head, attn_head, n, m, N, M, D, S,
                q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
                stride_aq, stride_al, stride_ap,
-               P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr,
-               DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Gradients of level `lvl`'s P points: grad_attn / grad_loc stored, value's scattered."""
+               P: tl.constexpr, P_BLOCK: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr,
+               ACC: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Gradients of level `lvl`'s P points: grad_attn / grad_loc stored, value's scattered.
+
+    The P points of a query and level are contiguous in grad_attn (and their (x, y) pairs in grad_loc):
+    their gradients are gathered in [BLOCK_Q, P_BLOCK] / [BLOCK_Q, 2 * P_BLOCK] tiles and stored once
+    per level, one L2 write per query instead of 2 P. The kernel is bound by its L2 traffic: on an H200
+    this took B4 Q10000's backward from 915 to 819 us in fp32 and from 934 to 762 us in bf16 (whose
+    2-byte partial writes cost the most), the encoder's from 1942 to 1728 us (fp32)."""
     height = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
     width = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
     start = tl.load(starts_ptr + lvl)
     value_lvl = value_head + start * stride_vs
+    p_col = tl.arange(0, P_BLOCK)[None, :]
+    xy_col = tl.arange(0, 2 * P_BLOCK)[None, :]
+    attn_tile = tl.zeros([BLOCK_Q, P_BLOCK], dtype=ACC)
+    loc_tile = tl.zeros([BLOCK_Q, 2 * P_BLOCK], dtype=ACC)
     for pt in tl.static_range(P):
         # Loaded as 1-D vectors (one load per distinct query, not per replicated column element).
         q_1d = tl.reshape(q64, (BLOCK_Q,))
@@ -341,11 +351,14 @@ def _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_
         grad_a = tl.sum(g * sample, 1, keep_dims=True)
         grad_fx = tl.sum(g * sample_dfx, 1, keep_dims=True)
         grad_fy = tl.sum(g * sample_dfy, 1, keep_dims=True)
-        tl.store(grad_attn_ptr + point, grad_a.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)
-        tl.store(grad_loc_ptr + point * 2, (a * grad_fx * dix_dx).to(grad_loc_ptr.dtype.element_ty),
-                 mask=q_mask)
-        tl.store(grad_loc_ptr + point * 2 + 1, (a * grad_fy * diy_dy).to(grad_loc_ptr.dtype.element_ty),
-                 mask=q_mask)
+        attn_tile = tl.where(p_col == pt, grad_a, attn_tile)
+        loc_tile = tl.where(xy_col == 2 * pt, a * grad_fx * dix_dx,
+                            tl.where(xy_col == 2 * pt + 1, a * grad_fy * diy_dy, loc_tile))
+    first_point = point_base + lvl * P
+    tl.store(grad_attn_ptr + first_point + p_col, attn_tile.to(grad_attn_ptr.dtype.element_ty),
+             mask=q_mask & (p_col < P))
+    tl.store(grad_loc_ptr + first_point * 2 + xy_col, loc_tile.to(grad_loc_ptr.dtype.element_ty),
+             mask=q_mask & (xy_col < 2 * P))
 
 
 @triton.jit
@@ -353,9 +366,9 @@ def _bwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
               grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S,
               stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll, stride_lp,
               stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap, stride_gn, stride_gq, stride_gc,
-              L: tl.constexpr, P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr,
-              ACC: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-              UNROLL_LEVELS: tl.constexpr, ROTATE_LEVELS: tl.constexpr):
+              L: tl.constexpr, P: tl.constexpr, P_BLOCK: tl.constexpr, ALIGN_CORNERS: tl.constexpr,
+              BORDER: tl.constexpr, ACC: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr,
+              BLOCK_D: tl.constexpr, UNROLL_LEVELS: tl.constexpr, ROTATE_LEVELS: tl.constexpr):
     """Gradients of query block `pid_q` of head `m` of batch `n` (int64)."""
     # Per-query values are [BLOCK_Q, 1] columns rather than 1-D vectors: one layout family for the
     # whole kernel (1-D vectors mixed with row reductions of fp32 tiles tripped Triton 3.6's
@@ -387,7 +400,7 @@ def _bwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
             _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_value_head, grad_loc_ptr,
                        grad_attn_ptr, dest_ptr, coef_ptr, g, point_base, loc_head, attn_head, n, m, N, M, D, S,
                        q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
-                       stride_aq, stride_al, stride_ap, P, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC,
+                       stride_aq, stride_al, stride_ap, P, P_BLOCK, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC,
                        BLOCK_Q, BLOCK_D)
     else:
         for i in range(L):
@@ -395,7 +408,7 @@ def _bwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
             _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_value_head, grad_loc_ptr,
                        grad_attn_ptr, dest_ptr, coef_ptr, g, point_base, loc_head, attn_head, n, m, N, M, D, S,
                        q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
-                       stride_aq, stride_al, stride_ap, P, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC,
+                       stride_aq, stride_al, stride_ap, P, P_BLOCK, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC,
                        BLOCK_Q, BLOCK_D)
 
 
@@ -412,7 +425,7 @@ def msda_bwd_kernel(
     stride_gn, stride_gq, stride_gc,
     L: tl.constexpr, P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr,
     DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL_LEVELS: tl.constexpr,
-    PERSISTENT: tl.constexpr, PROGRAMS_PER_SLOT: tl.constexpr, ROTATE_LEVELS: tl.constexpr,
+    PERSISTENT: tl.constexpr, PROGRAMS_PER_SLOT: tl.constexpr, ROTATE_LEVELS: tl.constexpr, P_BLOCK: tl.constexpr,
 ):
     """Gradients of (batch, head, query block) tiles. Grid: (query blocks * M * N,), program
     query_block * N * M + n * M + m; or the PERSISTENT schedule of msda_fwd_kernel.
@@ -431,7 +444,7 @@ def msda_bwd_kernel(
                       grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S,
                       stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll, stride_lp,
                       stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap, stride_gn, stride_gq, stride_gc,
-                      L, P, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS,
+                      L, P, P_BLOCK, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS,
                       ROTATE_LEVELS)
     else:
         # (batch, head) fastest: the programs in flight scatter into every head's value-gradient rows,
@@ -445,7 +458,7 @@ def msda_bwd_kernel(
                   grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S,
                   stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll, stride_lp,
                   stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap, stride_gn, stride_gq, stride_gc,
-                  L, P, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS,
+                  L, P, P_BLOCK, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS,
                       ROTATE_LEVELS)
 
 

@@ -75,6 +75,8 @@ def _needs_64bit_offsets(value: torch.Tensor, sampling_locations: torch.Tensor,
 
 
 def _as_index(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype is torch.int64 and t.is_contiguous():  # the usual case, without two dispatcher calls
+        return t
     return t.to(torch.int64).contiguous()
 
 
@@ -169,7 +171,7 @@ def msda_bwd(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.
                 *value.stride(), *sampling_locations.stride(), *attention_weights.stride(), gn, gq, gc)
         return _grid(lq, m, n, slots, flat=True), args, dict(
             L=levels, P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=acc,
-            DETERMINISTIC=deterministic, BLOCK_D=next_power_of_2(d))
+            DETERMINISTIC=deterministic, BLOCK_D=next_power_of_2(d), P_BLOCK=next_power_of_2(points))
 
     signature = call_signature(grad_out, value, sampling_locations, attention_weights, padding_mode, align_corners,
                                deterministic)
