@@ -5,6 +5,14 @@
 
 The op is called a few times first (autotuning and compiles happen outside the range), then once
 between cudaProfilerStart and cudaProfilerStop. Shapes and inputs come from benchmarks.cases.
+
+    python -m benchmarks.profile msda --op fwd+bwd --stamps 60    # host time of each step, no profiler
+
+`--stamps N` times the host's steps of a call with perf_counter alone (the torch profiler slows the
+host down by about as much as it measures): each fattn launch, each torch.empty / torch.zeros, the
+op's autograd forward and backward (the backward runs on autograd's device thread), the call's return
+and the synchronize after it, as medians over N calls in microseconds from the call's start.
+`--smoke` runs on the package's tiny CPU shape (with TRITON_INTERPRET=1: a check of this tool).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import os
 import torch
 
 from benchmarks.cases import DTYPES, PACKAGES, fattn_case, timed_calls
+from benchmarks.harness import sync
 
 
 def main() -> None:
@@ -31,6 +40,10 @@ def main() -> None:
     parser.add_argument("--host", action="store_true",
                         help="with --kernels: also print the last call's host timeline (top-level CPU events and "
                              "kernel launches, each thread) beside its kernels, in microseconds from the call's start")
+    parser.add_argument("--stamps", type=int, default=0, metavar="N",
+                        help="no profiler: the host time of each step of a call (launches, allocations, the "
+                             "op's autograd forward/backward), medians over N calls")
+    parser.add_argument("--smoke", action="store_true", help="the package's tiny CPU shape (checks this tool)")
     parser.add_argument("--also", action="append", default=[], metavar="NAME=VALUE",
                         help="with --kernels: print the table again after setting this environment variable "
                              "(repeatable; the op must read it per call, e.g. FATTN_FAST_LAUNCH=0)")
@@ -43,11 +56,19 @@ def main() -> None:
         if "=" not in setting or setting.startswith("="):
             parser.error(f"--also expects NAME=VALUE, got {setting!r}")
 
-    once = timed_calls(fattn_case(args.package, args.shape, args.dtype))[args.op]
+    if args.stamps < 0:
+        parser.error(f"--stamps must be a non-negative number of calls, got {args.stamps}")
+    once = timed_calls(fattn_case(args.package, args.shape, args.dtype, smoke=args.smoke))[args.op]
 
     for _ in range(args.warmup):
         once()
-    torch.cuda.synchronize()
+    sync()
+    if args.stamps:
+        print(f"{args.package} {args.op}: host steps, median us from the call's start over {args.stamps} calls "
+              f"(M: the calling thread, W: another, e.g. autograd's device thread)")
+        for at, thread, step in host_stamps(once, args.package, args.stamps):
+            print(f"{at:10.1f}  {thread}  {step}")
+        return
     if args.kernels:
         kernel_table(once, args.kernels, host=args.host)
         for setting in args.also:  # the same calls again with an environment variable changed
@@ -105,6 +126,78 @@ def kernel_table(once, calls: int, host: bool = False) -> None:  # type: ignore[
         torch.cuda.synchronize()
         walls.append(time.perf_counter() - start)
     print(f"{sorted(walls)[len(walls) // 2] * 1e6:10.1f} us  wall per call (median)")
+
+
+def host_stamps(once, package: str, calls: int) -> list[tuple[float, str, str]]:  # type: ignore[no-untyped-def]
+    """(median us from the call's start, "M" or "W", step) of each host step of `once` (see the module
+    docstring), from `calls` calls. Steps are wrapped only while this runs."""
+    import importlib
+    import statistics
+    import threading
+    import time
+
+    from fattn.core.launch import FastLauncher
+    from fattn.core.ops import FusedOp
+
+    stamps: list[tuple[str, int, int]] = []
+
+    def mark(step: str) -> None:
+        stamps.append((step, time.perf_counter_ns(), threading.get_ident()))
+
+    def wrapped(fn, name):  # type: ignore[no-untyped-def]
+        def stamped(*args, **kwargs):  # type: ignore[no-untyped-def]
+            label = name(args) if callable(name) else name
+            mark(label + " >")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                mark(label + " <")
+        return stamped
+
+    def kernel_name(args) -> str:  # type: ignore[no-untyped-def]
+        kernel = args[0].kernel  # the FastLauncher's @triton.jit function, maybe inside an Autotuner
+        while getattr(kernel, "__name__", None) is None and hasattr(kernel, "fn"):
+            kernel = kernel.fn
+        return "launch " + getattr(kernel, "__name__", "kernel")
+
+    patches: list[tuple[object, str, object]] = []
+
+    def patch(owner: object, attr: str, value: object) -> None:
+        patches.append((owner, attr, owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)))
+        setattr(owner, attr, value)
+
+    for attr in ("launch_planned", "run"):
+        patch(FastLauncher, attr, wrapped(getattr(FastLauncher, attr), kernel_name))
+    for attr in ("empty", "zeros", "empty_like", "zeros_like"):
+        patch(torch, attr, wrapped(getattr(torch, attr), f"torch.{attr}"))
+    op_module = importlib.import_module(f"fattn.{package}.op")
+    for name, op in vars(op_module).items():
+        if isinstance(op, FusedOp) and op._function is not None:  # the eager path's autograd.Function
+            for attr in ("forward", "backward"):
+                patch(op._function, attr, staticmethod(wrapped(getattr(op._function, attr), f"{name} {attr}")))
+    runs = []
+    try:
+        for _ in range(calls):
+            stamps.clear()
+            mark("call")
+            once()
+            mark("returned")
+            sync()
+            mark("synchronized")
+            runs.append(list(stamps))
+    finally:
+        for owner, attr, value in reversed(patches):
+            setattr(owner, attr, value)
+    # Calls whose steps came in the most common order (an autotuning or allocator hiccup may add steps).
+    orders = [tuple(step for step, _, _ in run) for run in runs]
+    usual = max(set(orders), key=orders.count)
+    runs = [run for run, order in zip(runs, orders) if order == usual]
+    main = runs[0][0][2]
+    rows = []
+    for i, (step, _, thread) in enumerate(runs[0]):
+        at = statistics.median((run[i][1] - run[0][1]) / 1e3 for run in runs)
+        rows.append((at, "M" if thread == main else "W", step))
+    return rows
 
 
 def host_timeline(prof) -> None:  # type: ignore[no-untyped-def]

@@ -65,6 +65,8 @@ class CheckedSignatures:
     not covered. Bounded: past `limit` signatures it starts over."""
 
     def __init__(self, limit: int = 1024) -> None:
+        if type(limit) is not int or limit < 1:
+            raise ValueError(f"CheckedSignatures: limit must be a positive int (signatures kept), got {limit!r}")
         self._seen: set[tuple] = set()
         self._limit = limit
 
