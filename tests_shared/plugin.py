@@ -4,6 +4,9 @@
   interpreter (`TRITON_INTERPRET=1` is set here, before any test module imports a kernel).
 - Poisons fresh outputs: `FATTN_POISON_ALLOC=1` makes `fattn.core.empty*` fill new buffers with NaN,
   so an element a kernel never writes fails the comparison.
+- Checks launch plans: `FATTN_CHECK_PLANS=1` makes `FastLauncher.launch_planned` verify that calls
+  with one signature build the same arguments (a signature that misses something would let a plan
+  launch stale ones on a GPU); it runs under the interpreter too.
 - Seeds every test from a per-run seed and the test's id: inputs are fresh each run, yet a failure
   can be replayed with `--fattn-seed` (the seed is printed in the header and in failure reports).
 - Markers: `gpu` (needs a CUDA GPU; skipped otherwise), `bf16` (skipped under the interpreter, which
@@ -41,6 +44,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if not _cuda_visible():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ["FATTN_POISON_ALLOC"] = "1"
+    # Launch plans (fattn.core.launch): check that each op's plan signatures fix all the arguments it builds.
+    os.environ.setdefault("FATTN_CHECK_PLANS", "1")
     seed = config.getoption("--fattn-seed")
     if seed is None:
         seed = int(os.environ.get("FATTN_SEED", random.SystemRandom().randrange(2**31)))

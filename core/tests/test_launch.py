@@ -163,6 +163,26 @@ def test_planned_launches_match_the_reference(tuned: bool) -> None:
             torch.testing.assert_close(y.float(), 0.5 * x[::2].float() + 1.0, rtol=1e-3, atol=1e-3)
 
 
+def test_incomplete_plan_signatures_are_caught() -> None:
+    """FATTN_CHECK_PLANS (on in every fattn test run, CPU interpreter included): two calls with one
+    signature that build different arguments raise, since a plan would launch the first one's."""
+    from fattn.core import launch
+
+    assert launch._CHECK_PLANS, "the test plugin sets FATTN_CHECK_PLANS=1"
+    clear_launch_caches()
+    x = torch.randn(100, device=device())
+    n, y = _output(x, 1)
+
+    def build(a: float):  # type: ignore[no-untyped-def]
+        return (lambda meta: (triton.cdiv(n, meta["BLOCK"]),)), (x, y, n, a, 1), dict(ADD_ONE=False, BLOCK=32)
+
+    launcher(_axpb_kernel).launch_planned(("axpb", n), (x, y), lambda: build(2.0))
+    launcher(_axpb_kernel).launch_planned(("axpb", n), (x, y), lambda: build(2.0))  # same arguments: fine
+    with pytest.raises(RuntimeError, match="the signature misses something"):
+        launcher(_axpb_kernel).launch_planned(("axpb", n), (x, y), lambda: build(3.0))  # `a` is not in it
+    clear_launch_caches()
+
+
 @pytest.mark.gpu
 def test_planned_launch_builds_once() -> None:
     """The second call with a signature neither builds its arguments nor takes Triton's path; a
@@ -217,3 +237,29 @@ def test_planned_launch_checks_each_tensors_device() -> None:
     assert _tensor_pointers(plan, (x, out.cpu())) is None
     assert _tensor_pointers(plan, (x.half(), out)) is None  # dtype
     assert _tensor_pointers(plan, (x,)) is None  # count
+
+
+@pytest.mark.gpu
+def test_replaced_configs_are_not_served_by_a_plan() -> None:
+    """Tests pin one config per kernel path by replacing an autotuner's config list. A one-config list
+    has no tuning key, so only the list's identity tells a remembered kernel (or plan) from the one the
+    new list asks for: each pinned config must be the one launched."""
+    if not on_gpu():
+        pytest.skip("needs a GPU")
+    clear_launch_caches()
+    x = torch.randn(1000, device=device())
+    configs = list(_tuned_axpb_kernel.configs)
+    assert len(configs) >= 2
+    try:
+        for config in configs[:2]:
+            _tuned_axpb_kernel.configs = [config]
+            for _ in range(2):  # the second call may take the plan
+                y = _run_planned(_tuned_axpb_kernel, x, 1, 2.0, False)
+                assert _tuned_axpb_kernel.best_config is config
+                torch.testing.assert_close(y, 2.0 * x)
+                y = _run(_tuned_axpb_kernel, x, 1, 2.0, False)  # and the launch-key path
+                assert _tuned_axpb_kernel.best_config is config
+    finally:
+        _tuned_axpb_kernel.configs = configs
+        _tuned_axpb_kernel.cache.clear()
+        clear_launch_caches()

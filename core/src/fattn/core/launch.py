@@ -14,7 +14,8 @@ is at least as specific as Triton's own cache key, so a hit is always the kernel
   its value); floats and bools by type; None;
 - constexpr arguments, the autotuner's key arguments and all keyword arguments by value (numbers
   tagged with their type), so an equal launch key means an equal autotuner key. On a hit the
-  autotuner's cache must still hold the very config remembered (a cleared or re-tuned autotuner
+  autotuner must still hold the config list the remembered config came from and, for a tuned
+  kernel, still cache that very config (a replaced config list, a cleared or a re-tuned autotuner
   sends the call back through the normal path);
 - the device.
 Anything unusual (an argument of another type, a config pre_hook, launch hooks installed by a
@@ -38,6 +39,10 @@ __all__ = ["FastLauncher", "clear_launch_caches", "fast_launch_enabled", "launch
 
 # FATTN_FAST_LAUNCH=0: every launch takes Triton's own path (e.g. to rule the shortcut out of a bug hunt).
 _ENABLED = env_flag("FATTN_FAST_LAUNCH", True)
+# FATTN_CHECK_PLANS=1 (the test plugin sets it): every launch_planned call also builds its arguments and
+# checks them against those an earlier call with the same signature built, i.e. that the caller's
+# signature fixes everything but the tensors. Also under the interpreter, where no plan is ever used.
+_CHECK_PLANS = env_flag("FATTN_CHECK_PLANS", False)
 _LAUNCHERS: dict[int, FastLauncher] = {}
 _UNCACHEABLE = object()
 _INT32 = 2**31
@@ -68,6 +73,7 @@ def clear_launch_caches() -> None:
     for fast in _LAUNCHERS.values():
         fast.cache.clear()
         fast.plans.clear()
+        fast.built.clear()
 
 
 def _hooks_installed() -> bool:
@@ -81,11 +87,13 @@ def _hooks_installed() -> bool:
 
 
 class _Entry:
-    __slots__ = ("compiled", "config", "constexprs", "tune_key")
+    __slots__ = ("compiled", "config", "configs", "constexprs", "tune_key")
 
-    def __init__(self, compiled: Any, config: Any, tune_key: tuple | None, constexprs: dict[str, Any]) -> None:
+    def __init__(self, compiled: Any, config: Any, configs: list | None, tune_key: tuple | None,
+                 constexprs: dict[str, Any]) -> None:
         self.compiled = compiled
         self.config = config
+        self.configs = configs  # the autotuner's config list it was picked from (None: not autotuned)
         self.tune_key = tune_key
         self.constexprs = constexprs
 
@@ -93,7 +101,7 @@ class _Entry:
 class _Plan:
     """A launch with everything but its tensor arguments fixed (see FastLauncher.launch_planned)."""
 
-    __slots__ = ("entry", "grid", "values", "slots", "tensor_meta")
+    __slots__ = ("entry", "grid", "slots", "tensor_meta", "values")
 
     def __init__(self, entry: _Entry, grid: tuple[int, int, int], values: list[Any], slots: tuple[int, ...],
                  tensor_meta: tuple[tuple[torch.dtype, bool, int], ...]) -> None:
@@ -134,6 +142,7 @@ class FastLauncher:
         self.usable = (not interpreter_enabled()) and hasattr(jit, "params") and hasattr(jit, "signature")
         self.cache: dict[tuple, _Entry | object] = {}
         self.plans: dict[tuple, _Plan | object] = {}
+        self.built: dict[tuple, tuple] = {}  # signature -> what build() gave (FATTN_CHECK_PLANS only)
         self.hits = 0  # launches that took the shortcut (benchmarks/overhead.py reports them)
         if not self.usable:
             return
@@ -212,6 +221,8 @@ class FastLauncher:
         on) and devices are still checked on every call (then passed as addresses, see
         `_tensor_pointers`), and a miss or anything unusual takes `run`.
         """
+        if _CHECK_PLANS and signature is not None:
+            self._check_signature(signature, *build())
         if signature is None or not (_ENABLED and self.usable) or _hooks_installed():
             grid, args, kwargs = build()
             return self.run(grid, args, kwargs)
@@ -221,8 +232,7 @@ class FastLauncher:
             values = _tensor_pointers(plan, tensors)
             if values is not None:
                 entry = plan.entry
-                if entry.tune_key is None or \
-                        self.autotuner.cache.get(entry.tune_key) is entry.config:  # type: ignore[union-attr]
+                if self._current(entry):
                     self.hits += 1
                     return self._launch_values(entry, plan.grid, values)
         grid, args, kwargs = build()
@@ -232,6 +242,34 @@ class FastLauncher:
                 self.plans.clear()
             self.plans[key] = self._plan(grid, args, kwargs, tensors)
         return result
+
+    def _check_signature(self, signature: tuple, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """FATTN_CHECK_PLANS: raise if an earlier call with `signature` built other arguments than these
+        (tensors compared by position only; a callable grid evaluated with every config of the autotuner)."""
+        named = {**dict(zip(self._param_names(), args)), **kwargs}
+        configs = list(self.kernel.configs) if isinstance(self.kernel, Autotuner) else [None]
+        grids = {}  # per config (tests may swap an autotuner's configs: compare the configs both calls had)
+        for c in configs:
+            meta = c.all_kwargs() if c is not None else {}
+            grids[tuple(sorted(meta.items()))] = tuple(grid({**named, **meta})) if callable(grid) else tuple(grid)
+        # (Tensors by position only: their dtypes and alignment are checked on every planned call.)
+        fixed = (tuple(torch.Tensor if isinstance(a, torch.Tensor) else a for a in args), tuple(sorted(kwargs.items())))
+        earlier_fixed, earlier_grids = self.built.setdefault(signature, (fixed, grids))
+        differ = earlier_fixed != fixed or any(earlier_grids[c] != g for c, g in grids.items() if c in earlier_grids)
+        if differ:
+            raise RuntimeError(f"launch plan of {self._kernel_name()}: calls with one signature built different "
+                               f"arguments, so the signature misses something they depend on (a plan would "
+                               f"launch stale ones).\nsignature: {signature!r}\nfirst: {earlier_fixed!r} "
+                               f"{earlier_grids!r}\nnow:   {fixed!r} {grids!r}")
+        earlier_grids.update(grids)
+
+    def _param_names(self) -> list[str]:
+        jit = self.kernel.fn if isinstance(self.kernel, Autotuner) else self.kernel
+        return list(jit.arg_names)  # (JITFunction and the interpreter's InterpretedFunction both have it)
+
+    def _kernel_name(self) -> str:
+        jit = self.kernel.fn if isinstance(self.kernel, Autotuner) else self.kernel
+        return getattr(jit, "__name__", repr(jit))
 
     def _plan(self, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
               tensors: tuple[torch.Tensor, ...]) -> _Plan | object:
@@ -269,14 +307,24 @@ class FastLauncher:
             return self.kernel[grid](*args, **kwargs)
         if entry is _UNCACHEABLE:
             return self.kernel[grid](*args, **kwargs)
-        # The key holds the autotuner's key values: only a cleared or re-tuned autotuner can differ.
-        if entry is not None and entry.tune_key is not None and \
-                self.autotuner.cache.get(entry.tune_key) is not entry.config:  # type: ignore[union-attr]
+        # The key holds the autotuner's key values: only replaced configs or a cleared or re-tuned autotuner differ.
+        if entry is not None and not self._current(entry):
             entry = None
         if entry is None:
             return self._first_launch(grid, args, kwargs, key)
         self.hits += 1
         return self._launch(entry, grid, args, kwargs)  # type: ignore[arg-type]
+
+    def _current(self, entry: _Entry) -> bool:
+        """Whether the autotuner would still launch `entry`'s config: its config list is the one the
+        entry was picked from (tests replace it to pin one config per kernel path, and a one-config
+        list has no tuning key to tell), and a tuned choice is still the cached one."""
+        tuner = self.autotuner
+        if tuner is None:
+            return True
+        if tuner.configs is not entry.configs:
+            return False
+        return entry.tune_key is None or tuner.cache.get(entry.tune_key) is entry.config
 
     def _first_launch(self, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: tuple) -> Any:
         if len(self.cache) >= _MAX_ENTRIES:
@@ -289,7 +337,8 @@ class FastLauncher:
             return compiled
         constexprs = dict(config.all_kwargs()) if config is not None else {}
         constexprs = {k: v for k, v in constexprs.items() if k in self.defaults or k in self.names}
-        self.cache[key] = _Entry(compiled, config, self._tune_key(args, kwargs), constexprs)
+        configs = self.autotuner.configs if self.autotuner is not None else None
+        self.cache[key] = _Entry(compiled, config, configs, self._tune_key(args, kwargs), constexprs)
         return compiled
 
     def _values(self, entry: _Entry, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:

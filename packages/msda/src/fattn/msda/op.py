@@ -9,6 +9,7 @@ from fattn.core import (
     CheckedSignatures,
     Reason,
     TensorCache,
+    call_signature,
     choice_reasons,
     empty,
     fused_op,
@@ -16,7 +17,6 @@ from fattn.core import (
     raise_if_unsupported,
     register_autograd,
     same_device_reasons,
-    call_signature,
     tensor_reasons,
 )
 from fattn.core.launch import launcher

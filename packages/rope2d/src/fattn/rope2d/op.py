@@ -10,6 +10,7 @@ from fattn.core import (
     CheckedSignatures,
     Reason,
     TensorCache,
+    call_signature,
     choice_reasons,
     empty,
     fused_op,
@@ -20,7 +21,6 @@ from fattn.core import (
     same_device_reasons,
     same_dtype_reasons,
     shape_reasons,
-    call_signature,
     tensor_reasons,
 )
 from fattn.rope2d.kernels import rope2d_bwd_launch, rope2d_fwd_launch
