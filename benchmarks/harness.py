@@ -78,8 +78,11 @@ class Measure:
         into extra_info["config"], so a table says which tiling produced each time.
         """
         from fattn.core import poisoning
+        from fattn.core.launch import checking_plans
 
-        with poisoning(False):  # NaN-filling outputs is for tests; it would cost time here
+        # NaN-filling outputs and re-building planned launches' arguments are for tests (the plugin turns
+        # both on for every pytest run here); they would cost time here.
+        with poisoning(False), checking_plans(False):
             self._run(fn, op=op, impl=impl, shape=shape, size=size, flops=flops, bytes_moved=bytes_moved,
                       tuned=tuned, **info)
 

@@ -180,6 +180,9 @@ def test_incomplete_plan_signatures_are_caught() -> None:
     launcher(_axpb_kernel).launch_planned(("axpb", n), (x, y), lambda: build(2.0))  # same arguments: fine
     with pytest.raises(RuntimeError, match="the signature misses something"):
         launcher(_axpb_kernel).launch_planned(("axpb", n), (x, y), lambda: build(3.0))  # `a` is not in it
+    with launch.checking_plans(False):  # (benchmarks turn the check off)
+        launcher(_axpb_kernel).launch_planned(("axpb", n), (x, y), lambda: build(3.0))
+    assert launch._CHECK_PLANS
     clear_launch_caches()
 
 

@@ -25,7 +25,8 @@ profiler, the interpreter) takes the normal path. On by default; FATTN_FAST_LAUN
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from triton.runtime.driver import driver
 
 from fattn.core.runtime import env_flag, interpreter_enabled
 
-__all__ = ["FastLauncher", "clear_launch_caches", "fast_launch_enabled", "launcher"]
+__all__ = ["FastLauncher", "checking_plans", "clear_launch_caches", "fast_launch_enabled", "launcher"]
 
 # FATTN_FAST_LAUNCH=0: every launch takes Triton's own path (e.g. to rule the shortcut out of a bug hunt).
 _ENABLED = env_flag("FATTN_FAST_LAUNCH", True)
@@ -58,6 +59,19 @@ def fast_launch_enabled(enabled: bool | None = None) -> bool:
     if enabled is not None:
         _ENABLED = bool(enabled)
     return previous
+
+
+@contextlib.contextmanager
+def checking_plans(enabled: bool = True) -> Iterator[None]:
+    """FATTN_CHECK_PLANS's check of planned launches on (or off) inside a `with` block: benchmarks,
+    which the test plugin's settings also reach, turn it off (it builds every call's arguments)."""
+    global _CHECK_PLANS
+    previous = _CHECK_PLANS
+    _CHECK_PLANS = bool(enabled)
+    try:
+        yield
+    finally:
+        _CHECK_PLANS = previous
 
 
 def launcher(kernel: Any) -> FastLauncher:
