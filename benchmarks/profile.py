@@ -155,10 +155,7 @@ def host_stamps(once, package: str, calls: int) -> list[tuple[float, str, str]]:
         return stamped
 
     def kernel_name(args) -> str:  # type: ignore[no-untyped-def]
-        kernel = args[0].kernel  # the FastLauncher's @triton.jit function, maybe inside an Autotuner
-        while getattr(kernel, "__name__", None) is None and hasattr(kernel, "fn"):
-            kernel = kernel.fn
-        return "launch " + getattr(kernel, "__name__", "kernel")
+        return "launch " + args[0].jit.__name__  # (args[0]: the FastLauncher)
 
     patches: list[tuple[object, str, object]] = []
 

@@ -152,7 +152,8 @@ class FastLauncher:
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
         self.autotuner = kernel if isinstance(kernel, Autotuner) else None
-        jit = kernel.fn if self.autotuner is not None else kernel
+        # The @triton.jit function (under the interpreter an InterpretedFunction: arg_names, no params).
+        self.jit = jit = kernel.fn if self.autotuner is not None else kernel
         self.usable = (not interpreter_enabled()) and hasattr(jit, "params") and hasattr(jit, "signature")
         self.cache: dict[tuple, _Entry | object] = {}
         self.plans: dict[tuple, _Plan | object] = {}
@@ -160,7 +161,6 @@ class FastLauncher:
         self.hits = 0  # launches that took the shortcut (benchmarks/overhead.py reports them)
         if not self.usable:
             return
-        self.jit = jit
         self.names = [p.name for p in jit.params]
         self.constexpr = [p.is_constexpr for p in jit.params]
         self.defaults = {name: p.default for name, p in jit.signature.parameters.items()
@@ -260,30 +260,24 @@ class FastLauncher:
     def _check_signature(self, signature: tuple, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """FATTN_CHECK_PLANS: raise if an earlier call with `signature` built other arguments than these
         (tensors compared by position only; a callable grid evaluated with every config of the autotuner)."""
-        named = {**dict(zip(self._param_names(), args)), **kwargs}
-        configs = list(self.kernel.configs) if isinstance(self.kernel, Autotuner) else [None]
+        named = {**dict(zip(self.jit.arg_names, args)), **kwargs}
+        configs = list(self.autotuner.configs) if self.autotuner is not None else [None]
         grids = {}  # per config (tests may swap an autotuner's configs: compare the configs both calls had)
         for c in configs:
             meta = c.all_kwargs() if c is not None else {}
             grids[tuple(sorted(meta.items()))] = tuple(grid({**named, **meta})) if callable(grid) else tuple(grid)
         # (Tensors by position only: their dtypes and alignment are checked on every planned call.)
         fixed = (tuple(torch.Tensor if isinstance(a, torch.Tensor) else a for a in args), tuple(sorted(kwargs.items())))
+        if len(self.built) >= _MAX_ENTRIES:
+            self.built.clear()
         earlier_fixed, earlier_grids = self.built.setdefault(signature, (fixed, grids))
         differ = earlier_fixed != fixed or any(earlier_grids[c] != g for c, g in grids.items() if c in earlier_grids)
         if differ:
-            raise RuntimeError(f"launch plan of {self._kernel_name()}: calls with one signature built different "
+            raise RuntimeError(f"launch plan of {self.jit.__name__}: calls with one signature built different "
                                f"arguments, so the signature misses something they depend on (a plan would "
                                f"launch stale ones).\nsignature: {signature!r}\nfirst: {earlier_fixed!r} "
                                f"{earlier_grids!r}\nnow:   {fixed!r} {grids!r}")
         earlier_grids.update(grids)
-
-    def _param_names(self) -> list[str]:
-        jit = self.kernel.fn if isinstance(self.kernel, Autotuner) else self.kernel
-        return list(jit.arg_names)  # (JITFunction and the interpreter's InterpretedFunction both have it)
-
-    def _kernel_name(self) -> str:
-        jit = self.kernel.fn if isinstance(self.kernel, Autotuner) else self.kernel
-        return getattr(jit, "__name__", repr(jit))
 
     def _plan(self, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
               tensors: tuple[torch.Tensor, ...]) -> _Plan | object:
