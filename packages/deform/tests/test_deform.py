@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fattn.core.compile_check import run_compile_script
+from fattn.core.launch import clear_launch_caches
 from fattn.core.testing import (
     assert_close,
     assert_deterministic,
@@ -150,11 +151,15 @@ def test_eager_fast_path_matches_the_custom_op() -> None:
     assert torch.equal(fast, via_op)
 
 
-def test_64bit_offsets_path_matches(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_64bit_offsets_path_matches(monkeypatch, request) -> None:  # type: ignore[no-untyped-def]
     """The int64 gather offsets (K / V slices past 2**31 elements) compute the same as the int32 ones."""
     import fattn.deform.op as op_module
 
     monkeypatch.setattr(op_module, "_needs_64bit_offsets", lambda *maps: True)
+    # Launch plans of earlier int32 runs of this case share its signatures (in real use the offsets'
+    # width follows from the signature): clear them, and this test's int64 plans after it.
+    clear_launch_caches()
+    request.addfinalizer(clear_launch_caches)
     _run_case(CPU_CASES[1], noncontiguous=True, visibility=True)
 
 

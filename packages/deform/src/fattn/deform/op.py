@@ -9,7 +9,9 @@ import torch
 import triton.language as tl
 
 from fattn.core import (
+    CheckedSignatures,
     Reason,
+    call_signature,
     choice_reasons,
     empty,
     fused_op,
@@ -98,17 +100,20 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Te
     out = empty((B, S, H, Lq, D), dtype=q.dtype, device=q.device)
     lse = empty((B, S, H, Lq), dtype=_acc_dtype(q), device=q.device)
     vis, vis_strides = _vis_arg(visibility, coords)
+    tensors = (q, k, v, coords, vis, out, lse)
 
-    def grid(meta):  # type: ignore[no-untyped-def]
-        return (cdiv(Lq, meta["BLOCK_M"]) * B * S * H,)
+    def build() -> tuple:  # what the signature fixes: built once per signature (FastLauncher.launch_planned)
+        def grid(meta):  # type: ignore[no-untyped-def]
+            return (cdiv(Lq, meta["BLOCK_M"]) * B * S * H,)
 
-    launcher(_deform_fwd_kernel)[grid](
-        q, k, v, coords, vis, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *coords.stride(), *vis_strides,
-        S, H, Lq, T, P, D, width, height, float(scale),
-        BLOCK_D=next_power_of_2(D), EVEN_D=next_power_of_2(D) == D, ALIGN_CORNERS=align_corners, BORDER=border,
-        HAS_VIS=visibility is not None, OFFSETS_64=_needs_64bit_offsets(k, v), ACC_DTYPE=_tl_acc(q),
-    )
+        args = (*tensors, *q.stride(), *k.stride(), *v.stride(), *coords.stride(), *vis_strides,
+                S, H, Lq, T, P, D, width, height, float(scale))
+        return grid, args, dict(
+            BLOCK_D=next_power_of_2(D), EVEN_D=next_power_of_2(D) == D, ALIGN_CORNERS=align_corners, BORDER=border,
+            HAS_VIS=visibility is not None, OFFSETS_64=_needs_64bit_offsets(k, v), ACC_DTYPE=_tl_acc(q))
+
+    signature = call_signature(q, k, v, coords, visibility, width, height, scale, border, align_corners)
+    launcher(_deform_fwd_kernel).launch_planned(signature, tensors, build)
     return out, lse
 
 
@@ -308,6 +313,11 @@ def not_supported_reasons(
     return reasons
 
 
+# Signatures (fattn.core.call_signature: shapes, strides, dtypes, devices, scalar values) of
+# deform_attention's arguments that passed not_supported_reasons, which reads nothing else.
+_CHECKED = CheckedSignatures()
+
+
 def deform_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -344,9 +354,13 @@ def deform_attention(
 
     fp16, bf16, fp32 and fp64 inputs (q, k, v of one dtype); head dims 1..256; any strides.
     """
-    raise_if_unsupported("deform_attention", not_supported_reasons(
-        q, k, v, coords, width, height, scale=scale, padding_mode=padding_mode, align_corners=align_corners,
-        visibility=visibility, deterministic=deterministic))
+    signature = call_signature(q, k, v, coords, width, height, scale, padding_mode, align_corners, visibility,
+                               deterministic)
+    if signature not in _CHECKED:  # the checks depend on nothing but the signature: once per signature
+        raise_if_unsupported("deform_attention", not_supported_reasons(
+            q, k, v, coords, width, height, scale=scale, padding_mode=padding_mode, align_corners=align_corners,
+            visibility=visibility, deterministic=deterministic))
+        _CHECKED.add(signature)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     out, _ = deform_fwd(q, k, v, coords, visibility, width, height, sm_scale, padding_mode == "border",
