@@ -8,7 +8,9 @@ from typing import Optional
 import torch
 
 from fattn.core import (
+    CheckedSignatures,
     Reason,
+    call_signature,
     empty,
     fused_op,
     head_dim_reasons,
@@ -98,16 +100,25 @@ def swba_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
     lse = empty((b, h, n_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    signature = call_signature(q, k, v, block_size, window, scale)
     block_size, window = _geometry(n_k, block_size, window)
+    tensors = (q, k, v, out, lse)
+    tuned = autotune_enabled()
 
-    # (B * H) on grid axis 0, whose limit is 2^31 - 1 (axis 1 allows only 65535 programs).
-    def grid(meta):  # type: ignore[no-untyped-def]
-        return (b * h, cdiv(n_q, meta["BLOCK_M"]))
+    def build() -> tuple:  # what the signature fixes: built once per signature (FastLauncher.launch_planned)
+        # (B * H) on grid axis 0, whose limit is 2^31 - 1 (axis 1 allows only 65535 programs).
+        def grid(meta):  # type: ignore[no-untyped-def]
+            return (b * h, cdiv(n_q, meta["BLOCK_M"]))
 
-    args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            h, h // h_kv, n_q, n_k, block_size, window, scale * _LOG2E, seq_bucket(n_q), seq_bucket(n_k))
-    _launch(swba_fwd_kernel, "fwd", grid, args, q, max(16, next_power_of_2(d)), HEAD_DIM=d,
-            SCALE_NONNEG=scale >= 0)
+        args = (*tensors, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+                h, h // h_kv, n_q, n_k, block_size, window, scale * _LOG2E, seq_bucket(n_q), seq_bucket(n_k))
+        block_d = max(16, next_power_of_2(d))
+        kwargs = dict(BLOCK_D=block_d, HEAD_DIM=d, SCALE_NONNEG=scale >= 0)
+        if not tuned:  # (see _launch)
+            kwargs |= launch_config("fwd", block_d, q).all_kwargs()
+        return grid, args, kwargs
+
+    launcher(swba_fwd_kernel if tuned else swba_fwd_kernel.fn).launch_planned(signature, tensors, build)
     return out, lse
 
 
@@ -226,6 +237,11 @@ def _reasons(q: object, k: object, v: object, block_size: object, window: object
     return reasons
 
 
+# Signatures (fattn.core.call_signature: shapes, strides, dtypes, devices, scalar values) of
+# swba_attention's arguments that passed its checks, which read nothing else.
+_CHECKED = CheckedSignatures()
+
+
 def not_supported_reasons(q: object, k: object, v: object, block_size: object, window: object,
                           scale: object = None) -> list[str]:
     """Why `swba_attention(q, k, v, block_size, window, scale=scale)` would be refused; empty if it runs."""
@@ -259,10 +275,14 @@ def swba_attention(
     Returns:
         out [B, H, Nq, D] in q's dtype, or (out, lse [B, H, Nq] fp32) when return_lse. Both are differentiable.
     """
-    reasons = _reasons(q, k, v, block_size, window, scale)
-    if not isinstance(return_lse, bool):
-        reasons.append(Reason(f"return_lse must be a bool, got {type(return_lse).__name__} {return_lse!r}", TypeError))
-    raise_if_unsupported("swba_attention", reasons)
+    signature = call_signature(q, k, v, block_size, window, scale, return_lse)
+    if signature not in _CHECKED:  # the checks depend on nothing but the signature: once per signature
+        reasons = _reasons(q, k, v, block_size, window, scale)
+        if not isinstance(return_lse, bool):
+            reasons.append(Reason(f"return_lse must be a bool, got {type(return_lse).__name__} {return_lse!r}",
+                                  TypeError))
+        raise_if_unsupported("swba_attention", reasons)
+        _CHECKED.add(signature)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, lse = swba_fwd(q, k, v, block_size, window, scale)
     if return_lse:
