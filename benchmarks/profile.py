@@ -65,9 +65,11 @@ def main() -> None:
     sync()
     if args.stamps:
         print(f"{args.package} {args.op}: host steps, median us from the call's start over {args.stamps} calls "
-              f"(M: the calling thread, W: another, e.g. autograd's device thread)")
+              f"and since the previous step (M: the calling thread, W: another, e.g. autograd's device thread)")
+        previous = 0.0
         for at, thread, step in host_stamps(once, args.package, args.stamps):
-            print(f"{at:10.1f}  {thread}  {step}")
+            print(f"{at:10.1f} {at - previous:+9.1f}  {thread}  {step}")
+            previous = at
         return
     if args.kernels:
         kernel_table(once, args.kernels, host=args.host)
