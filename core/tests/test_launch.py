@@ -50,15 +50,20 @@ def _run(kernel, x: torch.Tensor, stride: int, a: float, add_one: bool, **kw):  
     return y
 
 
+def _fresh_axpb(tuned: bool) -> tuple:  # type: ignore[type-arg]
+    """(kernel, its keyword arguments) of the jit or autotuned axpb kernel, with no launch remembered
+    (the autotuned one skips the test off a GPU: the autotuner times configs on a GPU)."""
+    if tuned and not on_gpu():
+        pytest.skip("the autotuner times configs on a GPU")
+    clear_launch_caches()
+    return (_tuned_axpb_kernel, {}) if tuned else (_axpb_kernel, {"BLOCK": 64})
+
+
 @pytest.mark.parametrize("tuned", [False, True], ids=["jit", "autotuned"])
 def test_remembered_launches_match_the_reference(tuned: bool) -> None:
     """Argument changes that change Triton's specialization (alignment, dtype, ints equal to 1 or
     multiples of 16, constexprs) must never reuse a kernel compiled for other ones."""
-    if tuned and not on_gpu():
-        pytest.skip("the autotuner times configs on a GPU")
-    kernel = _tuned_axpb_kernel if tuned else _axpb_kernel
-    kw = {} if tuned else {"BLOCK": 64}
-    clear_launch_caches()
+    kernel, kw = _fresh_axpb(tuned)
     base = torch.randn(300, device=device())
     for x in (base, base[1:], base[3:], base.half(), base[:1], base[:16], base[:17]):
         for stride in (1, 2, 16):
@@ -151,11 +156,7 @@ def _run_planned(kernel, x: torch.Tensor, stride: int, a: float, add_one: bool, 
 def test_planned_launches_match_the_reference(tuned: bool) -> None:
     """One signature, tensors of other dtypes or alignments: the plan must not launch the kernel
     compiled for the first ones (its tensor checks send such calls through the normal path)."""
-    if tuned and not on_gpu():
-        pytest.skip("the autotuner times configs on a GPU")
-    kernel = _tuned_axpb_kernel if tuned else _axpb_kernel
-    kw = {} if tuned else {"BLOCK": 64}
-    clear_launch_caches()
+    kernel, kw = _fresh_axpb(tuned)
     base = torch.randn(301, device=device())
     for x in (base[:300], base[1:], base[:300].half(), base[1:].half(), base[:300]):
         for _ in range(2):
