@@ -10,6 +10,7 @@ Every benchmark goes through `Measure.run`, so all suites time the same way:
 
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import time
@@ -91,6 +92,9 @@ class Measure:
         bench = self.benchmark
         bench.group = f"{op} | {shape}"
         cuda = torch.cuda.is_available()
+        if cuda:  # every case starts from the same allocator state, whatever the previous case cached
+            gc.collect()
+            torch.cuda.empty_cache()
         started = time.perf_counter()
         for _ in range(self.warmup):
             fn()
@@ -110,7 +114,10 @@ class Measure:
             sync()
 
         rounds = self.rounds if cuda else 1
+        mallocs = _device_mallocs()
         bench.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1 if cuda else 0)
+        # cudaMalloc/cudaFree calls while timing (each can synchronize the device): 0 in a steady state.
+        info["device_mallocs"] = _device_mallocs() - mallocs
         median = _median_seconds(bench)
         if tuned:  # after the timed calls: every kernel has launched for this shape
             info["config"] = "; ".join(f"{name} {describe_config(kernel)}" for name, kernel in tuned.items())
@@ -124,6 +131,14 @@ class Measure:
         if median and bytes_moved:
             bench.extra_info["gbps"] = bytes_moved / median / 1e9
         _progress(bench.extra_info, median)
+
+
+def _device_mallocs() -> int:
+    """cudaMalloc + cudaFree calls of PyTorch's caching allocator so far (0 without CUDA)."""
+    if not torch.cuda.is_available():
+        return 0
+    stats = torch.cuda.memory_stats()
+    return stats.get("num_device_alloc", 0) + stats.get("num_device_free", 0)
 
 
 def describe_config(kernel: Any) -> str:
@@ -151,6 +166,8 @@ def _progress(info: dict[str, Any], median: float | None) -> None:
     with open(path, "a") as f:
         config = f"  [{info['config']}]" if info.get("config") else ""
         warmup = f" {info['warmup_s']:6.1f} s warm-up" if info.get("warmup_s") is not None else ""
+        if info.get("device_mallocs"):
+            warmup += f" {info['device_mallocs']} cudaMalloc/Free while timed"
         f.write(f"{info['op']:<14} {info['shape']:<34} {info['impl']:<18} {ms:>9} ms {tflops:>7} TF/s {peak:>7} MB"
                 f"{warmup}{config}\n")
 
