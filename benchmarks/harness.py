@@ -3,7 +3,7 @@
 Every benchmark goes through `Measure.run`, so all suites time the same way:
 - the timed callable ends with `torch.cuda.synchronize()` (device work is asynchronous);
 - warm-up calls first absorb Triton JIT compilation and autotuning, and torch.compile;
-- peak memory is measured on its own call, above what was allocated before it;
+- peak memory is measured on its own call, in bytes requested above what was requested before it;
 - `extra_info` carries op, impl, shape name, size, peak memory, TFLOP/s and GB/s, which the report
   CLI (`python -m benchmarks.report`) turns into tables and plots.
 """
@@ -104,10 +104,10 @@ class Measure:
         peak_mb = None
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
+            before = _requested_bytes("current")
             fn()
             sync()
-            peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
+            peak_mb = (_requested_bytes("peak") - before) / 2**20
 
         def timed() -> None:
             fn()
@@ -131,6 +131,17 @@ class Measure:
         if median and bytes_moved:
             bench.extra_info["gbps"] = bytes_moved / median / 1e9
         _progress(bench.extra_info, median)
+
+
+def _requested_bytes(which: str) -> int:
+    """Bytes the program asked the caching allocator for ("current" or "peak" since the last reset):
+    unlike memory_allocated, not rounded up to the cached block that served a request (which may be up
+    to 1 MiB larger and depends on what earlier cases cached)."""
+    stats = torch.cuda.memory_stats()
+    key = f"requested_bytes.all.{which}"
+    if key in stats:
+        return stats[key]
+    return torch.cuda.memory_allocated() if which == "current" else torch.cuda.max_memory_allocated()
 
 
 def _device_mallocs() -> int:
