@@ -91,6 +91,18 @@ def _fattn_seed(request: pytest.FixtureRequest) -> int:
     return seed
 
 
+@pytest.fixture
+def fresh_launch_plans():  # type: ignore[no-untyped-def]
+    """For a test that changes what a call signature launches behind its back (a forced tiling, a forced
+    offset width): fattn.core's remembered kernels and launch plans are cleared before the test and after
+    it (so none of its plans serves a later test). Call the returned function to clear them in between."""
+    from fattn.core.launch import clear_launch_caches
+
+    clear_launch_caches()
+    yield clear_launch_caches
+    clear_launch_caches()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
     outcome = yield

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fattn.core.launch import clear_launch_caches
 from fattn.core.testing import (
     assert_close,
     assert_deterministic,
@@ -135,7 +134,7 @@ def test_every_kernel_path_matches_reference(path: str, monkeypatch: pytest.Monk
               "det": det})
 
 
-def test_int64_offsets_path_matches_int32(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+def test_int64_offsets_path_matches_int32(monkeypatch: pytest.MonkeyPatch, fresh_launch_plans) -> None:  # type: ignore[no-untyped-def]
     """The forward's int64 in-slice offsets (value / locations / weights past 2**31 elements) give the
     same bits as the int32 ones, and the gradients do not change (the backward's offsets are int64
     throughout today; this holds it to that if it gains an int32 path): the deterministic backward's
@@ -154,8 +153,7 @@ def test_int64_offsets_path_matches_int32(monkeypatch: pytest.MonkeyPatch, reque
     monkeypatch.setattr(op_module, "_needs_64bit_offsets", lambda *args, **kwargs: True)
     # The launch plans of the int32 runs share these calls' signatures (in real use the offsets'
     # width follows from the signature): without clearing them a GPU run would relaunch the int32 kernel.
-    clear_launch_caches()
-    request.addfinalizer(clear_launch_caches)  # nor may this test's int64 plans serve later tests
+    fresh_launch_plans()
     for det in (True, False):
         for name, a, b in zip(["out", *GRADS], runs32[det], run(det)):
             if det or name != "value":
