@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from fattn.core.launch import clear_launch_caches
 from fattn.core.testing import (
     assert_deterministic,
     cases,
@@ -103,6 +102,29 @@ def test_forward_backward_gpu(case) -> None:  # type: ignore[no-untyped-def]
     _run_case(case, noncontiguous=case["Nq"] % 2 == 0)
 
 
+@pytest.mark.gpu
+def test_launches_are_planned(fresh_launch_plans) -> None:  # type: ignore[no-untyped-def]
+    """A second fwd+bwd with the same signature launches all four kernels from their plans (no argument
+    building, no Triton launch path); FATTN_CHECK_PLANS, on in every test run, checks the plans' contents."""
+    from fattn.core.launch import _Plan, launcher
+    from fattn.swba import kernels
+
+    def launchers():  # type: ignore[no-untyped-def]
+        tuned = kernels.autotune_enabled()
+        return [launcher(kernels.swba_bwd_preprocess_kernel)] + [
+            launcher(kern if tuned else kern.fn)
+            for kern in (kernels.swba_fwd_kernel, kernels.swba_bwd_dkdv_kernel, kernels.swba_bwd_dq_kernel)]
+
+    inputs = _inputs(_case(B=1, H=4, Hk=2, Nq=300, D=64, bs=50, w=3, dtype=F16))
+    leaves = [t.detach().requires_grad_(True) for t in inputs.values()]
+    for _ in range(2):
+        hits = [fast.hits for fast in launchers()]
+        out = swba_attention(*leaves, 50, 3)
+        torch.autograd.grad(out, leaves, torch.randn_like(out))
+    assert [fast.hits - h for fast, h in zip(launchers(), hits)] == [1, 1, 1, 1]
+    assert all(any(type(plan) is _Plan for plan in fast.plans.values()) for fast in launchers())
+
+
 # One case per (head dim class, fp32) of the tilings tables: GQA, a ragged last block and tiles that
 # straddle block edges, so every tiling meets masked and unmasked tiles.
 EVERY_CONFIG_CASES = [
@@ -117,7 +139,7 @@ EVERY_CONFIG_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", cases(EVERY_CONFIG_CASES))
-def test_every_tuned_config_is_correct(case, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_every_tuned_config_is_correct(case, monkeypatch: pytest.MonkeyPatch, fresh_launch_plans) -> None:  # type: ignore[no-untyped-def]
     """Autotuning may pick any tiling of the tables: run each one on its own (autotuning off, the launch
     config forced), the i-th forward, dK/dV and dQ tilings together."""
     from fattn.swba import kernels, op
@@ -129,12 +151,11 @@ def test_every_tuned_config_is_correct(case, monkeypatch: pytest.MonkeyPatch) ->
     for i in range(max(len(t) for t in tables.values())):
         chosen = {kind: t[i % len(t)] for kind, t in tables.items()}
         monkeypatch.setattr(op, "launch_config", lambda kind, block_d, q, chosen=chosen: chosen[kind])
-        clear_launch_caches()  # the forward's launch plan would keep the previous tiling (same signature)
+        fresh_launch_plans()  # the launch plans would keep the previous tiling (same signature)
         try:
             _run_case(case)
         except AssertionError as e:
             raise AssertionError(f"tilings {chosen}: {e}") from e
-    clear_launch_caches()  # nor may the last one serve later tests
 
 
 @pytest.mark.parametrize("case", cases([_case(H=2, Hk=1, Nq=19, Nk=27, D=16, bs=4, w=2),

@@ -70,14 +70,20 @@ def _kv_group_splits(b: int, h_kv: int, n_k: int, group: int, dev: torch.device)
     return group
 
 
-def _launch(kernel, kind: str, grid, args: tuple, q: torch.Tensor, block_d: int, **constexprs) -> None:  # type: ignore[no-untyped-def]
-    """Launch an autotuned kernel, or with an autotune limit of 1 (FATTN_SWBA_AUTOTUNE_LIMIT=1) its default
-    config directly (no timing)."""
+def _launch_planned(kernel, kind: str, signature: tuple | None, tensors: tuple[torch.Tensor, ...],  # type: ignore[no-untyped-def]
+                    build, q: torch.Tensor, block_d: int) -> None:
+    """Launch an autotuned kernel with `build()`'s (grid, args, kwargs), built once per `signature`
+    (FastLauncher.launch_planned); with an autotune limit of 1 (FATTN_SWBA_AUTOTUNE_LIMIT=1) its
+    default config is launched directly (no timing)."""
     if autotune_enabled():
-        launcher(kernel)[grid](*args, BLOCK_D=block_d, **constexprs)
-    else:
-        config = launch_config(kind, block_d, q)
-        launcher(kernel.fn)[grid](*args, BLOCK_D=block_d, **constexprs, **config.all_kwargs())
+        launcher(kernel).launch_planned(signature, tensors, build)
+        return
+
+    def build_pinned() -> tuple:
+        grid, args, kwargs = build()
+        return grid, args, kwargs | launch_config(kind, block_d, q).all_kwargs()
+
+    launcher(kernel.fn).launch_planned(signature, tensors, build_pinned)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -102,23 +108,19 @@ def swba_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
         return out, lse
     signature = call_signature(q, k, v, block_size, window, scale)
     block_size, window = _geometry(n_k, block_size, window)
+    block_d = max(16, next_power_of_2(d))
     tensors = (q, k, v, out, lse)
-    tuned = autotune_enabled()
 
-    def build() -> tuple:  # what the signature fixes: built once per signature (FastLauncher.launch_planned)
+    def build() -> tuple:  # what the signature fixes: built once per signature
         # (B * H) on grid axis 0, whose limit is 2^31 - 1 (axis 1 allows only 65535 programs).
         def grid(meta):  # type: ignore[no-untyped-def]
             return (b * h, cdiv(n_q, meta["BLOCK_M"]))
 
         args = (*tensors, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
                 h, h // h_kv, n_q, n_k, block_size, window, scale * _LOG2E, seq_bucket(n_q), seq_bucket(n_k))
-        block_d = max(16, next_power_of_2(d))
-        kwargs = dict(BLOCK_D=block_d, HEAD_DIM=d, SCALE_NONNEG=scale >= 0)
-        if not tuned:  # (see _launch)
-            kwargs |= launch_config("fwd", block_d, q).all_kwargs()
-        return grid, args, kwargs
+        return grid, args, dict(BLOCK_D=block_d, HEAD_DIM=d, SCALE_NONNEG=scale >= 0)
 
-    launcher(swba_fwd_kernel if tuned else swba_fwd_kernel.fn).launch_planned(signature, tensors, build)
+    _launch_planned(swba_fwd_kernel, "fwd", signature, tensors, build, q, block_d)
     return out, lse
 
 
@@ -140,16 +142,23 @@ def swba_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dv = empty(v.shape, dtype=v.dtype, device=v.device)
     if dk.numel() == 0:
         return dq, dk, dv
+    # One signature for the three launches: every integer argument, grid and constexpr below follows
+    # from it (the fresh buffers' shapes and strides included).
+    signature = call_signature(grad_out, q, k, v, out, lse, grad_lse, block_size, window, scale)
     block_size, window = _geometry(n_k, block_size, window)
     block_d = max(16, next_power_of_2(d))
     delta = empty((b, h, n_q), dtype=torch.float32, device=q.device)
     if n_q > 0:
         has_dlse = grad_lse is not None
         dlse = grad_lse.contiguous() if has_dlse else lse
-        launcher(swba_bwd_preprocess_kernel)[(b * h, cdiv(n_q, _PREPROCESS_BLOCK_M))](
-            out, grad_out, dlse, delta, *_strides(out), *_strides(grad_out), h, n_q,
-            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=_PREPROCESS_BLOCK_M, HAS_DLSE=has_dlse,
-        )
+        pre_tensors = (out, grad_out, dlse, delta)
+
+        def build_pre() -> tuple:
+            grid = (b * h, cdiv(n_q, _PREPROCESS_BLOCK_M))
+            args = (*pre_tensors, *_strides(out), *_strides(grad_out), h, n_q)
+            return grid, args, dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=_PREPROCESS_BLOCK_M, HAS_DLSE=has_dlse)
+
+        launcher(swba_bwd_preprocess_kernel).launch_planned(signature, pre_tensors, build_pre)
     common = (n_q, n_k, block_size, window, scale, scale * _LOG2E, seq_bucket(n_q), seq_bucket(n_k))
 
     group = h // h_kv
@@ -162,25 +171,33 @@ def swba_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     else:
         dk_out, dv_out = dk, dv
 
-    def grid_kv(meta):  # type: ignore[no-untyped-def]
-        return (b * h_kv * n_splits, cdiv(n_k, meta["BLOCK_N"]))
-
     # dK/dV for every key (keys no query sees get exact zeros).
-    args = (q, k, v, grad_out, lse, delta, dk_out, dv_out,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk_out), *_strides(dv_out),
-            h, h_kv, group, n_splits, *common)
-    _launch(swba_bwd_dkdv_kernel, "dkdv", grid_kv, args, q, block_d, HEAD_DIM=d)
+    kv_tensors = (q, k, v, grad_out, lse, delta, dk_out, dv_out)
+
+    def build_kv() -> tuple:
+        def grid(meta):  # type: ignore[no-untyped-def]
+            return (b * h_kv * n_splits, cdiv(n_k, meta["BLOCK_N"]))
+
+        args = (*kv_tensors, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk_out),
+                *_strides(dv_out), h, h_kv, group, n_splits, *common)
+        return grid, args, dict(BLOCK_D=block_d, HEAD_DIM=d)
+
+    _launch_planned(swba_bwd_dkdv_kernel, "dkdv", signature, kv_tensors, build_kv, q, block_d)
     if n_splits > 1:
         dk.copy_(dk_out.view(b, h_kv, n_splits, n_k, d).sum(2))
         dv.copy_(dv_out.view(b, h_kv, n_splits, n_k, d).sum(2))
     if n_q > 0:
-        def grid_q(meta):  # type: ignore[no-untyped-def]
-            return (b * h, cdiv(n_q, meta["BLOCK_M"]))
+        q_tensors = (q, k, v, grad_out, lse, delta, dq)
 
-        args = (q, k, v, grad_out, lse, delta, dq,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
-                h, h // h_kv, *common)
-        _launch(swba_bwd_dq_kernel, "dq", grid_q, args, q, block_d, HEAD_DIM=d)
+        def build_q() -> tuple:
+            def grid(meta):  # type: ignore[no-untyped-def]
+                return (b * h, cdiv(n_q, meta["BLOCK_M"]))
+
+            args = (*q_tensors, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+                    h, h // h_kv, *common)
+            return grid, args, dict(BLOCK_D=block_d, HEAD_DIM=d)
+
+        _launch_planned(swba_bwd_dq_kernel, "dq", signature, q_tensors, build_q, q, block_d)
     return dq, dk, dv
 
 
