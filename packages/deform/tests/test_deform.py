@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from fattn.core.compile_check import run_compile_script
-from fattn.core.launch import clear_launch_caches
 from fattn.core.testing import (
     assert_close,
     assert_deterministic,
@@ -151,15 +150,32 @@ def test_eager_fast_path_matches_the_custom_op() -> None:
     assert torch.equal(fast, via_op)
 
 
-def test_64bit_offsets_path_matches(monkeypatch, request) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.gpu
+def test_launches_are_planned(fresh_launch_plans) -> None:  # type: ignore[no-untyped-def]
+    """A second fwd+bwd with the same signature launches the forward and the backward's three kernels
+    from their plans; FATTN_CHECK_PLANS, on in every test run, checks the plans' contents."""
+    from fattn.core.launch import _Plan, launcher
+    from fattn.deform import kernels
+
+    launchers = [launcher(kern) for kern in (kernels._deform_fwd_kernel, kernels._deform_bwd_kernel,
+                                             kernels._corner_keys_kernel, kernels._deform_bwd_dkdv_kernel)]
+    inputs, vis = make_inputs(1, 2, 2, 7, 8, 2, 3, 4, 3, F32, visibility=True)
+    leaves = [t.detach().requires_grad_(True) for t in inputs.values()]
+    for _ in range(2):
+        hits = [fast.hits for fast in launchers]
+        out = deform_attention(*leaves, 4, 3, visibility=vis)
+        torch.autograd.grad(out, leaves, torch.randn_like(out))
+    assert [fast.hits - h for fast, h in zip(launchers, hits)] == [1, 1, 1, 1]
+    assert all(any(type(plan) is _Plan for plan in fast.plans.values()) for fast in launchers)
+
+
+def test_64bit_offsets_path_matches(monkeypatch, fresh_launch_plans) -> None:  # type: ignore[no-untyped-def]
     """The int64 gather offsets (K / V slices past 2**31 elements) compute the same as the int32 ones."""
     import fattn.deform.op as op_module
 
     monkeypatch.setattr(op_module, "_needs_64bit_offsets", lambda *maps: True)
     # Launch plans of earlier int32 runs of this case share its signatures (in real use the offsets'
-    # width follows from the signature): clear them, and this test's int64 plans after it.
-    clear_launch_caches()
-    request.addfinalizer(clear_launch_caches)
+    # width follows from the signature): the fixture clears them, and this test's int64 plans after it.
     _run_case(CPU_CASES[1], noncontiguous=True, visibility=True)
 
 

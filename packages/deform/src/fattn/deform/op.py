@@ -141,10 +141,12 @@ def dkdv_block_e(block_d: int, dtype: torch.dtype) -> int:
 
 
 def _corner_entries(coords: torch.Tensor, q: torch.Tensor, grad_out: torch.Tensor, width: int, height: int,
-                    border: bool, align_corners: bool, acc: torch.dtype) -> tuple[torch.Tensor, ...]:
+                    border: bool, align_corners: bool, acc: torch.dtype,
+                    signature: tuple | None) -> tuple[torch.Tensor, ...]:
     """Every (sample, corner) as a CSR list sorted by the pixel it touches, for the deterministic dK / dV:
     order (entry indices 4 * sample + corner sorted by pixel, stable), weights per entry (unsorted), the
-    offsets of each sample's query row in q and grad_out (head 0), and offsets [B*T*HW + 1] into order."""
+    offsets of each sample's query row in q and grad_out (head 0), and offsets [B*T*HW + 1] into order.
+    `signature`: the backward call's (fixes every launch argument but the tensors)."""
     B, S, Lq, T, P, _ = coords.shape
     n_samples = B * S * Lq * T * P
     sentinel = B * T * width * height
@@ -154,14 +156,17 @@ def _corner_entries(coords: torch.Tensor, q: torch.Tensor, grad_out: torch.Tenso
     weight = empty((n_samples * 4,), dtype=acc, device=dev)
     q_off = empty((n_samples,), dtype=torch.int64, device=dev)
     g_off = empty((n_samples,), dtype=torch.int64, device=dev)
-    block = 256
-    launcher(_corner_keys_kernel)[(cdiv(n_samples, block),)](
-        coords.contiguous(), key, weight, q_off, g_off,
-        q.stride(0), q.stride(1), q.stride(3), grad_out.stride(0), grad_out.stride(1), grad_out.stride(3),
-        n_samples, S * Lq * T * P, Lq, T, P, width, height, sentinel,
-        ALIGN_CORNERS=align_corners, BORDER=border, ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
-        BLOCK=block, num_warps=4,
-    )
+    tensors = (coords.contiguous(), key, weight, q_off, g_off)
+
+    def build() -> tuple:
+        block = 256
+        args = (*tensors, q.stride(0), q.stride(1), q.stride(3), grad_out.stride(0), grad_out.stride(1),
+                grad_out.stride(3), n_samples, S * Lq * T * P, Lq, T, P, width, height, sentinel)
+        return (cdiv(n_samples, block),), args, dict(
+            ALIGN_CORNERS=align_corners, BORDER=border, ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
+            BLOCK=block, num_warps=4)
+
+    launcher(_corner_keys_kernel).launch_planned(signature, tensors, build)
     sorted_key, order = torch.sort(key, stable=True)
     offsets = torch.searchsorted(sorted_key, torch.arange(sentinel + 1, device=dev, dtype=key.dtype))
     return order, weight, q_off, g_off, offsets
@@ -192,6 +197,11 @@ def deform_bwd(
     acc = _acc_dtype(q)
     dev = q.device
     vis, vis_strides = _vis_arg(visibility, coords)
+    # One signature for the three launches. The dK / dV gather's vector width also follows the row
+    # starts' alignment in memory (_row_alignment), which the shapes and strides do not fix.
+    row_align = _row_alignment(q, grad_out)
+    signature = call_signature(grad_out, q, k, v, coords, visibility, out, lse, width, height, scale, border,
+                               align_corners, need_dcoords, row_align)
     out = out.contiguous()
     lse = lse.contiguous()
     dq = empty(q.shape, dtype=q.dtype, device=dev)
@@ -202,28 +212,33 @@ def deform_bwd(
     dc = empty((H if need_dcoords else 1, *coords.shape), dtype=acc, device=dev)
     ds = empty((B, H, S, Lq, T * P), dtype=acc, device=dev)
     pr = empty((B, H, S, Lq, T * P), dtype=acc, device=dev)
-
-    def grid(meta):  # type: ignore[no-untyped-def]
-        return (cdiv(Lq, meta["BLOCK_M"]) * B * S * H,)
-
     block_d = next_power_of_2(D)
-    launcher(_deform_bwd_kernel)[grid](
-        q, k, v, coords, vis, out, grad_out, lse, dq, dc, ds, pr,
-        *q.stride(), *k.stride(), *v.stride(), *coords.stride(), *vis_strides, *grad_out.stride(),
-        dc.stride(0),
-        S, H, Lq, T, P, D, width, height, float(scale),
-        BLOCK_D=block_d, EVEN_D=block_d == D, ALIGN_CORNERS=align_corners, BORDER=border,
-        HAS_VIS=visibility is not None, NEED_DCOORDS=need_dcoords, OFFSETS_64=_needs_64bit_offsets(k, v), ACC_DTYPE=_tl_acc(q),
-    )
+    bwd_tensors = (q, k, v, coords, vis, out, grad_out, lse, dq, dc, ds, pr)
+
+    def build_bwd() -> tuple:
+        def grid(meta):  # type: ignore[no-untyped-def]
+            return (cdiv(Lq, meta["BLOCK_M"]) * B * S * H,)
+
+        args = (*bwd_tensors, *q.stride(), *k.stride(), *v.stride(), *coords.stride(), *vis_strides,
+                *grad_out.stride(), dc.stride(0), S, H, Lq, T, P, D, width, height, float(scale))
+        return grid, args, dict(
+            BLOCK_D=block_d, EVEN_D=block_d == D, ALIGN_CORNERS=align_corners, BORDER=border,
+            HAS_VIS=visibility is not None, NEED_DCOORDS=need_dcoords, OFFSETS_64=_needs_64bit_offsets(k, v),
+            ACC_DTYPE=_tl_acc(q))
+
+    launcher(_deform_bwd_kernel).launch_planned(signature, bwd_tensors, build_bwd)
     order, weight, q_off, g_off, offsets = _corner_entries(coords, q, grad_out, width, height, border,
-                                                           align_corners, acc)
-    launcher(_deform_bwd_dkdv_kernel)[(B * T * HW, H)](
-        q, grad_out, ds, pr, order, weight, q_off, g_off, offsets, dk, dv,
-        q.stride(2), q.stride(4), grad_out.stride(2), grad_out.stride(4),
-        S, H, Lq, T, HW, T * P, D, float(scale),
-        BLOCK_D=block_d, EVEN_D=block_d == D, BLOCK_E=dkdv_block_e(block_d, q.dtype),
-        ROW_ALIGN=_row_alignment(q, grad_out), ACC_DTYPE=_tl_acc(q), num_warps=4,
-    )
+                                                           align_corners, acc, signature)
+    dkdv_tensors = (q, grad_out, ds, pr, order, weight, q_off, g_off, offsets, dk, dv)
+
+    def build_dkdv() -> tuple:
+        args = (*dkdv_tensors, q.stride(2), q.stride(4), grad_out.stride(2), grad_out.stride(4),
+                S, H, Lq, T, HW, T * P, D, float(scale))
+        return (B * T * HW, H), args, dict(
+            BLOCK_D=block_d, EVEN_D=block_d == D, BLOCK_E=dkdv_block_e(block_d, q.dtype), ROW_ALIGN=row_align,
+            ACC_DTYPE=_tl_acc(q), num_warps=4)
+
+    launcher(_deform_bwd_dkdv_kernel).launch_planned(signature, dkdv_tensors, build_dkdv)
     dcoords = dc.sum(0) if need_dcoords else torch.zeros(coords.shape, dtype=acc, device=dev)
     return dq, dk, dv, dcoords.to(coords.dtype)
 
