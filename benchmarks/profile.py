@@ -12,6 +12,12 @@ between cudaProfilerStart and cudaProfilerStop. Shapes and inputs come from benc
 host down by about as much as it measures): each fattn launch, each torch.empty / torch.zeros, the
 op's autograd forward and backward (the backward runs on autograd's device thread), the call's return
 and the synchronize after it, as medians over N calls in microseconds from the call's start.
+    python -m benchmarks.profile msda --shape 1 --op fwd+bwd --interleave fp32,bf16 --rounds 200
+
+`--interleave` times the op in each listed dtype, alternating call by call (the order flips every
+round) so that both see the same host and GPU conditions: the wall-time medians and how often the
+second dtype beat the first in a round. Benchmarks time one case after another, and the host's speed
+drifts between them by more than a few percent.
 `--smoke` runs on the package's tiny CPU shape (with TRITON_INTERPRET=1: a check of this tool).
 """
 
@@ -43,6 +49,9 @@ def main() -> None:
     parser.add_argument("--stamps", type=int, default=0, metavar="N",
                         help="no profiler: the host time of each step of a call (launches, allocations, the "
                              "op's autograd forward/backward), medians over N calls")
+    parser.add_argument("--interleave", default="", metavar="DTYPES",
+                        help="comma-separated dtypes (e.g. fp32,bf16): time the op in each, interleaved call by call")
+    parser.add_argument("--rounds", type=int, default=100, help="with --interleave: calls per dtype")
     parser.add_argument("--smoke", action="store_true", help="the package's tiny CPU shape (checks this tool)")
     parser.add_argument("--also", action="append", default=[], metavar="NAME=VALUE",
                         help="with --kernels: print the table again after setting this environment variable "
@@ -58,6 +67,15 @@ def main() -> None:
 
     if args.stamps < 0:
         parser.error(f"--stamps must be a non-negative number of calls, got {args.stamps}")
+    if args.interleave:
+        dtypes = [d.strip() for d in args.interleave.split(",") if d.strip()]
+        unknown = [d for d in dtypes if d not in DTYPES]
+        if len(dtypes) < 2 or unknown or args.rounds < 1:
+            parser.error(f"--interleave needs two or more of {list(DTYPES)} and --rounds >= 1, got "
+                         f"{args.interleave!r} / {args.rounds}")
+        calls = {d: timed_calls(fattn_case(args.package, args.shape, d, smoke=args.smoke))[args.op] for d in dtypes}
+        interleaved(calls, args.rounds, args.warmup)
+        return
     once = timed_calls(fattn_case(args.package, args.shape, args.dtype, smoke=args.smoke))[args.op]
 
     for _ in range(args.warmup):
@@ -86,6 +104,34 @@ def main() -> None:
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
     print(f"profiled {args.package} {args.op} shape {args.shape} {args.dtype}")
+
+
+def interleaved(calls: dict, rounds: int, warmup: int) -> None:  # type: ignore[type-arg]
+    """Wall time of each call in `calls` ({label: callable}), one of each per round, the order reversed
+    every other round; prints medians, quartiles and how often each beat the first label's call."""
+    import statistics
+    import time
+
+    for once in calls.values():  # compiles and autotuning first, for every variant
+        for _ in range(warmup):
+            once()
+    sync()
+    labels = list(calls)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for r in range(rounds):
+        for label in (labels if r % 2 == 0 else labels[::-1]):
+            start = time.perf_counter()
+            calls[label]()
+            sync()
+            times[label].append(time.perf_counter() - start)
+    first = labels[0]
+    print(f"{'variant':<10} {'median ms':>10} {'p25':>8} {'p75':>8}  faster than {first} in")
+    for label in labels:
+        t = sorted(times[label])
+        q1, q3 = t[len(t) // 4], t[3 * len(t) // 4]
+        wins = sum(a < b for a, b in zip(times[label], times[first]))
+        print(f"{label:<10} {statistics.median(t) * 1e3:10.3f} {q1 * 1e3:8.3f} {q3 * 1e3:8.3f}  "
+              f"{'-' if label == first else f'{wins} of {rounds} rounds'}")
 
 
 def kernel_table(once, calls: int, host: bool = False) -> None:  # type: ignore[no-untyped-def]
