@@ -150,15 +150,37 @@ def test_eager_fast_path_matches_the_custom_op() -> None:
     assert torch.equal(fast, via_op)
 
 
+def _launchers():  # type: ignore[no-untyped-def]
+    """The FastLauncher of each kernel a fwd+bwd launches: the forward, then the backward's three."""
+    from fattn.core.launch import launcher
+    from fattn.deform import kernels
+
+    return [launcher(kern) for kern in (kernels._deform_fwd_kernel, kernels._deform_bwd_kernel,
+                                        kernels._corner_keys_kernel, kernels._deform_bwd_dkdv_kernel)]
+
+
+def test_launches_are_signed(fresh_launch_plans) -> None:  # type: ignore[no-untyped-def]
+    """Every launch of a fwd+bwd goes through launch_planned with a call signature, on the CPU too (where
+    no plan is used, so test_launches_are_planned cannot tell): FATTN_CHECK_PLANS records the arguments
+    each signature built. A repeated call keeps its signatures (else its plans would never serve it)."""
+    from fattn.core.launch import checking_plans
+
+    inputs, vis = make_inputs(1, 2, 2, 7, 8, 2, 3, 4, 3, F32, visibility=True)
+    leaves = [t.detach().requires_grad_(True) for t in inputs.values()]
+    with checking_plans():  # (on in every test run: forced, as this test reads what it records)
+        for _ in range(2):
+            out = deform_attention(*leaves, 4, 3, visibility=vis)
+            torch.autograd.grad(out, leaves, torch.randn_like(out))
+    assert [len(fast.built) for fast in _launchers()] == [1, 1, 1, 1]
+
+
 @pytest.mark.gpu
 def test_launches_are_planned(fresh_launch_plans) -> None:  # type: ignore[no-untyped-def]
     """A second fwd+bwd with the same signature launches the forward and the backward's three kernels
     from their plans; FATTN_CHECK_PLANS, on in every test run, checks the plans' contents."""
-    from fattn.core.launch import _Plan, launcher
-    from fattn.deform import kernels
+    from fattn.core.launch import _Plan
 
-    launchers = [launcher(kern) for kern in (kernels._deform_fwd_kernel, kernels._deform_bwd_kernel,
-                                             kernels._corner_keys_kernel, kernels._deform_bwd_dkdv_kernel)]
+    launchers = _launchers()
     inputs, vis = make_inputs(1, 2, 2, 7, 8, 2, 3, 4, 3, F32, visibility=True)
     leaves = [t.detach().requires_grad_(True) for t in inputs.values()]
     for _ in range(2):

@@ -102,27 +102,47 @@ def test_forward_backward_gpu(case) -> None:  # type: ignore[no-untyped-def]
     _run_case(case, noncontiguous=case["Nq"] % 2 == 0)
 
 
+def _launchers():  # type: ignore[no-untyped-def]
+    """The FastLauncher of each kernel a fwd+bwd launches: preprocess, fwd, dK/dV, dQ (autotuned, or
+    their @triton.jit functions when autotuning is off)."""
+    from fattn.core.launch import launcher
+    from fattn.swba import kernels
+
+    tuned = kernels.autotune_enabled()
+    return [launcher(kernels.swba_bwd_preprocess_kernel)] + [
+        launcher(kern if tuned else kern.fn)
+        for kern in (kernels.swba_fwd_kernel, kernels.swba_bwd_dkdv_kernel, kernels.swba_bwd_dq_kernel)]
+
+
+def test_launches_are_signed(fresh_launch_plans) -> None:  # type: ignore[no-untyped-def]
+    """Every launch of a fwd+bwd goes through launch_planned with a call signature, on the CPU too (where
+    no plan is used, so test_launches_are_planned cannot tell): FATTN_CHECK_PLANS records the arguments
+    each signature built. A repeated call keeps its signatures (else its plans would never serve it)."""
+    from fattn.core.launch import checking_plans
+
+    inputs = _inputs(_case(H=4, Hk=2, Nq=30, D=16, bs=7, w=2))  # GQA: dK/dV split over the group on the CPU
+    leaves = [t.detach().requires_grad_(True) for t in inputs.values()]
+    with checking_plans():  # (on in every test run: forced, as this test reads what it records)
+        for _ in range(2):
+            out = swba_attention(*leaves, 7, 2)
+            torch.autograd.grad(out, leaves, torch.randn_like(out))
+    assert [len(fast.built) for fast in _launchers()] == [1, 1, 1, 1]
+
+
 @pytest.mark.gpu
 def test_launches_are_planned(fresh_launch_plans) -> None:  # type: ignore[no-untyped-def]
     """A second fwd+bwd with the same signature launches all four kernels from their plans (no argument
     building, no Triton launch path); FATTN_CHECK_PLANS, on in every test run, checks the plans' contents."""
-    from fattn.core.launch import _Plan, launcher
-    from fattn.swba import kernels
-
-    def launchers():  # type: ignore[no-untyped-def]
-        tuned = kernels.autotune_enabled()
-        return [launcher(kernels.swba_bwd_preprocess_kernel)] + [
-            launcher(kern if tuned else kern.fn)
-            for kern in (kernels.swba_fwd_kernel, kernels.swba_bwd_dkdv_kernel, kernels.swba_bwd_dq_kernel)]
+    from fattn.core.launch import _Plan
 
     inputs = _inputs(_case(B=1, H=4, Hk=2, Nq=300, D=64, bs=50, w=3, dtype=F16))
     leaves = [t.detach().requires_grad_(True) for t in inputs.values()]
     for _ in range(2):
-        hits = [fast.hits for fast in launchers()]
+        hits = [fast.hits for fast in _launchers()]
         out = swba_attention(*leaves, 50, 3)
         torch.autograd.grad(out, leaves, torch.randn_like(out))
-    assert [fast.hits - h for fast, h in zip(launchers(), hits)] == [1, 1, 1, 1]
-    assert all(any(type(plan) is _Plan for plan in fast.plans.values()) for fast in launchers())
+    assert [fast.hits - h for fast, h in zip(_launchers(), hits)] == [1, 1, 1, 1]
+    assert all(any(type(plan) is _Plan for plan in fast.plans.values()) for fast in _launchers())
 
 
 # One case per (head dim class, fp32) of the tilings tables: GQA, a ragged last block and tiles that
