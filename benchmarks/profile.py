@@ -50,7 +50,7 @@ def main() -> None:
                         help="no profiler: the host time of each step of a call (launches, allocations, the "
                              "op's autograd forward/backward), medians over N calls")
     parser.add_argument("--interleave", default="", metavar="DTYPES",
-                        help="comma-separated dtypes (e.g. fp32,bf16): time the op in each, interleaved call by call")
+                        help="comma-separated dtypes (e.g. fp32,bf16): time the op in each, interleaved call by call (one dtype: a plain loop of calls)")
     parser.add_argument("--rounds", type=int, default=100, help="with --interleave: calls per dtype")
     parser.add_argument("--smoke", action="store_true", help="the package's tiny CPU shape (checks this tool)")
     parser.add_argument("--also", action="append", default=[], metavar="NAME=VALUE",
@@ -70,8 +70,8 @@ def main() -> None:
     if args.interleave:
         dtypes = [d.strip() for d in args.interleave.split(",") if d.strip()]
         unknown = [d for d in dtypes if d not in DTYPES]
-        if len(dtypes) < 2 or unknown or args.rounds < 1:
-            parser.error(f"--interleave needs two or more of {list(DTYPES)} and --rounds >= 1, got "
+        if not dtypes or unknown or args.rounds < 1:
+            parser.error(f"--interleave needs one or more of {list(DTYPES)} and --rounds >= 1, got "
                          f"{args.interleave!r} / {args.rounds}")
         calls = {d: timed_calls(fattn_case(args.package, args.shape, d, smoke=args.smoke))[args.op] for d in dtypes}
         interleaved(calls, args.rounds, args.warmup)

@@ -174,6 +174,18 @@ def test_launches_are_signed(fresh_launch_plans) -> None:  # type: ignore[no-unt
     assert [len(fast.built) for fast in _launchers()] == [1, 1, 1, 1]
 
 
+def test_lse_gradient_is_not_materialized() -> None:
+    """The op's second output (lse, kept for the backward) never gets a gradient: autograd must pass
+    None for it rather than fill a zeros tensor on its device thread before every backward."""
+    inputs, vis = make_inputs(1, 2, 2, 7, 8, 2, 3, 4, 3, F32, visibility=True)
+    leaves = [t.detach().requires_grad_(True) for t in inputs.values()]
+    out = deform_attention(*leaves, 4, 3, visibility=vis)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        grads = torch.autograd.grad(out, leaves, torch.randn_like(out))
+    assert not [e.name for e in prof.events() if e.name in ("aten::zeros", "aten::zeros_like")]
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+
+
 @pytest.mark.gpu
 def test_launches_are_planned(fresh_launch_plans) -> None:  # type: ignore[no-untyped-def]
     """A second fwd+bwd with the same signature launches the forward and the backward's three kernels

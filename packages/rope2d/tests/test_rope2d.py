@@ -285,6 +285,19 @@ def test_matches_timm_rope(indexing: str) -> None:
     assert_close("out", out, ref, floor=2e-5 if not on_gpu() else None)
 
 
+def test_lse_gradient_is_not_materialized() -> None:
+    """The op's lse output (kept for the backward, non-differentiable) makes autograd fill no zeros
+    tensor on its device thread before the backward."""
+    case = CPU_CASES[0]
+    inputs = _inputs(case)
+    leaves = [inputs[n].detach().requires_grad_(True) for n in ("q", "k", "v")]
+    out = rope2d_attention(*leaves, inputs["angles"], n_prefix=case["prefix"], pairing=case["pairing"])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        grads = torch.autograd.grad(out, leaves, torch.randn_like(out))
+    assert not [e.name for e in prof.events() if e.name in ("aten::zeros", "aten::zeros_like")]
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+
+
 # --------------------------------------------------------------------------------------------
 # Custom op: opcheck and torch.compile(fullgraph=True)
 # --------------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def main() -> int:
         block_d = max(16, triton.next_power_of_2(d))
         elem = _Probe(dtype).element_size()
         for kind in _KERNELS:
-            configs = kernels.candidate_configs(kind, block_d, elem)  # no device: the Hopper budget
+            configs = kernels.candidate_configs(kind, block_d, elem, head_dim=d)  # no device: the Hopper budget
             for config in configs if args.all else configs[:1]:
                 ok &= check(kind, dtype, d, config, args.arch)
         ok &= check_preprocess(dtype, d, args.arch)

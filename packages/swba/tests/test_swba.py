@@ -129,6 +129,36 @@ def test_launches_are_signed(fresh_launch_plans) -> None:  # type: ignore[no-unt
     assert [len(fast.built) for fast in _launchers()] == [1, 1, 1, 1]
 
 
+@pytest.mark.parametrize("use", ["out", "lse", "both"])
+def test_unused_output_gradients_are_not_materialized(use: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An lse no loss reached gives the backward None (not a zeros tensor autograd would fill on its
+    device thread first, a launch on the backward's critical path); the gradients are the reference's
+    whichever outputs the loss uses."""
+    from fattn.swba import op
+
+    seen = []
+
+    def spy(grad_out, *args):  # type: ignore[no-untyped-def]
+        seen.append((grad_out is None, args[5] is None))  # args[5]: grad_lse
+        return swba_bwd(grad_out if grad_out is not None else torch.zeros_like(args[3]), *args)
+
+    monkeypatch.setattr(op, "swba_bwd", spy)
+    inputs = _inputs(_case(Nq=19, D=16, bs=4, w=2), noncontiguous=False)
+    leaves = [t.detach().requires_grad_(True) for t in inputs.values()]
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in inputs.values()]
+    losses = []
+    for fn, args in ((swba_attention, leaves), (swba_attention_reference, ref_leaves)):
+        out, lse = fn(*args, 4, 2, return_lse=True)
+        losses.append({"out": out.sum(), "lse": lse.sum(), "both": out.sum() + lse.sum()}[use])
+    grads = torch.autograd.grad(losses[0], leaves)
+    # (the reference's lse does not depend on v: its gradient there is 0)
+    ref_grads = [torch.zeros_like(x) if g is None else g
+                 for x, g in zip(ref_leaves, torch.autograd.grad(losses[1], ref_leaves, allow_unused=True))]
+    assert seen == [(False, use == "out")]  # (a missing grad_out becomes zeros in _backward: the kernels read it)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=TOL, rtol=TOL)
+
+
 @pytest.mark.gpu
 def test_launches_are_planned(fresh_launch_plans) -> None:  # type: ignore[no-untyped-def]
     """A second fwd+bwd with the same signature launches all four kernels from their plans (no argument
@@ -167,7 +197,7 @@ def test_every_tuned_config_is_correct(case, monkeypatch: pytest.MonkeyPatch, fr
     monkeypatch.setenv("FATTN_SWBA_AUTOTUNE_LIMIT", "1")
     elem = case["dtype"].itemsize
     block_d = max(16, 1 << (case["D"] - 1).bit_length())
-    tables = {kind: kernels.candidate_configs(kind, block_d, elem, device()) for kind in ("fwd", "dkdv", "dq")}
+    tables = {kind: kernels.candidate_configs(kind, block_d, elem, device(), case["D"]) for kind in ("fwd", "dkdv", "dq")}
     for i in range(max(len(t) for t in tables.values())):
         chosen = {kind: t[i % len(t)] for kind, t in tables.items()}
         monkeypatch.setattr(op, "launch_config", lambda kind, block_d, q, chosen=chosen: chosen[kind])
@@ -176,6 +206,20 @@ def test_every_tuned_config_is_correct(case, monkeypatch: pytest.MonkeyPatch, fr
             _run_case(case)
         except AssertionError as e:
             raise AssertionError(f"tilings {chosen}: {e}") from e
+
+
+def test_padded_head_dims_skip_tiles_that_spill() -> None:
+    """The bf16/fp16 forward's 128x128 / 8-warp / 2-stage tile spills registers when D=80 is padded to 128
+    (sm_90 compile, tests/compile_check.py --all): the autotuner never gets it there, D=128 keeps it."""
+    from fattn.swba import kernels
+
+    def tiles(head_dim: int) -> set:
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                for c in kernels.candidate_configs("fwd", 128, 2, None, head_dim)}
+
+    assert (128, 128, 8, 2) in tiles(128)
+    assert (128, 128, 8, 2) not in tiles(80)
+    assert tiles(80) == tiles(128) - {(128, 128, 8, 2)}
 
 
 @pytest.mark.parametrize("case", cases([_case(H=2, Hk=1, Nq=19, Nk=27, D=16, bs=4, w=2),

@@ -246,12 +246,17 @@ def deform_bwd(
 def _setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
     q, k, v, coords, visibility, width, height, scale, border, align_corners, deterministic = inputs
     out, lse = output
+    # lse (kept for the backward) never has a gradient: without this, autograd would fill a zeros
+    # tensor for it on its device thread before every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, coords, visibility, out, lse)
     ctx.params = (width, height, scale, border, align_corners, deterministic)
 
 
 def _backward(ctx, grad_out, grad_lse):  # type: ignore[no-untyped-def]
     q, k, v, coords, visibility, out, lse = ctx.saved_tensors
+    if grad_out is None:  # (only through the custom op's lse, which the public function never returns)
+        grad_out = torch.zeros_like(out)
     width, height, scale, border, align_corners, deterministic = ctx.params
     dq, dk, dv, dcoords = deform_bwd(grad_out, q, k, v, coords, visibility, out, lse, width, height, scale, border,
                                      align_corners, deterministic, bool(ctx.needs_input_grad[3]))

@@ -98,12 +98,17 @@ def _setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
     q, k, v, angles, n_prefix, pairing, scale = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
+    # lse's gradient arrives as None instead of a zeros tensor that autograd would fill on its device
+    # thread before every backward.
+    ctx.set_materialize_grads(False)
     ctx.n_prefix, ctx.pairing, ctx.scale = n_prefix, pairing, scale
     ctx.save_for_backward(q, k, v, angles, out, lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):  # type: ignore[no-untyped-def]
     q, k, v, angles, out, lse = ctx.saved_tensors
+    if grad_out is None:  # (only when the output itself reached no loss)
+        grad_out = torch.zeros_like(out)
     dq, dk, dv = rope2d_bwd(grad_out, q, k, v, angles, out, lse, ctx.n_prefix, ctx.pairing, ctx.scale)
     return dq, dk, dv, None, None, None, None
 

@@ -110,6 +110,12 @@ DQ_TABLE = {
 }
 
 
+# Tiles that spill only when the head dim is padded (masked loads along D, e.g. D=80 in a 128 block):
+# sm_90 compile of the bf16 D=80 forward at 128x128 / 8 warps / 2 stages: 100 bytes of spills
+# (D=128: none). (kind, head-dim class) -> (BLOCK_M, BLOCK_N, num_warps, num_stages).
+_SPILL_WHEN_PADDED = {("fwd", 128): {(128, 128, 8, 2)}}
+
+
 def _smem_bytes(c: triton.Config, acc_rows: str, n_acc: int, block_d: int, elem: int) -> int:
     # The resident tile(s) once, two streamed operands per pipeline stage (matches ptxas within a few KB).
     bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -120,11 +126,18 @@ def _smem_bytes(c: triton.Config, acc_rows: str, n_acc: int, block_d: int, elem:
 _KIND = {"fwd": (FWD_TABLE, "M", 1), "dkdv": (DKDV_TABLE, "N", 2), "dq": (DQ_TABLE, "M", 2)}
 
 
-def candidate_configs(kind: str, block_d: int, elem: int, device: torch.device | None = None) -> list[triton.Config]:
+def candidate_configs(kind: str, block_d: int, elem: int, device: torch.device | None = None,
+                      head_dim: int | None = None) -> list[triton.Config]:
     """The configs `kind` ("fwd", "dkdv", "dq") may run with at this padded head dim and element size:
-    its class's list less those over the device's shared memory (at least the smallest is kept)."""
+    its class's list less those over the device's shared memory (at least the smallest is kept), and
+    less those that spill when `head_dim` (default: block_d) is padded up to block_d."""
     table, acc_rows, n_acc = _KIND[kind]
-    configs = table[_head_dim_class(block_d, elem)]
+    head_class = _head_dim_class(block_d, elem)
+    configs = table[head_class]
+    if head_dim is not None and head_dim != block_d:
+        spills = _SPILL_WHEN_PADDED.get((kind, head_class[0]), set()) if not head_class[1] else set()
+        configs = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                   not in spills]
     budget = _smem_budget(device)
     kept = [c for c in configs if _smem_bytes(c, acc_rows, n_acc, block_d, elem) <= budget]
     return kept or configs[-1:]
@@ -134,7 +147,8 @@ def _prune(kind: str):  # type: ignore[no-untyped-def]
     def prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
         q = named_args["Q"]
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        kept = candidate_configs(kind, block_d, q.element_size(), getattr(q, "device", None))
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        kept = candidate_configs(kind, block_d, q.element_size(), getattr(q, "device", None), head_dim)
         limit = autotune_limit("swba")
         return kept[:limit] if limit else kept
     return prune
@@ -144,7 +158,7 @@ def launch_config(kind: str, block_d: int, q: torch.Tensor) -> triton.Config:
     """The config used when autotuning is off: the first candidate (the only config under the interpreter)."""
     if interpreter_enabled():
         return {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kind][0]
-    return candidate_configs(kind, block_d, q.element_size(), q.device)[0]
+    return candidate_configs(kind, block_d, q.element_size(), q.device, q.shape[-1])[0]
 
 
 if interpreter_enabled():

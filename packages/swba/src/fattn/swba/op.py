@@ -204,6 +204,9 @@ def swba_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     q, k, v, block_size, window, scale = inputs
     out, lse = output
+    # An output no loss reached arrives as None instead of a zeros tensor that autograd would fill on
+    # its device thread before the backward (a kernel launch on the backward's critical path).
+    ctx.set_materialize_grads(False)
     ctx.block_size, ctx.window, ctx.scale = block_size, window, scale
     ctx.save_for_backward(q, k, v, out, lse)
 
