@@ -33,6 +33,7 @@ __all__ = [
     "check_custom_op",
     "check_forward_backward",
     "compile_backend",
+    "zero_fills_during",
     "device",
     "error_floor",
     "make_noncontiguous",
@@ -419,3 +420,11 @@ def assert_deterministic(fn: Callable[[], Sequence[torch.Tensor]], runs: int = 3
         for i, (a, b) in enumerate(zip(first, again)):
             if not torch.equal(_bits(a), _bits(b.detach())):
                 raise AssertionError(f"result {i} differs between run 0 and run {run}: not deterministic")
+
+
+def zero_fills_during(fn: Callable[[], Any]) -> list[str]:
+    """The `aten::zeros` / `aten::zeros_like` calls made while `fn` runs (CPU profiler events): e.g. a
+    backward for which autograd materialized an unused output's gradient as a zeros tensor."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name in ("aten::zeros", "aten::zeros_like")]

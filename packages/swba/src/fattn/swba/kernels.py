@@ -113,7 +113,7 @@ DQ_TABLE = {
 # Tiles that spill only when the head dim is padded (masked loads along D, e.g. D=80 in a 128 block):
 # sm_90 compile of the bf16 D=80 forward at 128x128 / 8 warps / 2 stages: 100 bytes of spills
 # (D=128: none). (kind, head-dim class) -> (BLOCK_M, BLOCK_N, num_warps, num_stages).
-_SPILL_WHEN_PADDED = {("fwd", 128): {(128, 128, 8, 2)}}
+_SPILL_WHEN_PADDED = {("fwd", (128, False)): {(128, 128, 8, 2)}}
 
 
 def _smem_bytes(c: triton.Config, acc_rows: str, n_acc: int, block_d: int, elem: int) -> int:
@@ -135,7 +135,7 @@ def candidate_configs(kind: str, block_d: int, elem: int, device: torch.device |
     head_class = _head_dim_class(block_d, elem)
     configs = table[head_class]
     if head_dim is not None and head_dim != block_d:
-        spills = _SPILL_WHEN_PADDED.get((kind, head_class[0]), set()) if not head_class[1] else set()
+        spills = _SPILL_WHEN_PADDED.get((kind, head_class), set())
         configs = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                    not in spills]
     budget = _smem_budget(device)
