@@ -25,7 +25,8 @@
 #                                              # compiles and autotuning of every kernel already seen.
 #
 # Logs and results go to $OUT (default ./bench-out): tests.log, sanitize.log, bench.log, bench.json,
-# report.txt, benchmarks.png, bench-progress.txt (a line per measurement, written as it is taken). The last thing printed is a short table: tests per package and the
+# report.txt, benchmarks.png, bench-progress.txt (a line per measurement, written as it is taken),
+# bench-tuning.txt (every autotuning candidate's kernel time, for tunings not read from a cache). The last thing printed is a short table: tests per package and the
 # benchmark comparison.
 set -uo pipefail
 
@@ -117,8 +118,9 @@ has_step launch-ab && overhead_step launch-ab --ab launch-ab.txt
 
 if has_step bench; then
   : >"$OUT/bench.log"
-  export FATTN_BENCH_PROGRESS="$OUT/bench-progress.txt"
+  export FATTN_BENCH_PROGRESS="$OUT/bench-progress.txt" FATTN_BENCH_TUNING="$OUT/bench-tuning.txt"
   : >"$FATTN_BENCH_PROGRESS"
+  : >"$FATTN_BENCH_TUNING"
   jsons=()
   for p in $PKGS; do
     [ "$p" = core ] && continue

@@ -14,6 +14,7 @@ import gc
 import os
 import statistics
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,7 @@ class Measure:
         median = _median_seconds(bench)
         if tuned:  # after the timed calls: every kernel has launched for this shape
             info["config"] = "; ".join(f"{name} {describe_config(kernel)}" for name, kernel in tuned.items())
+            _tuning_log(f"{op} | {shape} | {impl}", tuned)
         bench.extra_info.update(
             op=op, impl=impl, shape=shape, size=size, peak_mem_mb=peak_mb,
             device=torch.cuda.get_device_name(0) if cuda else "cpu-interpreter",
@@ -138,6 +140,32 @@ class Measure:
         if median and bytes_moved:
             bench.extra_info["gbps"] = bytes_moved / median / 1e9
         _progress(bench.extra_info, median)
+
+
+_LOGGED_TIMINGS: dict[int, int] = {}
+
+
+def _tuning_log(case: str, tuned: dict[str, Any]) -> None:
+    """Append every candidate's time of each autotuning that ran for this case to $FATTN_BENCH_TUNING
+    (Triton keeps the last tuning's timings on the autotuner; a result read from Triton's disk cache
+    has none): which tiles lost, and by how much, without a separate A/B run."""
+    path = os.environ.get("FATTN_BENCH_TUNING")
+    if not path:
+        return
+    lines = []
+    for name, kernel in tuned.items():
+        timings = getattr(kernel, "configs_timings", None)
+        if not timings or _LOGGED_TIMINGS.get(id(kernel)) == id(timings):
+            continue
+        _LOGGED_TIMINGS[id(kernel)] = id(timings)
+        lines.append(f"{case} | {name}: {len(timings)} candidates")
+        ranked = sorted(timings.items(), key=lambda kv: kv[1][0] if isinstance(kv[1], (list, tuple)) else kv[1])
+        for config, t in ranked:
+            ms = t[0] if isinstance(t, (list, tuple)) else t
+            lines.append(f"  {ms * 1e3:9.1f} us  {describe_config(types.SimpleNamespace(best_config=config))}")
+    if lines:
+        with open(path, "a") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 def _requested_bytes(which: str) -> int:
