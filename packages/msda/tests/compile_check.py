@@ -106,7 +106,6 @@ def _resident(regs: int, cfg: triton.Config) -> bool:
 def _describe(cfg: triton.Config) -> str:
     unroll = "unrolled" if cfg.kwargs.get("UNROLL_LEVELS") else "loop"
     persistent = f" persistent x{cfg.kwargs['PROGRAMS_PER_SLOT']}" if cfg.kwargs.get("PERSISTENT") else ""
-    persistent += " batch-major" if cfg.kwargs.get("BATCH_MAJOR") else ""
     return f"BQ{cfg.kwargs['BLOCK_Q']} W{cfg.num_warps} S{cfg.num_stages} {unroll}{persistent}"
 
 

@@ -112,7 +112,7 @@ def test_noncontiguous_inputs_get_gradients(dtype: torch.dtype) -> None:
     _run({**BASE, "dtype": dtype, "padding": "zeros", "align": False, "det": False}, noncontiguous=True)
 
 
-@pytest.mark.parametrize("path", ["level_loop", "levels_unrolled", "persistent", "batch_major"])
+@pytest.mark.parametrize("path", ["level_loop", "levels_unrolled", "persistent"])
 def test_every_kernel_path_matches_reference(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # The autotuner picks the level loop or its unrolled form and the grid or persistent schedule
     # per shape (both kernels): pin each in turn (a single config runs as is, without tuning).
@@ -126,8 +126,7 @@ def test_every_kernel_path_matches_reference(path: str, monkeypatch: pytest.Monk
         {"BLOCK_Q": 16, "UNROLL_LEVELS": unroll, **extra}, num_warps=4, num_stages=1 if unroll else 3)])
     # (the backward's level loop in program order; the other two paths rotate it, see _bwd_tile)
     monkeypatch.setattr(kernels.msda_bwd_kernel, "configs", [triton.Config(
-        {"BLOCK_Q": 16, "UNROLL_LEVELS": unroll, "ROTATE_LEVELS": path != "level_loop",
-         "BATCH_MAJOR": path == "batch_major", **extra},
+        {"BLOCK_Q": 16, "UNROLL_LEVELS": unroll, "ROTATE_LEVELS": path != "level_loop", **extra},
         num_warps=4, num_stages=1)])
     # (the CPU suite's default path is the unrolled one: the others get both backward modes)
     for det in (False,) if unroll else (False, True):

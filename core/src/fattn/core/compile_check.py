@@ -79,11 +79,6 @@ def compile_kernel(
     fn = _jit_function(kernel)
     sig = dict(signature)
     constexprs = {**constexprs, **{name: 1 for name in unit_strides}}
-    # Constexpr parameters with a default that the caller leaves out compile with that default, as a
-    # launch that does not pass them would.
-    for param in getattr(fn, "params", ()):
-        if param.is_constexpr and param.name not in sig and param.name not in constexprs and param.has_default:
-            constexprs[param.name] = param.default
     for key in constexprs:
         sig[key] = "constexpr"
     names = list(fn.arg_names)

@@ -40,14 +40,12 @@ __all__ = [
 
 
 def _configs(block_qs: list[int], warps: list[int], stages: list[int], unroll: bool = False,
-             per_slot: int = 0, rotate: bool | None = None, batch_major: bool = False) -> list[triton.Config]:
+             per_slot: int = 0, rotate: bool | None = None) -> list[triton.Config]:
     """per_slot > 0: the persistent schedule with that many programs per SM (see msda_fwd_kernel);
-    rotate: the backward's ROTATE_LEVELS (None for the forward, which has no such parameter), and
-    batch_major its BATCH_MAJOR (see msda_bwd_kernel)."""
+    rotate: the backward's ROTATE_LEVELS (None for the forward, which has no such parameter)."""
     extra = {"PERSISTENT": per_slot > 0, "PROGRAMS_PER_SLOT": max(per_slot, 1)}
     if rotate is not None:
         extra["ROTATE_LEVELS"] = rotate
-        extra["BATCH_MAJOR"] = batch_major
     return [
         triton.Config({"BLOCK_Q": bq, "UNROLL_LEVELS": unroll, **extra}, num_warps=w, num_stages=s)
         for bq in block_qs for w in warps for s in stages
@@ -97,12 +95,7 @@ def bwd_configs() -> list[triton.Config]:
             + _configs([16], [4], [1], per_slot=4, rotate=off)
             # Rotated level order (see _bwd_tile) for the tiles that win on sm_90: B4 Q10000 with uniform
             # random points 957 -> 910 us (fp32, H200); an encoder's local points 1936 -> 1968 us: tuned.
-            + _configs([16], [4], [1], unroll=True, rotate=True) + _configs([16, 32], [4], [1], rotate=True)
-            # Batch-major order (see msda_bwd_kernel) for the two tiles that won on sm_90 in session 10.
-            # H100, B4 Q10000 fp32: 1015 -> 911 us (looped, rotated). bf16 (an 11 MB value) gained
-            # nothing; L2 eviction hints (evict-first streams, evict-last value rows) lost 1-3%.
-            + _configs([16], [4], [1], rotate=True, batch_major=True)
-            + _configs([16], [4], [1], unroll=True, rotate=False, batch_major=True))
+            + _configs([16], [4], [1], unroll=True, rotate=True) + _configs([16, 32], [4], [1], rotate=True))
 
 
 # Test mode (FATTN_MSDA_AUTOTUNE_LIMIT=1): the looped tile, its unrolled twin, and a tile for large
@@ -110,11 +103,9 @@ def bwd_configs() -> list[triton.Config]:
 _SMALL = (_configs([16], [4], [1]) + _configs([16], [4], [1], unroll=True) + _configs([8], [8], [1])
           + _configs([8], [8], [1], unroll=True))
 # The same for the backward; the looped tiles rotate the level order, the unrolled ones do not (the GPU
-# suite runs both); the looped ones also take the batch-major order.
-_SMALL_BWD = (_configs([16], [4], [1], rotate=True, batch_major=True)
-              + _configs([16], [4], [1], unroll=True, rotate=False)
-              + _configs([8], [8], [1], rotate=True, batch_major=True)
-              + _configs([8], [8], [1], unroll=True, rotate=False))
+# suite runs both).
+_SMALL_BWD = (_configs([16], [4], [1], rotate=True) + _configs([16], [4], [1], unroll=True, rotate=False)
+              + _configs([8], [8], [1], rotate=True) + _configs([8], [8], [1], unroll=True, rotate=False))
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -440,11 +431,9 @@ def msda_bwd_kernel(
     L: tl.constexpr, P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr,
     DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL_LEVELS: tl.constexpr,
     PERSISTENT: tl.constexpr, PROGRAMS_PER_SLOT: tl.constexpr, ROTATE_LEVELS: tl.constexpr, P_BLOCK: tl.constexpr,
-    BATCH_MAJOR: tl.constexpr = False,
 ):
     """Gradients of (batch, head, query block) tiles. Grid: (query blocks * M * N,), program
-    query_block * N * M + n * M + m, with BATCH_MAJOR (n * query blocks + query_block) * M + m; or the
-    PERSISTENT schedule of msda_fwd_kernel.
+    (n * query blocks + query_block) * M + m; or the PERSISTENT schedule of msda_fwd_kernel.
 
     grad_value_ptr: [N, S, M, D] contiguous, zero-filled, written with atomics (unless DETERMINISTIC).
     grad_loc_ptr / grad_attn_ptr: contiguous [N, Lq, M, L, P, 2] / [N, Lq, M, L, P], fully written.
@@ -463,26 +452,16 @@ def msda_bwd_kernel(
                       L, P, P_BLOCK, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS,
                       ROTATE_LEVELS)
     else:
-        # (batch, head) fastest: the programs in flight scatter into every head's value-gradient rows,
-        # not all into one head's. Atomics on few hot addresses serialize in L2: on sm_90 this cut the
-        # 8x8 level's share of the backward from 236 to 72 us (B4 Q10000 M8).
-        # BATCH_MAJOR: heads fastest inside one batch, batches in turn: the programs in flight then
-        # touch one batch's value and value-gradient rows (an L2-sized working set: 11 MB at B4 Q10000
-        # fp32, against 44 MB with every batch in flight) while still spreading over its M heads.
+        # Heads fastest: the programs in flight scatter into every head's value-gradient rows, not all
+        # into one head's (atomics on few hot addresses serialize in L2: on sm_90 this cut the 8x8
+        # level's share of the backward from 236 to 72 us, B4 Q10000 M8). Batches in turn: the programs
+        # in flight touch one batch's value and value-gradient rows, an L2-sized working set (11 MB at
+        # B4 Q10000 fp32, 44 MB with every batch in flight as in sessions 5-10: H100 1015 -> 911 us,
+        # and the benchmark's spread of fp32 fwd+bwd calls went from an IQR of 0.20-0.25 to 0.06-0.08 ms).
         pid = tl.program_id(0)
-        if BATCH_MAJOR:
-            per_batch = tl.cdiv(Lq, BLOCK_Q) * M
-            rest = pid % per_batch
-            pid_q = rest // M
-            m_prog = rest % M
-            n_prog = (pid // per_batch).to(tl.int64)
-        else:
-            heads = N * M
-            nm = pid % heads
-            pid_q = pid // heads
-            m_prog = nm % M
-            n_prog = (nm // M).to(tl.int64)
-        _bwd_tile(pid_q, m_prog, n_prog,
+        per_batch = tl.cdiv(Lq, BLOCK_Q) * M
+        rest = pid % per_batch
+        _bwd_tile(rest // M, rest % M, (pid // per_batch).to(tl.int64),
                   value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
                   grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S,
                   stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll, stride_lp,
