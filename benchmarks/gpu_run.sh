@@ -3,7 +3,10 @@
 #
 #   bash benchmarks/gpu_run.sh                 # everything
 #   FATTN_PKGS="msda swba" bash benchmarks/gpu_run.sh
-#   FATTN_STEPS="tests sanitize bench" ...     # any of: env tests sanitize overhead launch-ab bench (default: env tests bench)
+#   FATTN_STEPS="tests sanitize bench" ...     # any of: env tests sanitize overhead launch-ab precompile bench
+#                                              # (default: env tests bench). precompile: python -m
+#                                              # benchmarks.precompile <pkg>, every autotuning candidate of the
+#                                              # benchmark's shapes compiled in parallel processes first
 #                                              # launch-ab: python -m benchmarks.overhead --ab (fattn.core.launch's
 #                                              # shortcut on against off, interleaved in one process; launch-ab.txt)
 #                                              # overhead: python -m benchmarks.overhead floor <pkgs> (host time
@@ -115,6 +118,15 @@ overhead_step() {
 }
 has_step overhead && overhead_step overhead "" overhead.txt
 has_step launch-ab && overhead_step launch-ab --ab launch-ab.txt
+
+if has_step precompile; then
+  for p in $PKGS; do
+    [ "$p" = core ] && continue
+    start=$(date +%s)
+    ${FATTN_PKG_TIMEOUT:+timeout $FATTN_PKG_TIMEOUT} "$PY" -m benchmarks.precompile "$p" 2>&1 | tee -a "$OUT/precompile.log" | tail -1
+    echo "precompile  $p  rc=${PIPESTATUS[0]}  $(( $(date +%s) - start ))s" >>"$SUMMARY"
+  done
+fi
 
 if has_step bench; then
   : >"$OUT/bench.log"
