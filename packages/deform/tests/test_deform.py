@@ -305,6 +305,20 @@ def test_bad_options() -> None:
     assert not_supported_reasons(q, k, v, c, 3, 2) == []
 
 
+def test_too_many_key_rows_is_refused() -> None:
+    # The backward's dK / dV runs one program per key row (B * T * H * height*width): at 2**31 rows the
+    # grid would overflow. Expanded (stride-0) tensors give the shapes without the memory.
+    dev = device()
+    side = 2**15  # 2**30 pixels per view, 2 heads
+    q = torch.zeros(1, device=dev).expand(1, 1, 2, 1, 4)
+    k = torch.zeros(1, device=dev).expand(1, 1, 2, side * side, 4)
+    c = torch.zeros(1, device=dev).expand(1, 1, 1, 1, 1, 2)
+    with pytest.raises(ValueError, match=r"k has B \* T \* H \* height\*width = 2147483648 rows; must be < 2\*\*31"):
+        deform_attention(q, k, k, c, side, side)
+    half = k[:, :, :, : side * side // 2]
+    assert not_supported_reasons(q, half, half, c, side, side // 2) == []
+
+
 # --------------------------------------------------------------------------------------------
 # Custom op, torch.compile, module
 # --------------------------------------------------------------------------------------------

@@ -404,9 +404,14 @@ def _deform_bwd_dkdv_kernel(
     4 * sample + corner sorted by pixel, stable), weights W[entry], query rows QOFF / GOFF[sample] (from
     `_corner_keys_kernel`). DS / PR are [B, H, S, Lq, T*P]: a sample's probability and score gradient sit at
     (b * H + h) * (S * Lq * T*P) + its index inside batch b. ROW_ALIGN: a divisor of every query row offset
-    and head stride of q and dO (in elements)."""
-    pid = tl.program_id(0)  # (b * T + t) * HW + pixel
-    h = tl.program_id(1)
+    and head stride of q and dO (in elements).
+
+    Grid: (B * T * HW * H,), heads fastest. The H programs of one pixel read the same entries (ORDER, W,
+    QOFF, GOFF: 24 bytes, four 32-byte sectors of random reads per entry); running them together lets
+    the later ones find those in L2, where a pixel-fastest order streamed every pixel's entries (tens
+    of MB, more than L2) once per head."""
+    pid = tl.program_id(0) // H  # (b * T + t) * HW + pixel
+    h = tl.program_id(0) % H
     b = pid // (T * HW)
     b64, h64 = b.to(tl.int64), h.to(tl.int64)
     start = tl.load(OFFSETS + pid)

@@ -234,7 +234,7 @@ def deform_bwd(
     def build_dkdv() -> tuple:
         args = (*dkdv_tensors, q.stride(2), q.stride(4), grad_out.stride(2), grad_out.stride(4),
                 S, H, Lq, T, HW, T * P, D, float(scale))
-        return (B * T * HW, H), args, dict(
+        return (B * T * HW * H,), args, dict(
             BLOCK_D=block_d, EVEN_D=block_d == D, BLOCK_E=dkdv_block_e(block_d, q.dtype), ROW_ALIGN=row_align,
             ACC_DTYPE=_tl_acc(q), num_warps=4)
 
@@ -327,6 +327,10 @@ def not_supported_reasons(
     if n_corners >= 2**31:
         reasons.append(Reason(f"too many sampling points: 4 * B * S * Lq * T * P = {n_corners} must be < 2**31 "
                               "(the backward indexes every sample corner in int32); split the batch"))
+    k_rows = B * k.shape[1] * H * hw
+    if k_rows >= 2**31:
+        reasons.append(Reason(f"k has B * T * H * height*width = {k_rows} rows; must be < 2**31 (the backward "
+                              "runs one program per row); split the batch"))
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.numel() == 0:
             reasons.append(Reason(f"{name} must not be empty, got shape {list(t.shape)}"))
