@@ -14,7 +14,6 @@ import gc
 import os
 import statistics
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,10 +158,10 @@ def _tuning_log(case: str, tuned: dict[str, Any]) -> None:
             continue
         _LOGGED_TIMINGS[id(kernel)] = id(timings)
         lines.append(f"{case} | {name}: {len(timings)} candidates")
-        ranked = sorted(timings.items(), key=lambda kv: kv[1][0] if isinstance(kv[1], (list, tuple)) else kv[1])
-        for config, t in ranked:
-            ms = t[0] if isinstance(t, (list, tuple)) else t
-            lines.append(f"  {ms * 1e3:9.1f} us  {describe_config(types.SimpleNamespace(best_config=config))}")
+        # (Triton times each candidate as [median, p20, p80] ms)
+        median_ms = {config: t[0] if isinstance(t, (list, tuple)) else t for config, t in timings.items()}
+        for config, ms in sorted(median_ms.items(), key=lambda kv: kv[1]):
+            lines.append(f"  {ms * 1e3:9.1f} us  {_config_text(config)}")
     if lines:
         with open(path, "a") as f:
             f.write("\n".join(lines) + "\n")
@@ -191,8 +190,10 @@ def describe_config(kernel: Any) -> str:
     """The autotuner's pick at `kernel`'s last launch, e.g. 'BLOCK_M=128 BLOCK_N=64 w4 s3' ('-' when it
     has not been tuned in this process, e.g. a launch that bypasses the autotuner)."""
     config = getattr(kernel, "best_config", None)
-    if config is None:
-        return "-"
+    return "-" if config is None else _config_text(config)
+
+
+def _config_text(config: Any) -> str:
     kwargs = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
     return f"{kwargs} w{config.num_warps} s{config.num_stages}"
 

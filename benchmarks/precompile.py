@@ -18,6 +18,7 @@ stored. The benchmark that follows then finds every candidate compiled and only 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -31,19 +32,18 @@ _CHILD = "--worker"
 
 def bench_dtypes(package: str) -> list[str]:
     """The dtypes the package's benchmark module runs (its DTYPES), else ["own"] (each shape's own)."""
-    import importlib
-
-    dtypes = getattr(importlib.import_module(f"benchmarks.bench_{package}"), "DTYPES", None)
+    dtypes = getattr(_bench_module(package), "DTYPES", None)
     return [d for d in dtypes if d in DTYPES] if dtypes else ["own"]
 
 
 def shape_count(package: str) -> int:
     """How many shapes the package's benchmark module defines (benchmarks.cases indexes them)."""
-    import importlib
+    module = _bench_module(package)
+    return len(getattr(module, "GPU_SHAPES", None) or module.SHAPES)
 
-    module = importlib.import_module(f"benchmarks.bench_{package}")
-    shapes = getattr(module, "GPU_SHAPES", None) or module.SHAPES
-    return len(shapes)
+
+def _bench_module(package: str) -> Any:
+    return importlib.import_module(f"benchmarks.bench_{package}")
 
 
 def compile_only(worker: int, workers: int) -> list[str]:

@@ -33,7 +33,6 @@ __all__ = [
     "check_custom_op",
     "check_forward_backward",
     "compile_backend",
-    "zero_fills_during",
     "device",
     "error_floor",
     "make_noncontiguous",
@@ -41,6 +40,7 @@ __all__ = [
     "rand",
     "randn",
     "test_dtypes",
+    "zero_fills_during",
 ]
 
 DTYPE_SHORT = {
