@@ -110,7 +110,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.procs < 1 or args.per_case < 1:
         parser.error(f"--procs and --per-case must be >= 1, got {args.procs} / {args.per_case}")
-    shapes = args.shapes if args.shapes is not None else list(range(shape_count(args.package)))
+    count = shape_count(args.package)
+    shapes = args.shapes if args.shapes is not None else list(range(count))
+    if any(not 0 <= s < count for s in shapes):
+        parser.error(f"--shapes must be indices into bench_{args.package}'s {count} shapes (0..{count - 1}), got {shapes}")
     dtypes = args.dtypes or bench_dtypes(args.package)
     jobs = [(args.package, s, d, w, args.per_case) for s in shapes for d in dtypes for w in range(args.per_case)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_CACHE_AUTOTUNING"}  # no bogus tunings stored
