@@ -29,7 +29,7 @@ MAX_SPILL_BYTES = 64
 # constants, pointers and the row strides carry a divisibility-by-16 hint (vector loads / atomics).
 UNIT_STRIDES = ("stride_vd", "stride_lc", "stride_ap", "stride_gc")
 DIV16 = ("value_ptr", "shapes_ptr", "starts_ptr", "loc_ptr", "attn_ptr", "out_ptr", "grad_out_ptr",
-         "grad_value_ptr", "grad_loc_ptr", "grad_attn_ptr", "dest_ptr", "coef_ptr", "row_start_ptr", "src_ptr",
+         "grad_value_ptr", "grad_acc_ptr", "grad_loc_ptr", "grad_attn_ptr", "dest_ptr", "coef_ptr", "row_start_ptr", "src_ptr",
          "stride_vn", "stride_vs", "stride_vm", "stride_gn", "stride_gq", "D")
 
 
@@ -63,17 +63,20 @@ def compile_fwd(dt: str, d: int, cfg: triton.Config, arch: int = 90, levels: int
     return _finish(kernels.msda_fwd_kernel.fn, sig, consts, "fwd", arch, cfg)
 
 
-def compile_bwd(dt: str, d: int, cfg: triton.Config, deterministic: bool, arch: int = 90, levels: int = 4):
+def compile_bwd(dt: str, d: int, cfg: triton.Config, deterministic: bool, arch: int = 90, levels: int = 4,
+                split: bool = False):
+    """split: bf16 / fp16 atomics into the value gradient on the leading levels (msda_bwd_kernel's SPLIT)."""
     gdt = "fp64" if dt == "fp64" else "fp32"
     sig, consts = _common(dt, d, levels, cfg)
-    sig |= {"grad_out_ptr": f"*{dt}", "grad_value_ptr": f"*{gdt}", "grad_loc_ptr": f"*{dt}",
-            "grad_attn_ptr": f"*{dt}", "dest_ptr": "*i32", "coef_ptr": f"*{gdt}", "S": "i32", "N": "i32",
-            "NUM_SLOTS": "i32"}
+    sig |= {"grad_out_ptr": f"*{dt}", "grad_value_ptr": f"*{dt if split else gdt}", "grad_acc_ptr": f"*{gdt}",
+            "grad_loc_ptr": f"*{dt}", "grad_attn_ptr": f"*{dt}", "dest_ptr": "*i32", "coef_ptr": f"*{gdt}",
+            "S": "i32", "split_row": "i32", "N": "i32", "NUM_SLOTS": "i32"}
     sig |= _strides("g", "nqc")
-    consts |= {"DETERMINISTIC": deterministic, "BORDER": True, "P_BLOCK": triton.next_power_of_2(consts["P"])}
+    consts |= {"DETERMINISTIC": deterministic, "BORDER": True, "P_BLOCK": triton.next_power_of_2(consts["P"]),
+               "SPLIT": split}
     consts.setdefault("ROTATE_LEVELS", True)
-    return _finish(kernels.msda_bwd_kernel.fn, sig, consts, "bwd-det" if deterministic else "bwd-atomic",
-                   arch, cfg)
+    name = "bwd-det" if deterministic else ("bwd-split" if split else "bwd-atomic")
+    return _finish(kernels.msda_bwd_kernel.fn, sig, consts, name, arch, cfg)
 
 
 def compile_value_grad(dt: str, d: int, arch: int = 90):
@@ -135,6 +138,8 @@ def main() -> int:
             bwd = configs(kernels.bwd_configs(), dt, d) + (persistent_loop(4) if quick and d == 32 else [])
             jobs = [(lambda c=c: compile_fwd(dt, d, c, arch), c) for c in fwd]
             jobs += [(lambda c=c: compile_bwd(dt, d, c, False, arch), c) for c in bwd]
+            if dt == "bf16":  # the bf16 value gradient's atomics in bf16 on the leading levels (op._direct_rows)
+                jobs += [(lambda c=c: compile_bwd(dt, d, c, False, arch, split=True), c) for c in bwd]
             if not quick or (d == 32 and dt == "fp32"):
                 jobs += [(lambda c=c: compile_bwd(dt, d, c, True, arch), c) for c in bwd[:1]]
                 jobs += [(lambda: compile_value_grad(dt, d, arch), triton.Config({"BLOCK_Q": 0}, num_warps=4))]

@@ -134,6 +134,47 @@ def test_every_kernel_path_matches_reference(path: str, monkeypatch: pytest.Monk
               "det": det})
 
 
+@pytest.mark.parametrize("split_level", [1, 2], ids=["scratch_from_level1", "scratch_from_level2"])
+def test_split_value_gradient_matches_reference(split_level: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backward's split value gradient (leading levels' rows by atomics into the gradient itself,
+    the rest into an fp32 scratch copied in afterwards), which bf16 inputs take on the GPU: forced here
+    in fp32, where the CPU interpreter runs both halves."""
+    from fattn.msda import op as op_module
+
+    levels = [(5, 7), (2, 3), (1, 2)]
+    start = sum(h * w for h, w in levels[:split_level])
+    calls = []
+    monkeypatch.setattr(op_module, "_direct_rows", lambda *args: calls.append(start) or start)
+    _run({**BASE, "levels": levels, "dtype": torch.float32, "padding": "border", "align": False, "det": False})
+    assert calls, "the backward did not ask for the split"
+
+
+def test_direct_rows_decision() -> None:
+    """Which rows of the value gradient take atomics in value's own dtype (op._direct_rows)."""
+    from fattn.msda import op as op_module
+
+    levels = [(64, 64), (32, 32), (16, 16), (8, 8)]
+    shapes, starts, s = level_tensors(levels, torch.device("cpu"))
+    n, m, d, points = 1, 2, 4, 4
+
+    def direct(dtype: torch.dtype, lq: int, checked: bool = True) -> int:
+        sh, st = (shapes, starts) if checked else (shapes.clone(), starts.clone())
+        return op_module._direct_rows(torch.empty(n, s, m, d, dtype=dtype), sh, st, lq, points)
+
+    assert op_module._index_reasons(shapes, starts, s) == []  # the forward's check: the sizes are now known
+    limit = op_module.BF16_DIRECT_MAX_CONTRIBUTIONS
+    # Level l takes lq * points * 4 / (H * W) contributions per row: bf16 atomics up to the first busy level.
+    lq = limit * 16 * 16 // (points * 4)  # the 16x16 level exactly at the limit, 8x8 over it
+    assert direct(torch.bfloat16, lq) == 64 * 64 + 32 * 32 + 16 * 16
+    assert direct(torch.bfloat16, lq + 1) == 64 * 64 + 32 * 32
+    assert direct(torch.bfloat16, 10) == s  # every level quiet: no scratch
+    assert direct(torch.bfloat16, 10**6) == 0  # the finest level busy already: all in fp32
+    assert direct(torch.bfloat16, lq, checked=False) == 0  # sizes never read on the host: all in fp32
+    assert direct(torch.float16, lq) == 0
+    assert direct(torch.float32, lq) == s
+    assert direct(torch.float64, lq) == s
+
+
 def test_int64_offsets_path_matches_int32(monkeypatch: pytest.MonkeyPatch, fresh_launch_plans) -> None:  # type: ignore[no-untyped-def]
     """The forward's int64 in-slice offsets (value / locations / weights past 2**31 elements) give the
     same bits as the int32 ones, and the gradients do not change (the backward's offsets are int64

@@ -296,13 +296,16 @@ def msda_fwd_kernel(
 
 
 @triton.jit
-def _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_value_head, grad_loc_ptr,
-               grad_attn_ptr, dest_ptr, coef_ptr, g, point_base, loc_head, attn_head, n, m, N, M, D, S,
-               q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
+def _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_value_head, grad_acc_head,
+               grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, g, point_base, loc_head, attn_head, n, m, N, M, D,
+               S, split_row, q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
                stride_aq, stride_al, stride_ap,
                P: tl.constexpr, P_BLOCK: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr,
-               ACC: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Gradients of level `lvl`'s P points: grad_attn / grad_loc stored, value's scattered.
+               ACC: tl.constexpr, DETERMINISTIC: tl.constexpr, SPLIT: tl.constexpr, BLOCK_Q: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Gradients of level `lvl`'s P points: grad_attn / grad_loc stored, value's scattered (with SPLIT,
+    rows below `split_row` straight into grad_value_head in its 16-bit dtype, the others into the ACC
+    scratch grad_acc_head, rows split_row.. of value; see msda_bwd_kernel).
 
     The P points of a query and level are contiguous in grad_attn (and their (x, y) pairs in grad_loc):
     their gradients are gathered in [BLOCK_Q, P_BLOCK] / [BLOCK_Q, 2 * P_BLOCK] tiles and stored once
@@ -313,6 +316,8 @@ def _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_
     width = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
     start = tl.load(starts_ptr + lvl)
     value_lvl = value_head + start * stride_vs
+    if SPLIT:
+        direct = start < split_row  # levels are whole: a level's rows are all on one side of split_row
     p_col = tl.arange(0, P_BLOCK)[None, :]
     xy_col = tl.arange(0, 2 * P_BLOCK)[None, :]
     attn_tile = tl.zeros([BLOCK_Q, P_BLOCK], dtype=ACC)
@@ -351,8 +356,16 @@ def _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_
                 tl.store(coef_ptr + point * 4 + corner, a * w, mask=q_mask)
             else:
                 contrib = (a * w) * g
-                tl.atomic_add(grad_value_head + (start + pix64) * (M * D),
-                              contrib.to(grad_value_head.dtype.element_ty), mask=corner_mask, sem="relaxed")
+                if SPLIT:
+                    if direct:
+                        tl.atomic_add(grad_value_head + (start + pix64) * (M * D),
+                                      contrib.to(grad_value_head.dtype.element_ty), mask=corner_mask, sem="relaxed")
+                    else:
+                        tl.atomic_add(grad_acc_head + (start - split_row + pix64) * (M * D), contrib,
+                                      mask=corner_mask, sem="relaxed")
+                else:
+                    tl.atomic_add(grad_value_head + (start + pix64) * (M * D),
+                                  contrib.to(grad_value_head.dtype.element_ty), mask=corner_mask, sem="relaxed")
         grad_a = tl.sum(g * sample, 1, keep_dims=True)
         grad_fx = tl.sum(g * sample_dfx, 1, keep_dims=True)
         grad_fy = tl.sum(g * sample_dfy, 1, keep_dims=True)
@@ -368,12 +381,14 @@ def _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_
 
 @triton.jit
 def _bwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
-              grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S,
+              grad_value_ptr, grad_acc_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S,
+              split_row,
               stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll, stride_lp,
               stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap, stride_gn, stride_gq, stride_gc,
               L: tl.constexpr, P: tl.constexpr, P_BLOCK: tl.constexpr, ALIGN_CORNERS: tl.constexpr,
-              BORDER: tl.constexpr, ACC: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr,
-              BLOCK_D: tl.constexpr, UNROLL_LEVELS: tl.constexpr, ROTATE_LEVELS: tl.constexpr):
+              BORDER: tl.constexpr, ACC: tl.constexpr, DETERMINISTIC: tl.constexpr, SPLIT: tl.constexpr,
+              BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL_LEVELS: tl.constexpr,
+              ROTATE_LEVELS: tl.constexpr):
     """Gradients of query block `pid_q` of head `m` of batch `n` (int64)."""
     # Per-query values are [BLOCK_Q, 1] columns rather than 1-D vectors: one layout family for the
     # whole kernel (1-D vectors mixed with row reductions of fp32 tiles tripped Triton 3.6's
@@ -395,6 +410,7 @@ def _bwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
     # Contiguous [N, Lq, M, L, P] index of point (lvl, pt) = base + lvl * P + pt.
     point_base = ((n * Lq + q64) * M + m) * (L * P)
     grad_value_head = grad_value_ptr + (n * S * M + m) * D + d
+    grad_acc_head = grad_acc_ptr + (n * (S - split_row) * M + m) * D + d  # (used with SPLIT only)
 
     # Levels in a rotated order, starting at query block pid_q's: programs in flight are then spread
     # over all levels instead of reaching the coarse levels (few rows, hot atomics) together.
@@ -402,28 +418,28 @@ def _bwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
     if UNROLL_LEVELS:
         for i in tl.static_range(L):
             lvl = (first_level + i) % L
-            _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_value_head, grad_loc_ptr,
-                       grad_attn_ptr, dest_ptr, coef_ptr, g, point_base, loc_head, attn_head, n, m, N, M, D, S,
-                       q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
-                       stride_aq, stride_al, stride_ap, P, P_BLOCK, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC,
-                       BLOCK_Q, BLOCK_D)
+            _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_value_head, grad_acc_head,
+                       grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, g, point_base, loc_head, attn_head, n, m,
+                       N, M, D, S, split_row, q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll,
+                       stride_lp, stride_lc, stride_aq, stride_al, stride_ap, P, P_BLOCK, ALIGN_CORNERS, BORDER,
+                       ACC, DETERMINISTIC, SPLIT, BLOCK_Q, BLOCK_D)
     else:
         for i in range(L):
             lvl = (first_level + i) % L
-            _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_value_head, grad_loc_ptr,
-                       grad_attn_ptr, dest_ptr, coef_ptr, g, point_base, loc_head, attn_head, n, m, N, M, D, S,
-                       q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll, stride_lp, stride_lc,
-                       stride_aq, stride_al, stride_ap, P, P_BLOCK, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC,
-                       BLOCK_Q, BLOCK_D)
+            _bwd_level(lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_value_head, grad_acc_head,
+                       grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, g, point_base, loc_head, attn_head, n, m,
+                       N, M, D, S, split_row, q64, q_mask, qd_mask, d_offs, stride_vs, stride_lq, stride_ll,
+                       stride_lp, stride_lc, stride_aq, stride_al, stride_ap, P, P_BLOCK, ALIGN_CORNERS, BORDER,
+                       ACC, DETERMINISTIC, SPLIT, BLOCK_Q, BLOCK_D)
 
 
-@triton.autotune(configs=bwd_configs(), key=_KEY + ["DETERMINISTIC"],
-                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["grad_value_ptr"])
+@triton.autotune(configs=bwd_configs(), key=_KEY + ["DETERMINISTIC", "SPLIT"],
+                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["grad_value_ptr", "grad_acc_ptr"])
 @triton.jit
 def msda_bwd_kernel(
     value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
-    grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr,
-    N, Lq, M, D, S, LQ_BUCKET, NUM_SLOTS,
+    grad_value_ptr, grad_acc_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr,
+    N, Lq, M, D, S, split_row, LQ_BUCKET, NUM_SLOTS,
     stride_vn, stride_vs, stride_vm, stride_vd,
     stride_ln, stride_lq, stride_lm, stride_ll, stride_lp, stride_lc,
     stride_an, stride_aq, stride_am, stride_al, stride_ap,
@@ -431,11 +447,15 @@ def msda_bwd_kernel(
     L: tl.constexpr, P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr,
     DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL_LEVELS: tl.constexpr,
     PERSISTENT: tl.constexpr, PROGRAMS_PER_SLOT: tl.constexpr, ROTATE_LEVELS: tl.constexpr, P_BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr = False,
 ):
     """Gradients of (batch, head, query block) tiles. Grid: (query blocks * M * N,), program
     (n * query blocks + query_block) * M + m; or the PERSISTENT schedule of msda_fwd_kernel.
 
     grad_value_ptr: [N, S, M, D] contiguous, zero-filled, written with atomics (unless DETERMINISTIC).
+    SPLIT (16-bit value gradients): only rows s < split_row of grad_value_ptr take atomics (in its
+    dtype, half the L2 bytes of fp32 ones); rows s >= split_row accumulate in the ACC scratch grad_acc_ptr,
+    [N, S - split_row, M, D] contiguous and zero-filled, which the host converts into them afterwards.
     grad_loc_ptr / grad_attn_ptr: contiguous [N, Lq, M, L, P, 2] / [N, Lq, M, L, P], fully written.
     dest_ptr / coef_ptr (DETERMINISTIC only): [N, Lq, M, L, P, 4] destination row ((n * M + m) * S + s,
     or N * M * S for a corner outside the map) and coefficient of each corner's contribution.
@@ -446,11 +466,12 @@ def msda_bwd_kernel(
             head = t // n_qb
             _bwd_tile((t % n_qb).to(tl.int32), (head % M).to(tl.int32), head // M,
                       value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
-                      grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S,
+                      grad_value_ptr, grad_acc_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D,
+                      S, split_row,
                       stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll, stride_lp,
                       stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap, stride_gn, stride_gq, stride_gc,
-                      L, P, P_BLOCK, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS,
-                      ROTATE_LEVELS)
+                      L, P, P_BLOCK, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC, SPLIT, BLOCK_Q, BLOCK_D,
+                      UNROLL_LEVELS, ROTATE_LEVELS)
     else:
         # Heads fastest: the programs in flight scatter into every head's value-gradient rows, not all
         # into one head's (atomics on few hot addresses serialize in L2: on sm_90 this cut the 8x8
@@ -463,11 +484,12 @@ def msda_bwd_kernel(
         rest = pid % per_batch
         _bwd_tile(rest // M, rest % M, (pid // per_batch).to(tl.int64),
                   value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
-                  grad_value_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S,
+                  grad_value_ptr, grad_acc_ptr, grad_loc_ptr, grad_attn_ptr, dest_ptr, coef_ptr, N, Lq, M, D, S,
+                  split_row,
                   stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll, stride_lp,
                   stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap, stride_gn, stride_gq, stride_gc,
-                  L, P, P_BLOCK, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS,
-                  ROTATE_LEVELS)
+                  L, P, P_BLOCK, ALIGN_CORNERS, BORDER, ACC, DETERMINISTIC, SPLIT, BLOCK_Q, BLOCK_D,
+                  UNROLL_LEVELS, ROTATE_LEVELS)
 
 
 @triton.jit

@@ -152,31 +152,41 @@ def msda_bwd(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.
     # Deterministic mode: one (destination row, coefficient) pair per bilinear corner of every point.
     n_corners = n * lq * m * levels * points * 4
     index_dtype = torch.int32 if max(n_rows, n_corners) < 2**31 - 1 else torch.int64
+    split = s  # rows [0, split) of the value gradient take atomics in grad_value_buf's dtype, the rest in grad_acc
     if deterministic:
         dest = empty((n_corners,), dtype=index_dtype, device=dev)
         coef = empty((n_corners,), dtype=acc_torch, device=dev)
-        grad_value_buf = dest  # unused by the kernel in this mode
+        grad_value_buf = grad_acc = dest  # unused by the kernel in this mode
     else:
-        # fp32 atomics are both faster and more accurate than half-precision ones; cast at the end.
         dest = coef = None
-        grad_value_buf = torch.zeros(value.shape, dtype=acc_torch, device=dev)
+        split = _direct_rows(value, spatial_shapes, level_start_index, lq, points)
+        # Rows outside [0, split) accumulate in fp32 (fp16, or bf16 levels whose rows take many
+        # contributions): all of them in an fp32 buffer cast at the end, or some in an fp32 scratch.
+        grad_value_buf = torch.zeros(value.shape, dtype=value.dtype if split else acc_torch, device=dev)
+        grad_acc = (torch.zeros((n, s - split, m, d), dtype=acc_torch, device=dev) if 0 < split < s
+                    else grad_value_buf)
+    split_rows = 0 < split < s
 
     gn, gq, gc = grad_out.stride()
-    tensors = (value, shapes, starts, sampling_locations, attention_weights, grad_out, grad_value_buf, grad_loc,
-               grad_attn, dest if deterministic else grad_loc, coef if deterministic else grad_loc)
+    tensors = (value, shapes, starts, sampling_locations, attention_weights, grad_out, grad_value_buf, grad_acc,
+               grad_loc, grad_attn, dest if deterministic else grad_loc, coef if deterministic else grad_loc)
 
     def build() -> tuple:  # what the shapes, strides and flags fix: computed once per signature
         slots = _num_slots(dev)
-        args = (*tensors, n, lq, m, d, s, seq_bucket(lq), slots,
+        args = (*tensors, n, lq, m, d, s, split, seq_bucket(lq), slots,
                 *value.stride(), *sampling_locations.stride(), *attention_weights.stride(), gn, gq, gc)
         return _grid(lq, m, n, slots, flat=True), args, dict(
             L=levels, P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=acc,
-            DETERMINISTIC=deterministic, BLOCK_D=next_power_of_2(d), P_BLOCK=next_power_of_2(points))
+            DETERMINISTIC=deterministic, BLOCK_D=next_power_of_2(d), P_BLOCK=next_power_of_2(points),
+            SPLIT=split_rows)
 
+    # (split follows the level sizes' values, which the shapes do not fix: part of the signature)
     signature = call_signature(grad_out, value, sampling_locations, attention_weights, padding_mode, align_corners,
-                               deterministic)
+                               deterministic, split)
     launcher(msda_bwd_kernel).launch_planned(signature, tensors, build)
     if not deterministic:
+        if split_rows:
+            grad_value_buf[:, split:].copy_(grad_acc)
         grad_value = grad_value_buf if grad_value_buf.dtype == value.dtype else grad_value_buf.to(value.dtype)
         return grad_value, grad_loc, grad_attn
 
@@ -273,29 +283,33 @@ _CHECKED = CheckedSignatures()
 
 def _index_reasons(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, s: int) -> list[Reason]:
     """The index tensors' values checked against S, once per pair of tensors (see _CHECKED_INDEX)."""
-    if _CHECKED_INDEX.get((spatial_shapes, level_start_index), s):
+    if _CHECKED_INDEX.get((spatial_shapes, level_start_index), s) is not None:
         return []
-    out = _index_value_reasons(spatial_shapes, level_start_index, s)
+    out, levels = _index_value_reasons(spatial_shapes, level_start_index, s)
     if not out:
-        _CHECKED_INDEX.put((spatial_shapes, level_start_index), s, True)
+        _CHECKED_INDEX.put((spatial_shapes, level_start_index), s, levels)
     return out
 
 
-# Pairs (spatial_shapes, level_start_index) whose values were checked against an S. Deformable DETR
-# passes the same two tensors to every layer: one host read per forward instead of one per layer (an
-# in-place change or another S checks them again; inference tensors are checked on every call).
-_CHECKED_INDEX: TensorCache[bool] = TensorCache()
+# Pairs (spatial_shapes, level_start_index) whose values were checked against an S, with those values
+# as ((H, W), start) per level. Deformable DETR passes the same two tensors to every layer: one host
+# read per forward instead of one per layer (an in-place change or another S checks them again;
+# inference tensors are checked on every call). The backward reads the level sizes from here.
+_CHECKED_INDEX: TensorCache[tuple[tuple[tuple[int, int], int], ...]] = TensorCache()
 
 
-def _index_value_reasons(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, s: int) -> list[Reason]:
-    """Checks of the index tensors' values: they read two tiny tensors back to the host (a device
-    sync), so they are skipped under torch.compile and for a pair already checked (see above)."""
+def _index_value_reasons(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                         s: int) -> tuple[list[Reason], tuple[tuple[tuple[int, int], int], ...]]:
+    """Checks of the index tensors' values, and the values as ((H, W), start) per level: they read two
+    tiny tensors back to the host (a device sync), so they are skipped under torch.compile and for a
+    pair already checked (see above)."""
     out: list[Reason] = []
     hw = spatial_shapes.detach().to("cpu", torch.int64)
     starts = level_start_index.detach().to("cpu", torch.int64)
+    levels = tuple(((int(h), int(w)), int(st)) for (h, w), st in zip(hw.tolist(), starts.tolist()))
     if bool((hw <= 0).any()):
         out.append(Reason(f"spatial_shapes must hold positive (H, W) pairs, got {hw.tolist()}"))
-        return out
+        return out, levels
     sizes = hw[:, 0] * hw[:, 1]
     if int(sizes.sum()) != s:
         out.append(Reason(f"spatial_shapes {hw.tolist()} cover sum(H * W) = {int(sizes.sum())} positions, "
@@ -304,7 +318,35 @@ def _index_value_reasons(spatial_shapes: torch.Tensor, level_start_index: torch.
     if not torch.equal(starts, expected_starts):
         out.append(Reason(f"level_start_index must be the running sum of H * W of spatial_shapes, "
                           f"{expected_starts.tolist()}, got {starts.tolist()}"))
-    return out
+    return out, levels
+
+
+# A bf16 value gradient takes bf16 atomics (half the L2 bytes of fp32 ones: the backward kernel is bound
+# by them) on the levels whose rows receive at most this many bilinear contributions on average
+# (queries * points * 4 corners over the level's H * W rows). Rounding the running sum to bf16 at each
+# of k additions leaves a relative error of about 2**-9 * sqrt(k / 2) per row (~1% at 64, against
+# one bf16 rounding's 0.2%); busier levels (the coarse ones) accumulate in fp32.
+BF16_DIRECT_MAX_CONTRIBUTIONS = 64
+
+
+def _direct_rows(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, lq: int,
+                 points: int) -> int:
+    """How many leading rows of value's gradient (along S) the backward accumulates with atomics in
+    value's own dtype; the rest accumulate in fp32 (an fp32 scratch, converted at the end).
+
+    fp32 / fp64: every row. fp16: none (partial sums could overflow where fp32 ones would not). bf16:
+    the levels before the first busy one (BF16_DIRECT_MAX_CONTRIBUTIONS), when the level sizes are known
+    on the host (read by the forward's checks, see _CHECKED_INDEX); otherwise none."""
+    s = value.shape[1]
+    if value.dtype in (torch.float32, torch.float64):
+        return s
+    levels = _CHECKED_INDEX.get((spatial_shapes, level_start_index), s) if value.dtype == torch.bfloat16 else None
+    if levels is None:  # fp16, or sizes never read on the host (torch.compile, inference tensors)
+        return 0
+    for (h, w), start in levels:
+        if lq * points * 4 > BF16_DIRECT_MAX_CONTRIBUTIONS * h * w:
+            return start
+    return s
 
 
 def not_supported_reasons(value: object, spatial_shapes: object, level_start_index: object,
