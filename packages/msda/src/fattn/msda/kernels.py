@@ -16,7 +16,9 @@ SM, for L1 reuse of a head's value rows. UNROLL_LEVELS unrolls the level loop in
 Backward:
 - gradients of the locations and attention weights are reductions over D, done inside the program
   (no atomics);
-- the value gradient is a scatter. Fast mode: fp32 atomics into an fp32 buffer. Deterministic mode:
+- the value gradient is a scatter. Fast mode: fp32 atomics into an fp32 buffer (bf16: bf16 atomics
+  straight into the gradient on the leading levels whose rows take few contributions, SPLIT; see
+  op._direct_rows). Deterministic mode:
   the scatter is turned into a gather: `msda_bwd_kernel` writes (destination row, source row,
   coefficient) triples, the host sorts them stably by destination, and `msda_value_grad_kernel`
   sums each destination's contributions in that fixed order.

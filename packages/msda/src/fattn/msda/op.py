@@ -382,7 +382,8 @@ def ms_deform_attn(
         padding_mode: "zeros" (samples outside read 0, as in Deformable DETR) or "border".
         align_corners: grid_sample's flag; False (the default) matches Deformable DETR.
         deterministic: the backward gives the same bits on every run (a sort-based value gradient,
-            slower than the default fp32-atomics one).
+            slower than the default atomics one: fp32 atomics, and for bf16 inputs bf16 ones on the
+            levels whose rows take few contributions, see BF16_DIRECT_MAX_CONTRIBUTIONS).
 
     Returns:
         [N, Lq, M * D] in value's dtype. Gradients flow to value, sampling_locations and
