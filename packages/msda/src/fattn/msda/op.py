@@ -165,7 +165,7 @@ def msda_bwd(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.
         grad_value_buf = torch.zeros(value.shape, dtype=value.dtype if split else acc_torch, device=dev)
         grad_acc = (torch.zeros((n, s - split, m, d), dtype=acc_torch, device=dev) if 0 < split < s
                     else grad_value_buf)
-    split_rows = 0 < split < s
+    has_scratch = 0 < split < s
 
     gn, gq, gc = grad_out.stride()
     tensors = (value, shapes, starts, sampling_locations, attention_weights, grad_out, grad_value_buf, grad_acc,
@@ -178,14 +178,14 @@ def msda_bwd(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.
         return _grid(lq, m, n, slots, flat=True), args, dict(
             L=levels, P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=acc,
             DETERMINISTIC=deterministic, BLOCK_D=next_power_of_2(d), P_BLOCK=next_power_of_2(points),
-            SPLIT=split_rows)
+            SPLIT=has_scratch)
 
     # (split follows the level sizes' values, which the shapes do not fix: part of the signature)
     signature = call_signature(grad_out, value, sampling_locations, attention_weights, padding_mode, align_corners,
                                deterministic, split)
     launcher(msda_bwd_kernel).launch_planned(signature, tensors, build)
     if not deterministic:
-        if split_rows:
+        if has_scratch:
             grad_value_buf[:, split:].copy_(grad_acc)
         grad_value = grad_value_buf if grad_value_buf.dtype == value.dtype else grad_value_buf.to(value.dtype)
         return grad_value, grad_loc, grad_attn
