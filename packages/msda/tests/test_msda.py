@@ -175,6 +175,27 @@ def test_direct_rows_decision() -> None:
     assert direct(torch.float64, lq) == s
 
 
+def test_backward_finds_the_level_sizes_the_forward_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backward's split (op._direct_rows) looks the level sizes up by the index tensors the forward
+    checked: autograd must hand it those very tensors, unmodified, or bf16 silently loses the split."""
+    from fattn.msda import op as op_module
+
+    original = op_module._direct_rows
+    seen = []
+
+    def spy(value, spatial_shapes, level_start_index, lq, points):  # type: ignore[no-untyped-def]
+        seen.append(op_module._CHECKED_INDEX.get((spatial_shapes, level_start_index), value.shape[1]))
+        return original(value, spatial_shapes, level_start_index, lq, points)
+
+    monkeypatch.setattr(op_module, "_direct_rows", spy)
+    levels = [(5, 7), (2, 3)]
+    inputs = make_inputs(2, 13, 2, 8, levels, 2, torch.float32)
+    leaves = {k: inputs[k].requires_grad_(True) for k in GRADS}
+    out = ms_deform_attn(**inputs)
+    torch.autograd.grad(out, list(leaves.values()), torch.randn_like(out))
+    assert seen == [(((5, 7), 0), ((2, 3), 35))]
+
+
 def test_int64_offsets_path_matches_int32(monkeypatch: pytest.MonkeyPatch, fresh_launch_plans) -> None:  # type: ignore[no-untyped-def]
     """The forward's int64 in-slice offsets (value / locations / weights past 2**31 elements) give the
     same bits as the int32 ones, and the gradients do not change (the backward's offsets are int64
