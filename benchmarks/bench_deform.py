@@ -157,5 +157,13 @@ def test_deform(measure, smoke: bool, shape: Shape, dtype_name: str, op: str, im
     flops, moved = _work(shape, dtype, op)
     out_bytes = inputs["q"].numel() * inputs["q"].element_size()  # the output has q's shape and dtype
     io_mb = (sum(t.numel() * t.element_size() for t in inputs.values()) + out_bytes) / 2**20
+    tuned = None
+    if impl == "fattn":  # which tiles the autotuner picked, and every candidate's time (FATTN_BENCH_TUNING)
+        from fattn.deform import kernels
+
+        tuned = {"fwd": kernels._deform_fwd_kernel}
+        if op != "fwd":
+            tuned["bwd"] = kernels._deform_bwd_kernel
     measure.run(call, op=f"deform {op}", impl=impl, shape=f"{shape.name}-{dtype_name}", size=shape.T * shape.P,
-                flops=flops, bytes_moved=moved, dtype=dtype_name, first_call_s=first_call_s, io_mb=io_mb)
+                flops=flops, bytes_moved=moved, tuned=tuned, dtype=dtype_name, first_call_s=first_call_s,
+                io_mb=io_mb)

@@ -195,7 +195,8 @@ def describe_config(kernel: Any) -> str:
 
 def _config_text(config: Any) -> str:
     kwargs = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
-    return f"{kwargs} w{config.num_warps} s{config.num_stages}"
+    cap = getattr(config, "maxnreg", None)
+    return f"{kwargs} w{config.num_warps} s{config.num_stages}" + (f" maxnreg{cap}" if cap else "")
 
 
 def _progress(info: dict[str, Any], median: float | None) -> None:

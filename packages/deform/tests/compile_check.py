@@ -131,10 +131,12 @@ def main() -> int:
                          triton.Config({}, num_warps=4, num_stages=1)))
             for name, fn, sig, ce, cfg in jobs:
                 sig, ce, div16 = _specialize(sig, ce)
-                label = f"{name:5s} {dtype} D{block_d:<3d} {cfg.kwargs} w{cfg.num_warps}"
+                cap = f" maxnreg {cfg.maxnreg}" if cfg.maxnreg else ""
+                label = f"{name:5s} {dtype} D{block_d:<3d} {cfg.kwargs} w{cfg.num_warps}{cap}"
                 try:
                     rep = compile_kernel(fn, sig, ce, arch=args.arch, num_warps=cfg.num_warps,
-                                         num_stages=cfg.num_stages, divisible_by_16=div16, name=label)
+                                         num_stages=cfg.num_stages, divisible_by_16=div16, name=label,
+                                         maxnreg=cfg.maxnreg)
                 except Exception as e:
                     failures += 1
                     print(f"{label}: COMPILE FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)

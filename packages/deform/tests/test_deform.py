@@ -213,6 +213,23 @@ def test_64bit_offsets_path_matches(monkeypatch, fresh_launch_plans) -> None:  #
     _run_case(CPU_CASES[1], noncontiguous=True, visibility=True)
 
 
+def test_every_tuned_backward_config_is_correct(monkeypatch, fresh_launch_plans) -> None:  # type: ignore[no-untyped-def]
+    """Each backward config the autotuner may pick for fp32 at D 32, the register-capped one included,
+    pinned in turn (a single config runs without tuning). GPU only: the interpreter has one config."""
+    if not on_gpu():
+        pytest.skip("needs a CUDA GPU (the interpreter's autotuning space is one config)")
+    from fattn.deform import kernels
+
+    case = dict(B=1, S=2, H=3, Lq=75, D=32, T=3, P=5, W=9, Hh=7, dtype=F32, pad="zeros", align=True)
+    named = {"T": case["T"], "P": case["P"], "Lq": case["Lq"], "Q": torch.empty(0, dtype=F32)}
+    tuned = kernels._prune_bwd(kernels._bwd_configs(), named, BLOCK_D=32)
+    assert any(c.maxnreg for c in tuned), "the capped twin is no longer searched: drop or update this test"
+    for config in tuned:
+        monkeypatch.setattr(kernels._deform_bwd_kernel, "configs", [config])
+        fresh_launch_plans()
+        _run_case(case, noncontiguous=False, visibility=True)
+
+
 def test_gradcheck_fp64() -> None:
     inputs, vis = make_inputs(1, 2, 1, 3, 3, 2, 2, 4, 3, F64, low=0.05, high=0.95, visibility=True,
                               coords_dtype=F64)

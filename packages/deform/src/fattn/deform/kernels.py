@@ -43,10 +43,12 @@ _MAX_FWD_CONFIGS = 3
 _MAX_BWD_CONFIGS = 2
 
 
-def _configs(table: list[tuple[int, int, int]]) -> list[triton.Config]:
+def _configs(table: list[tuple[int, ...]]) -> list[triton.Config]:
+    """Table rows (BLOCK_M, BLOCK_N, num_warps) or (BLOCK_M, BLOCK_N, num_warps, maxnreg)."""
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 8, "BLOCK_N": 4}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=1) for bm, bn, w in table]
+    return [triton.Config({"BLOCK_M": row[0], "BLOCK_N": row[1]}, num_warps=row[2], num_stages=1,
+                          maxnreg=row[3] if len(row) > 3 else None) for row in table]
 
 
 # (BLOCK_M, BLOCK_N, num_warps), preferred first. Triton lays the gathered tiles out with 16-byte vectors
@@ -57,8 +59,12 @@ def _configs(table: list[tuple[int, int, int]]) -> list[triton.Config]:
 # No software pipelining (num_stages=1): the loads are data-dependent gathers.
 _FWD_TABLE = [(64, 2, 8), (32, 4, 8), (128, 1, 8), (16, 4, 4), (32, 2, 4), (8, 4, 4), (16, 2, 4), (4, 4, 4),
               (8, 2, 4), (4, 2, 4), (2, 4, 4), (2, 2, 4), (1, 4, 4), (1, 2, 4), (32, 1, 4), (8, 1, 4), (1, 1, 4)]
-_BWD_TABLE = [(32, 2, 8), (32, 2, 4), (64, 2, 8), (16, 2, 4), (16, 4, 4), (8, 2, 4), (4, 2, 4), (2, 2, 4),
-              (1, 2, 4), (32, 1, 4), (8, 1, 4), (1, 1, 4)]
+_BWD_TABLE = [(32, 2, 8), (32, 2, 8, 64), (32, 2, 4), (64, 2, 8), (16, 2, 4), (16, 4, 4), (8, 2, 4), (4, 2, 4),
+              (2, 2, 4), (1, 2, 4), (32, 1, 4), (8, 1, 4), (1, 1, 4)]
+# Register caps (the 4th entry) for the backward, whose main kernel is latency-bound at 25% occupancy
+# (105 registers x 256 threads: two programs per SM). sm_90 compiles (tests/compile_check.py): the
+# (32, 2, 8) tile fits 64 registers with no spill in fp32 (four programs per SM); 16-bit dtypes spill
+# at any cap under their 128, so capped rows are kept for 4-byte dtypes only (`_prune`). Not yet timed.
 
 
 def _fwd_configs() -> list[triton.Config]:
@@ -96,6 +102,8 @@ def _prune(configs, named_args, max_configs, **kwargs):  # type: ignore[no-untyp
         bm, bn, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
         if bm * bn * block_d > elems * 32 * warps or bm < m_lanes * warps:
             continue
+        if c.maxnreg is not None and (elem_bytes != 4 or block_d > 32):  # see _BWD_TABLE
+            continue
         # Samples are tiled within a view (BLOCK_N of its P points at a time).
         if bn > max(1, next_power_of_2(n_points)) or bm > max(m_lanes * warps, next_power_of_2(lq)):
             continue
@@ -103,8 +111,14 @@ def _prune(configs, named_args, max_configs, **kwargs):  # type: ignore[no-untyp
     if not kept:  # very small or very large head dims: the largest tiles that fit, lanes idle or not
         kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * block_d <= elems * 32 * c.num_warps
                 and c.kwargs["BLOCK_N"] <= max(1, next_power_of_2(n_points))
-                and c.kwargs["BLOCK_M"] <= max(8, next_power_of_2(lq))] or configs[-1:]
-    return kept[:max_configs]
+                and c.kwargs["BLOCK_M"] <= max(8, next_power_of_2(lq)) and c.maxnreg is None] or configs[-1:]
+    # A register-capped twin does not take an uncapped tile's place in the limit.
+    uncapped = [c for c in kept if c.maxnreg is None][:max_configs]
+    return [c for c in kept if c in uncapped or (c.maxnreg is not None and _uncapped_twin(c, uncapped))]
+
+
+def _uncapped_twin(capped: triton.Config, configs: list[triton.Config]) -> bool:
+    return any(c.kwargs == capped.kwargs and c.num_warps == capped.num_warps for c in configs)
 
 
 @triton.jit
