@@ -60,6 +60,7 @@ def compile_fwd(dt: str, d: int, cfg: triton.Config, arch: int = 90, levels: int
     sig, consts = _common(dt, d, levels, cfg)
     sig |= {"out_ptr": f"*{dt}", "N": "i32", "NUM_SLOTS": "i32"}
     consts["OFFSETS_64"] = False  # int32 in-slice offsets: every realistic shape (op._needs_64bit_offsets)
+    consts["PAIRED_LOC"] = consts["PAIRED_ATTN"] = True  # contiguous inputs (op._paired_loads)
     return _finish(kernels.msda_fwd_kernel.fn, sig, consts, "fwd", arch, cfg)
 
 

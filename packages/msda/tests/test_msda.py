@@ -226,6 +226,34 @@ def test_int64_offsets_path_matches_int32(monkeypatch: pytest.MonkeyPatch, fresh
     assert_close("out", runs32[True][0], ref64, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("loc_dtype", [torch.float32, torch.float16], ids=["loc_fp32", "loc_fp16"])
+def test_paired_loads_match_single_loads(loc_dtype: torch.dtype) -> None:
+    """The forward reads each point's (x, y), and two points' weights, as one 2x-wide load when the
+    layout allows it (op._paired_loads); views one element off a pair boundary take single loads.
+    Every combination must give the same bits and match the reference."""
+    from fattn.msda.op import _paired_loads
+
+    inputs = make_inputs(2, 13, 2, 8, [(5, 7), (2, 3)], 4, torch.float32, loc_dtype=loc_dtype)
+
+    def shifted(t: torch.Tensor) -> torch.Tensor:  # the same values, every pair 1 element off its alignment
+        storage = torch.full((t.numel() + 1,), float("nan"), dtype=t.dtype, device=t.device)
+        view = storage[1:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    loc, attn = inputs["sampling_locations"], inputs["attention_weights"]
+    assert _paired_loads(loc, attn) == (True, True)
+    assert _paired_loads(shifted(loc), shifted(attn)) == (False, False)
+    assert _paired_loads(loc.movedim(-1, 0).contiguous().movedim(0, -1), attn[..., :3]) == (False, False)
+    assert _paired_loads(loc.double(), attn.double()) == (False, False)  # 16-byte pairs: no single load
+    ref64 = ms_deform_attn_reference(**{k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()})
+    paired = ms_deform_attn(**inputs)
+    assert_close("out", paired, ref64, dtype=torch.float32)
+    for loc_view, attn_view in [(shifted(loc), attn), (loc, shifted(attn)), (shifted(loc), shifted(attn))]:
+        single = ms_deform_attn(**{**inputs, "sampling_locations": loc_view, "attention_weights": attn_view})
+        assert torch.equal(paired, single)
+
+
 def test_int64_offsets_decision() -> None:
     """The host's bound switches to int64 offsets before any in-slice offset can pass 2**31."""
     from fattn.msda.op import _needs_64bit_offsets

@@ -159,23 +159,52 @@ def _sample_location(loc_ptr, loc_base, q, q_mask, stride_lq, stride_lc, ACC: tl
 
 
 @triton.jit
+def _load_pair(ptr, pair_offset, mask, ACC: tl.constexpr):
+    """Two adjacent 4- or 2-byte floats for BLOCK_Q queries in ONE load: the pair read as a single
+    2x-wide integer (`pair_offset` counts pairs) and split by bits. Per point the forward otherwise
+    issues three scalar loads (x, y, weight) beside its four row gathers, each a separate L1 request
+    per warp. Needs every pair aligned (op._paired_locations / op._paired_weights)."""
+    elem: tl.constexpr = ptr.dtype.element_ty
+    if elem.primitive_bitwidth == 32:
+        bits = tl.load(ptr.to(tl.pointer_type(tl.int64)) + pair_offset, mask=mask, other=0)
+        lo = bits.to(tl.int32).to(elem, bitcast=True)
+        hi = (bits >> 32).to(tl.int32).to(elem, bitcast=True)
+    else:
+        bits = tl.load(ptr.to(tl.pointer_type(tl.int32)) + pair_offset, mask=mask, other=0)
+        lo = bits.to(tl.int16).to(elem, bitcast=True)
+        hi = (bits >> 16).to(tl.int16).to(elem, bitcast=True)
+    return interp_upcast(lo).to(ACC), interp_upcast(hi).to(ACC)
+
+
+@triton.jit
 def _fwd_level(acc, lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, loc_head, attn_head,
                loc_q, attn_q, q_mask, qd_mask, d_offs, stride_vs, stride_ll, stride_lp, stride_lc,
                stride_al, stride_ap,
                P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr,
-               OFFSETS_64: tl.constexpr):
+               OFFSETS_64: tl.constexpr, PAIRED_LOC: tl.constexpr, PAIRED_ATTN: tl.constexpr):
     """acc + the attention-weighted bilinear samples of level `lvl`'s P points (BLOCK_Q x BLOCK_D).
-    loc_q / attn_q: the queries' row offsets in the locations / weights (int32 unless OFFSETS_64)."""
+    loc_q / attn_q: the queries' row offsets in the locations / weights, counted in pairs with
+    PAIRED_LOC / PAIRED_ATTN (int32 unless OFFSETS_64)."""
     height = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
     width = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
     start = tl.load(starts_ptr + lvl)
     value_lvl = value_head + start * stride_vs
     for pt in tl.static_range(P):  # unrolled: all points' gathers in flight together
-        loc_pt = loc_ptr + (loc_head + lvl * stride_ll + pt * stride_lp) + loc_q
-        x = interp_upcast(tl.load(loc_pt, mask=q_mask, other=0.0)).to(ACC)
-        y = interp_upcast(tl.load(loc_pt + stride_lc, mask=q_mask, other=0.0)).to(ACC)
-        a = tl.load(attn_ptr + (attn_head + lvl * stride_al + pt * stride_ap) + attn_q, mask=q_mask, other=0.0)
-        a = interp_upcast(a).to(ACC)
+        if PAIRED_LOC:  # (x, y) in one load
+            x, y = _load_pair(loc_ptr, (loc_head + lvl * stride_ll + pt * stride_lp) // 2 + loc_q, q_mask, ACC)
+        else:
+            loc_pt = loc_ptr + (loc_head + lvl * stride_ll + pt * stride_lp) + loc_q
+            x = interp_upcast(tl.load(loc_pt, mask=q_mask, other=0.0)).to(ACC)
+            y = interp_upcast(tl.load(loc_pt + stride_lc, mask=q_mask, other=0.0)).to(ACC)
+        if PAIRED_ATTN:  # the weights of points pt and pt + 1 in one load (P is even)
+            if pt % 2 == 0:
+                a, a_next = _load_pair(attn_ptr, (attn_head + lvl * stride_al + pt * stride_ap) // 2 + attn_q, q_mask,
+                                       ACC)
+            else:
+                a = a_next
+        else:
+            a = tl.load(attn_ptr + (attn_head + lvl * stride_al + pt * stride_ap) + attn_q, mask=q_mask, other=0.0)
+            a = interp_upcast(a).to(ACC)
         # Validity and weights per axis (two of each), the corners' offsets from the top-left one's:
         # the loop is instruction-bound, and per-corner compares and index products were half of it.
         pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, _, _ = bilinear_cell(
@@ -206,7 +235,7 @@ def _fwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
               stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap,
               L: tl.constexpr, P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr,
               ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL_LEVELS: tl.constexpr,
-              OFFSETS_64: tl.constexpr):
+              OFFSETS_64: tl.constexpr, PAIRED_LOC: tl.constexpr, PAIRED_ATTN: tl.constexpr):
     """Output rows of query block `pid_q` of head `m` of batch `n` (int64). OFFSETS_64: element offsets
     inside one (batch, head) slice of value / locations / weights may pass int32 (decided on the host,
     `op._needs_64bit_offsets`); the slice bases are int64 either way."""
@@ -220,26 +249,32 @@ def _fwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
     value_head = value_ptr + n * stride_vn + m * stride_vm
     loc_head = n * stride_ln + m * stride_lm
     attn_head = n * stride_an + m * stride_am
+    # Paired loads address the locations / weights in pairs: the query strides halved here, the level
+    # and point offsets in _fwd_level (all even: op._paired_locations / op._paired_weights).
+    loc_stride_q = stride_lq // 2 if PAIRED_LOC else stride_lq
+    attn_stride_q = stride_aq // 2 if PAIRED_ATTN else stride_aq
     if OFFSETS_64:
         d_offs = d[None, :].to(tl.int64) * stride_vd
-        loc_q = q64 * stride_lq
-        attn_q = q64 * stride_aq
+        loc_q = q64 * loc_stride_q
+        attn_q = q64 * attn_stride_q
     else:
         d_offs = d[None, :] * stride_vd
-        loc_q = q * stride_lq
-        attn_q = q * stride_aq
+        loc_q = q * loc_stride_q
+        attn_q = q * attn_stride_q
 
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
     if UNROLL_LEVELS:  # every level's gathers in one straight-line block: more loads in flight
         for lvl in tl.static_range(L):
             acc = _fwd_level(acc, lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, loc_head, attn_head,
                              loc_q, attn_q, q_mask, qd_mask, d_offs, stride_vs, stride_ll, stride_lp, stride_lc,
-                             stride_al, stride_ap, P, ALIGN_CORNERS, BORDER, ACC, OFFSETS_64)
+                             stride_al, stride_ap, P, ALIGN_CORNERS, BORDER, ACC, OFFSETS_64, PAIRED_LOC,
+                             PAIRED_ATTN)
     else:  # the round-1 loop: fewer registers, more programs per SM
         for lvl in range(L):
             acc = _fwd_level(acc, lvl, value_head, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, loc_head, attn_head,
                              loc_q, attn_q, q_mask, qd_mask, d_offs, stride_vs, stride_ll, stride_lp, stride_lc,
-                             stride_al, stride_ap, P, ALIGN_CORNERS, BORDER, ACC, OFFSETS_64)
+                             stride_al, stride_ap, P, ALIGN_CORNERS, BORDER, ACC, OFFSETS_64, PAIRED_LOC,
+                             PAIRED_ATTN)
 
     # out is [N, Lq, M * D], contiguous.
     out_offs = (n * Lq + q64)[:, None] * (M * D) + m * D + d[None, :]
@@ -270,6 +305,7 @@ def msda_fwd_kernel(
     L: tl.constexpr, P: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr, ACC: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL_LEVELS: tl.constexpr,
     PERSISTENT: tl.constexpr, PROGRAMS_PER_SLOT: tl.constexpr, OFFSETS_64: tl.constexpr = True,
+    PAIRED_LOC: tl.constexpr = False, PAIRED_ATTN: tl.constexpr = False,
 ):
     """Grid: (query blocks, M, N), or with PERSISTENT (NUM_SLOTS * PROGRAMS_PER_SLOT,).
 
@@ -288,13 +324,15 @@ def msda_fwd_kernel(
                       starts_ptr, loc_ptr, attn_ptr, out_ptr, Lq, M, D,
                       stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll,
                       stride_lp, stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap,
-                      L, P, ALIGN_CORNERS, BORDER, ACC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS, OFFSETS_64)
+                      L, P, ALIGN_CORNERS, BORDER, ACC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS, OFFSETS_64,
+                      PAIRED_LOC, PAIRED_ATTN)
     else:
         _fwd_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64), value_ptr, shapes_ptr,
                   starts_ptr, loc_ptr, attn_ptr, out_ptr, Lq, M, D,
                   stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll,
                   stride_lp, stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap,
-                  L, P, ALIGN_CORNERS, BORDER, ACC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS, OFFSETS_64)
+                  L, P, ALIGN_CORNERS, BORDER, ACC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS, OFFSETS_64,
+                      PAIRED_LOC, PAIRED_ATTN)
 
 
 @triton.jit

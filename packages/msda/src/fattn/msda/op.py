@@ -74,6 +74,23 @@ def _needs_64bit_offsets(value: torch.Tensor, sampling_locations: torch.Tensor,
     return max(value_span, loc_span, attn_span) > _INT32_MAX
 
 
+def _pairs_aligned(t: torch.Tensor, dim: int) -> bool:
+    """Whether `t` can be read two adjacent elements of `dim` at a time as one 2x-wide integer load
+    (kernels._load_pair): 4- or 2-byte floats, `dim` of even size and unit stride, every other
+    stride even and the base aligned to a pair."""
+    size = t.element_size()
+    return (size in (2, 4) and t.shape[dim] % 2 == 0 and t.stride(dim) == 1
+            and all(st % 2 == 0 for i, st in enumerate(t.stride()) if i != dim % t.dim())
+            and t.data_ptr() % (2 * size) == 0)
+
+
+def _paired_loads(sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> tuple[bool, bool]:
+    """The forward's PAIRED_LOC (each point's (x, y) in one load) and PAIRED_ATTN (two points' weights
+    in one load). They depend on the base addresses, which call_signature does not see: they are part
+    of the launch signature."""
+    return _pairs_aligned(sampling_locations, 5), _pairs_aligned(attention_weights, 4)
+
+
 def _as_index(t: torch.Tensor) -> torch.Tensor:
     if t.dtype is torch.int64 and t.is_contiguous():  # the usual case, without two dispatcher calls
         return t
@@ -110,9 +127,11 @@ def msda_fwd(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_inde
                 *value.stride(), *sampling_locations.stride(), *attention_weights.stride())
         return _grid(lq, m, n, slots), args, dict(
             L=levels, P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=_acc_dtype(value),
-            BLOCK_D=next_power_of_2(d), OFFSETS_64=_needs_64bit_offsets(value, sampling_locations, attention_weights))
+            BLOCK_D=next_power_of_2(d), OFFSETS_64=_needs_64bit_offsets(value, sampling_locations, attention_weights),
+            PAIRED_LOC=paired[0], PAIRED_ATTN=paired[1])
 
-    signature = call_signature(value, sampling_locations, attention_weights, padding_mode, align_corners)
+    paired = _paired_loads(sampling_locations, attention_weights)
+    signature = call_signature(value, sampling_locations, attention_weights, padding_mode, align_corners, *paired)
     launcher(msda_fwd_kernel).launch_planned(signature, tensors, build)
     return out
 
