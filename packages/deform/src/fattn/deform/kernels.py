@@ -57,14 +57,22 @@ def _configs(table: list[tuple[int, ...]]) -> list[triton.Config]:
 # shuffles, as long as BLOCK_M fills the warps (`_prune`). Many queries per program: they share the view
 # map being read (views are streamed in order), in L1.
 # No software pipelining (num_stages=1): the loads are data-dependent gathers.
-_FWD_TABLE = [(64, 2, 8), (32, 4, 8), (128, 1, 8), (16, 4, 4), (32, 2, 4), (8, 4, 4), (16, 2, 4), (4, 4, 4),
+_FWD_TABLE = [(64, 2, 8), (64, 2, 8, 80), (32, 4, 8), (16, 4, 4), (128, 1, 8), (32, 2, 4), (32, 2, 4, 80), (8, 4, 4),
+              (16, 2, 4), (4, 4, 4),
               (8, 2, 4), (4, 2, 4), (2, 4, 4), (2, 2, 4), (1, 4, 4), (1, 2, 4), (32, 1, 4), (8, 1, 4), (1, 1, 4)]
 _BWD_TABLE = [(32, 2, 8), (32, 2, 8, 64), (32, 2, 4), (64, 2, 8), (16, 2, 4), (16, 4, 4), (8, 2, 4), (4, 2, 4),
               (2, 2, 4), (1, 2, 4), (32, 1, 4), (8, 1, 4), (1, 1, 4)]
-# Register caps (the 4th entry) for the backward, whose main kernel is latency-bound at 25% occupancy
-# (105 registers x 256 threads: two programs per SM). sm_90 compiles (tests/compile_check.py): the
-# (32, 2, 8) tile fits 64 registers with no spill in fp32 (four programs per SM); 16-bit dtypes spill
-# at any cap under their 128, so capped rows are kept for 4-byte dtypes only (`_prune`). Not yet timed.
+# Register caps (the 4th entry): both main kernels are latency-bound (gathers) at two programs per SM.
+# sm_90 compiles (tests/compile_check.py), D <= 32: the backward's (32, 2, 8) tile fits 64 registers with
+# no spill in fp32 (105 -> 64: four programs per SM), while 16-bit dtypes spill at any cap under their
+# 128; the forward's bf16 / fp16 tiles (64, 2, 8) and (32, 2, 4) fit 80 with no spill (108-110 -> 80:
+# three programs per SM), fp32 ones spill at 72-80. So each capped row serves one element size.
+# H100, session 13 (bench-tuning.txt, T8 P8 / T12 P12 / T8 P32): the capped fp32 backward 449 / 1353 /
+# 2021 us against 471 / 1429 / 1901 uncapped: searched beside its twin. The capped bf16 forward
+# (32, 2, 4) 141 / 432 / 658 us against 176 / 526 / 689, (64, 2, 8) 149 / 474 / 737 against
+# 181 / 566 / 794: it replaces its twin (the first call compiles no more candidates).
+# (tile + cap) -> (element size it serves, whether it replaces its uncapped twin), see `_prune`.
+_CAPPED = {(32, 2, 8, 64): (4, False), (64, 2, 8, 80): (2, True), (32, 2, 4, 80): (2, True)}
 
 
 def _fwd_configs() -> list[triton.Config]:
@@ -102,7 +110,8 @@ def _prune(configs, named_args, max_configs, **kwargs):  # type: ignore[no-untyp
         bm, bn, warps = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
         if bm * bn * block_d > elems * 32 * warps or bm < m_lanes * warps:
             continue
-        if c.maxnreg is not None and (elem_bytes != 4 or block_d > 32):  # see _BWD_TABLE
+        if c.maxnreg is not None and (block_d > 32 or elem_bytes != _CAPPED.get(
+                (bm, bn, warps, c.maxnreg), (0,))[0]):  # see _CAPPED
             continue
         # Samples are tiled within a view (BLOCK_N of its P points at a time).
         if bn > max(1, next_power_of_2(n_points)) or bm > max(m_lanes * warps, next_power_of_2(lq)):
@@ -112,13 +121,21 @@ def _prune(configs, named_args, max_configs, **kwargs):  # type: ignore[no-untyp
         kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * block_d <= elems * 32 * c.num_warps
                 and c.kwargs["BLOCK_N"] <= max(1, next_power_of_2(n_points))
                 and c.kwargs["BLOCK_M"] <= max(8, next_power_of_2(lq)) and c.maxnreg is None] or configs[-1:]
-    # A register-capped twin does not take an uncapped tile's place in the limit.
+    # A register-capped twin does not take an uncapped tile's place in the limit; one that replaces its
+    # twin takes exactly that place.
     uncapped = [c for c in kept if c.maxnreg is None][:max_configs]
-    return [c for c in kept if c in uncapped or (c.maxnreg is not None and _uncapped_twin(c, uncapped))]
+    capped = [c for c in kept if c.maxnreg is not None and _twin(c, uncapped) is not None]
+    replaced = [_twin(c, uncapped) for c in capped if _CAPPED[_row(c)][1]]
+    return [c for c in kept if (c in uncapped and not any(c is r for r in replaced)) or c in capped]
 
 
-def _uncapped_twin(capped: triton.Config, configs: list[triton.Config]) -> bool:
-    return any(c.kwargs == capped.kwargs and c.num_warps == capped.num_warps for c in configs)
+def _row(c: triton.Config) -> tuple[int, ...]:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.maxnreg)
+
+
+def _twin(capped: triton.Config, configs: list[triton.Config]) -> triton.Config | None:
+    """The uncapped config of `configs` with the same tile as `capped`, if any."""
+    return next((c for c in configs if c.kwargs == capped.kwargs and c.num_warps == capped.num_warps), None)
 
 
 @triton.jit
