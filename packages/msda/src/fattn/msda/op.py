@@ -86,8 +86,8 @@ def _pairs_aligned(t: torch.Tensor, dim: int) -> bool:
 
 def _paired_loads(sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> tuple[bool, bool]:
     """The forward's PAIRED_LOC (each point's (x, y) in one load) and PAIRED_ATTN (two points' weights
-    in one load). They depend on the base addresses, which call_signature does not see: they are part
-    of the launch signature."""
+    in one load). Besides shapes, strides and dtypes they depend on the base addresses, which
+    call_signature does not see: msda_fwd adds those mod 16 to its launch signature."""
     return _pairs_aligned(sampling_locations, 5), _pairs_aligned(attention_weights, 4)
 
 
@@ -125,13 +125,16 @@ def msda_fwd(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_inde
         slots = _num_slots(value.device)
         args = (*tensors, n, lq, m, d, seq_bucket(lq), slots,
                 *value.stride(), *sampling_locations.stride(), *attention_weights.stride())
+        paired = _paired_loads(sampling_locations, attention_weights)
         return _grid(lq, m, n, slots), args, dict(
             L=levels, P=points, ALIGN_CORNERS=align_corners, BORDER=padding_mode == "border", ACC=_acc_dtype(value),
             BLOCK_D=next_power_of_2(d), OFFSETS_64=_needs_64bit_offsets(value, sampling_locations, attention_weights),
             PAIRED_LOC=paired[0], PAIRED_ATTN=paired[1])
 
-    paired = _paired_loads(sampling_locations, attention_weights)
-    signature = call_signature(value, sampling_locations, attention_weights, padding_mode, align_corners, *paired)
+    # (the base addresses mod 16 fix the paired loads' alignment; the rest of _paired_loads follows from
+    # the shapes and strides: decided in build, once per signature)
+    signature = call_signature(value, sampling_locations, attention_weights, padding_mode, align_corners,
+                               sampling_locations.data_ptr() % 16, attention_weights.data_ptr() % 16)
     launcher(msda_fwd_kernel).launch_planned(signature, tensors, build)
     return out
 
