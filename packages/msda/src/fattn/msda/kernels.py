@@ -163,7 +163,7 @@ def _load_pair(ptr, pair_offset, mask, ACC: tl.constexpr):
     """Two adjacent 4- or 2-byte floats for BLOCK_Q queries in ONE load: the pair read as a single
     2x-wide integer (`pair_offset` counts pairs) and split by bits. Per point the forward otherwise
     issues three scalar loads (x, y, weight) beside its four row gathers, each a separate L1 request
-    per warp. Needs every pair aligned (op._paired_locations / op._paired_weights)."""
+    per warp. Needs every pair aligned (decided on the host: op._paired_loads)."""
     elem: tl.constexpr = ptr.dtype.element_ty
     if elem.primitive_bitwidth == 32:
         bits = tl.load(ptr.to(tl.pointer_type(tl.int64)) + pair_offset, mask=mask, other=0)
@@ -250,7 +250,7 @@ def _fwd_tile(pid_q, m, n, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
     loc_head = n * stride_ln + m * stride_lm
     attn_head = n * stride_an + m * stride_am
     # Paired loads address the locations / weights in pairs: the query strides halved here, the level
-    # and point offsets in _fwd_level (all even: op._paired_locations / op._paired_weights).
+    # and point offsets in _fwd_level (all even: op._paired_loads).
     loc_stride_q = stride_lq // 2 if PAIRED_LOC else stride_lq
     attn_stride_q = stride_aq // 2 if PAIRED_ATTN else stride_aq
     if OFFSETS_64:
@@ -325,14 +325,14 @@ def msda_fwd_kernel(
                       stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll,
                       stride_lp, stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap,
                       L, P, ALIGN_CORNERS, BORDER, ACC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS, OFFSETS_64,
-                      PAIRED_LOC, PAIRED_ATTN)
+                  PAIRED_LOC, PAIRED_ATTN)
     else:
         _fwd_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64), value_ptr, shapes_ptr,
                   starts_ptr, loc_ptr, attn_ptr, out_ptr, Lq, M, D,
                   stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll,
                   stride_lp, stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap,
                   L, P, ALIGN_CORNERS, BORDER, ACC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS, OFFSETS_64,
-                      PAIRED_LOC, PAIRED_ATTN)
+                  PAIRED_LOC, PAIRED_ATTN)
 
 
 @triton.jit
