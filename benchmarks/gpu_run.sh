@@ -20,6 +20,8 @@
 #   FATTN_BENCH_COMPARE=1                      # fail on a >25% median regression against the stored
 #                                              # baseline of this GPU model (benchmarks/baselines/<gpu>)
 #   FATTN_BENCH_SAVE=baseline                  # store this run as that GPU model's baseline
+#   FATTN_PACK_OUT=1                           # at the end, pack everything under $OUT into one
+#                                              # results-<time>.tgz (the lent machine returns at most 8 files)
 #   FATTN_TRITON_CACHE_OUT=1                   # pack Triton's compile cache and autotuning results into
 #                                              # $OUT/triton-cache.tgz (if under 15 MiB; binaries only). Copied
 #                                              # here as the git-ignored .triton-cache.tgz and carried to the
@@ -198,3 +200,12 @@ fi
 echo
 cat "$SUMMARY"
 rm -f "$SUMMARY"
+if [ -n "${FATTN_PACK_OUT:-}" ]; then
+  # The lent GPU machine sends back at most 8 files from $OUT: one archive of every log and result
+  # (triton-cache.tgz stays beside it, to be carried on its own). Several runs into sub-folders of one
+  # $OUT: pack once, in the last.
+  pack="$OUT/results-$(date +%H%M%S).tgz"
+  tar czf "$pack" -C "$OUT" --exclude='results-*.tgz' --exclude='triton-cache.tgz' . &&
+    find "$OUT" -mindepth 1 -not -name 'results-*.tgz' -not -name 'triton-cache.tgz' -delete &&
+    echo "packed \$OUT into $(basename "$pack")"
+fi
