@@ -126,6 +126,13 @@ def main() -> int:
                          triton.Config({}, num_warps=4, num_stages=1)))
             # `.fn`: fattn.core.compile_check does not unwrap @triton.autotune kernels (an Autotuner has
             # `arg_names` too).
+            if dtype != "fp64" and 16 <= block_d <= 32:  # the opt-in score-map forward (op._score_map_forward)
+                bm, bn, bhw, warps = kernels.SCORE_MAP_TILES[_TORCH[dtype].itemsize]
+                jobs.append(("smap", kernels._deform_fwd_score_map_kernel,
+                             {**fwd_signature(dtype, acc), "SCR": "*fp32", "HW": "i32", "HW_PAD": "i32"},
+                             {**common, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_HW": bhw,
+                              "DOT_PRECISION": "tf32x3" if dtype == "fp32" else "tf32"},
+                             triton.Config({}, num_warps=warps, num_stages=1)))
             jobs.append(("keys", kernels._corner_keys_kernel, keys_signature(acc),
                          {"ALIGN_CORNERS": True, "BORDER": False, "ACC_DTYPE": acc_tl, "BLOCK": 256},
                          triton.Config({}, num_warps=4, num_stages=1)))

@@ -268,6 +268,120 @@ def _deform_fwd_kernel(
     tl.store(LSE + row, lse.to(LSE.dtype.element_ty), mask=m_mask)
 
 
+# The score-map forward (opt-in, FATTN_DEFORM_SCORE_MAP=1; CPU-tested and compiled for sm_90 only, NOT yet
+# timed on a GPU). q . key_(t,p) is the bilinear blend of q . K at the sample's four corner pixels (the
+# product is linear in K), so per view a program computes the [BLOCK_M, HW] score map q K_view^T with
+# `tl.dot`, stores it to its own slice of an fp32 scratch (L2-resident), and each sample reads four
+# scalars from it instead of gathering four 128-byte K rows: the forward's K traffic drops from
+# 4 P rows per (query, view) to one pass over the view's map per program. V is still gathered.
+# Worth it where P * 4 corners approach H * W (e.g. T8 P32 at 14x14: 128 corners per view against 196
+# pixels). Triton's register-tile gather (`tl.gather`) compiled badly for this (session 10): hence the
+# global scratch, ordered by barriers within the program.
+# (BLOCK_M, BLOCK_N, BLOCK_HW, num_warps) per element size; sm_90 compiles at D 32 (no spill): fp32 with
+# the 3xTF32 product 96 registers, bf16 96 (an fp32 IEEE product takes 212-224: FMA-lowered).
+SCORE_MAP_TILES = ({4: (16, 4, 16, 4), 2: (16, 4, 16, 4)} if interpreter_enabled()
+                   else {4: (16, 4, 32, 4), 2: (32, 2, 64, 4)})
+
+
+@triton.jit
+def _deform_fwd_score_map_kernel(
+    Q, K, V, C, VIS, O, LSE, SCR,
+    stride_qb, stride_qs, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kp, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vp, stride_vd,
+    stride_cb, stride_cs, stride_cm, stride_ct, stride_cp, stride_cc,
+    stride_wb, stride_ws, stride_wm, stride_wt,
+    S, H, Lq, T, P, HEAD_DIM, width, height, qk_scale, HW, HW_PAD,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr,
+    HAS_VIS: tl.constexpr, OFFSETS_64: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """_deform_fwd_kernel's output and lse, with the scores read from a per-view score map (see above).
+    SCR: fp32 scratch, BLOCK_M x HW_PAD per program (HW_PAD: HW rounded up to BLOCK_HW)."""
+    pid_m, b64, s64, h64 = _program_tile(Lq, S, H, BLOCK_M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < Lq
+    d_mask = offs_d < (BLOCK_D if EVEN_D else HEAD_DIM)
+    offs_m64 = offs_m.to(tl.int64)
+
+    # q in its storage dtype for the score map's tensor-core product; the scale (base 2) is applied to
+    # the fp32 products afterwards.
+    q = tl.load(Q + b64 * stride_qb + s64 * stride_qs + h64 * stride_qh + offs_m64[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    score_scale = qk_scale * LOG2E
+
+    k_bh = K + b64 * stride_kb + h64 * stride_kh
+    v_bh = V + b64 * stride_vb + h64 * stride_vh
+    c_row = C + b64 * stride_cb + s64 * stride_cs + offs_m64 * stride_cm
+    w_row = VIS + b64 * stride_wb + s64 * stride_ws + offs_m64 * stride_wm
+    # This program's score rows: [BLOCK_M] row bases of a BLOCK_M x HW_PAD slice.
+    scr_rows = SCR + tl.program_id(0).to(tl.int64) * (BLOCK_M * HW_PAD) + tl.arange(0, BLOCK_M) * HW_PAD
+
+    m_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+
+    k_t = k_bh
+    v_t = v_bh
+    c_t = c_row
+    w_t = w_row
+    for t in range(0, T):
+        # Every lane done reading the previous view's scores before they are overwritten.
+        tl.debug_barrier()
+        for j0 in range(0, HW, BLOCK_HW):
+            offs_j = j0 + tl.arange(0, BLOCK_HW)
+            if OFFSETS_64:
+                k_rows = k_t + offs_j.to(tl.int64)[:, None] * stride_kp + offs_d[None, :] * stride_kd
+            else:
+                k_rows = k_t + (offs_j * stride_kp)[:, None] + offs_d[None, :] * stride_kd
+            kc = tl.load(k_rows, mask=(offs_j < HW)[:, None] & d_mask[None, :], other=0.0)
+            sc = tl.dot(q, tl.trans(kc), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * score_scale
+            tl.store(scr_rows[:, None] + offs_j[None, :], sc)
+        # The map stored by every lane before any lane reads it (bar.sync orders the CTA's global writes).
+        tl.debug_barrier()
+        live_m = _view_live(m_mask, w_t, HAS_VIS)
+        for p0 in range(0, P, BLOCK_N):
+            offs_p = p0 + tl.arange(0, BLOCK_N)
+            live = live_m[:, None] & (offs_p < P)[None, :]
+            x, y = _load_points(c_t, offs_p, live, stride_cp, stride_cc, ACC_DTYPE)
+            pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, _, _ = bilinear_cell(
+                x, y, width, height, ALIGN_CORNERS, BORDER)
+            scores = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+            v_s = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+            for corner in tl.static_range(4):
+                in_map, wx, wy, _, _, offset = cell_corner(in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, width,
+                                                           corner % 2, corner // 2)
+                hit = live & in_map
+                w = tl.where(hit, wx * wy, 0.0)
+                pix_c = tl.where(hit, pix + offset, 0)
+                scores += w * tl.load(scr_rows[:, None] + pix_c)
+                if OFFSETS_64:
+                    v_ptrs = v_t + (pix_c.to(tl.int64) * stride_vp)[:, :, None] + (offs_d * stride_vd)[None, None, :]
+                else:
+                    v_ptrs = v_t + (pix_c * stride_vp)[:, :, None] + (offs_d * stride_vd)[None, None, :]
+                if EVEN_D:
+                    vc = tl.load(v_ptrs)
+                else:
+                    vc = tl.load(v_ptrs, mask=d_mask[None, None, :], other=0.0)
+                v_s += w[:, :, None] * vc.to(ACC_DTYPE)
+            scores = tl.where(live, scores, float("-inf"))
+            m_i, l_i, prob, alpha = online_softmax_update(m_i, l_i, scores)
+            alpha_d = tl.sum(tl.broadcast_to(alpha[:, None, None], (BLOCK_M, 1, BLOCK_D)), 1)
+            acc = acc * alpha_d + tl.sum(prob[:, :, None] * v_s, 1)
+        k_t += stride_kt
+        v_t += stride_vt
+        c_t += stride_ct
+        w_t += stride_wt
+
+    out, lse = online_softmax_finalize(acc, m_i, l_i)
+    row = ((b64 * S + s64) * H + h64) * Lq + offs_m64
+    o_ptrs = O + row[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(LSE + row, lse.to(LSE.dtype.element_ty), mask=m_mask)
+
+
 @triton.autotune(configs=_bwd_configs(), key=["Lq", "T", "P", "BLOCK_D", "ALIGN_CORNERS", "BORDER", "HAS_VIS",
                                               "NEED_DCOORDS"],
                  prune_configs_by={"early_config_prune": _prune_bwd})

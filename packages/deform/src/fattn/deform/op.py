@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -27,7 +28,14 @@ from fattn.core import (
 from fattn.core.launch import launcher
 from fattn.core.runtime import cdiv, next_power_of_2
 
-from .kernels import _corner_keys_kernel, _deform_bwd_dkdv_kernel, _deform_bwd_kernel, _deform_fwd_kernel
+from .kernels import (
+    SCORE_MAP_TILES,
+    _corner_keys_kernel,
+    _deform_bwd_dkdv_kernel,
+    _deform_bwd_kernel,
+    _deform_fwd_kernel,
+    _deform_fwd_score_map_kernel,
+)
 
 __all__ = ["deform_attention", "deform_fwd", "deform_bwd", "not_supported_reasons"]
 
@@ -112,9 +120,42 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Te
             BLOCK_D=next_power_of_2(D), EVEN_D=next_power_of_2(D) == D, ALIGN_CORNERS=align_corners, BORDER=border,
             HAS_VIS=visibility is not None, OFFSETS_64=_needs_64bit_offsets(k, v), ACC_DTYPE=_tl_acc(q))
 
+    if _score_map_forward(q):
+        _launch_score_map_forward(tensors, q, k, v, coords, vis_strides, visibility, width, height, scale, border,
+                                  align_corners)
+        return out, lse
     signature = call_signature(q, k, v, coords, visibility, width, height, scale, border, align_corners)
     launcher(_deform_fwd_kernel).launch_planned(signature, tensors, build)
     return out, lse
+
+
+def _score_map_forward(q: torch.Tensor) -> bool:
+    """FATTN_DEFORM_SCORE_MAP=1 (read per call): the score-map forward (kernels.SCORE_MAP_TILES; opt-in, not
+    yet timed on a GPU). Its tensor-core product needs a head dim of at least 16 and no fp64; its tiles
+    were sized (registers) for head dims up to 32."""
+    return (os.environ.get("FATTN_DEFORM_SCORE_MAP") == "1" and q.dtype != torch.float64
+            and 16 <= next_power_of_2(q.shape[-1]) <= 32)
+
+
+def _launch_score_map_forward(tensors: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              coords: torch.Tensor, vis_strides: tuple, visibility: Optional[torch.Tensor],
+                              width: int, height: int, scale: float, border: bool, align_corners: bool) -> None:
+    B, S, H, Lq, D = q.shape
+    T, P = coords.shape[3], coords.shape[4]
+    block_m, block_n, block_hw, warps = SCORE_MAP_TILES[q.element_size()]
+    hw = width * height
+    hw_pad = cdiv(hw, block_hw) * block_hw
+    programs = cdiv(Lq, block_m) * B * S * H
+    # Each program's BLOCK_M x HW_PAD fp32 score rows (written before read: no initialization).
+    scratch = torch.empty(programs * block_m * hw_pad, dtype=torch.float32, device=q.device)
+    launcher(_deform_fwd_score_map_kernel)[(programs,)](
+        *tensors, scratch, *q.stride(), *k.stride(), *v.stride(), *coords.stride(), *vis_strides,
+        S, H, Lq, T, P, D, width, height, float(scale), hw, hw_pad,
+        BLOCK_D=next_power_of_2(D), EVEN_D=next_power_of_2(D) == D, ALIGN_CORNERS=align_corners, BORDER=border,
+        HAS_VIS=visibility is not None, OFFSETS_64=_needs_64bit_offsets(k, v), ACC_DTYPE=_tl_acc(q),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_HW=block_hw,
+        # (3xTF32: fp32-accurate scores on tensor cores; IEEE fp32 is FMA-lowered, at 212+ registers)
+        DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=1)
 
 
 # --------------------------------------------------------------------------------------------
