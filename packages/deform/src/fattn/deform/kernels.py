@@ -185,6 +185,75 @@ def _gather_corner(k_t, v_t, pix, hit, offs_d, d_mask, stride_kp, stride_kd, str
             tl.load(v_ptrs, mask=d_mask[None, None, :], other=0.0))
 
 
+@triton.jit
+def _query_rows(Lq, S, H, HEAD_DIM, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """This program's (b, s, h) (int64), its BLOCK_M query rows (int64) and the head-dim offsets, with
+    their masks. EVEN_D: a mask constant along the head dim, so the gathers are 16-byte vector loads."""
+    pid_m, b64, s64, h64 = _program_tile(Lq, S, H, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < Lq
+    d_mask = offs_d < (BLOCK_D if EVEN_D else HEAD_DIM)
+    return b64, s64, h64, offs_m.to(tl.int64), offs_d, m_mask, d_mask
+
+
+@triton.jit
+def _load_q(Q, b64, s64, h64, offs_m64, offs_d, m_mask, d_mask, stride_qb, stride_qs, stride_qh, stride_qm,
+            stride_qd):
+    """The program's q rows [BM, BD] in their storage dtype (0 outside the masks)."""
+    return tl.load(Q + b64 * stride_qb + s64 * stride_qs + h64 * stride_qh + offs_m64[:, None] * stride_qm
+                   + offs_d[None, :] * stride_qd, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _first_view(K, V, C, VIS, b64, s64, h64, offs_m64, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb,
+                stride_cs, stride_cm, stride_wb, stride_ws, stride_wm, BLOCK_M: tl.constexpr,
+                BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """View 0's K and V map bases (offsets inside one (batch, head) slice stay int32 unless OFFSETS_64),
+    the queries' coordinate and visibility rows [BM], and the empty online-softmax state (m_i, l_i, acc)."""
+    k_t = K + b64 * stride_kb + h64 * stride_kh
+    v_t = V + b64 * stride_vb + h64 * stride_vh
+    c_t = C + b64 * stride_cb + s64 * stride_cs + offs_m64 * stride_cm
+    w_t = VIS + b64 * stride_wb + s64 * stride_ws + offs_m64 * stride_wm
+    m_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+    return k_t, v_t, c_t, w_t, m_i, l_i, acc
+
+
+@triton.jit
+def _point_cells(c_t, p0, live_m, P, stride_cp, stride_cc, width, height, ALIGN_CORNERS: tl.constexpr,
+                 BORDER: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Points p0 .. p0 + BLOCK_N of the current view: which samples are live [BM, BN] and their
+    bilinear cells (`bilinear_cell` without the derivatives)."""
+    offs_p = p0 + tl.arange(0, BLOCK_N)
+    live = live_m[:, None] & (offs_p < P)[None, :]
+    x, y = _load_points(c_t, offs_p, live, stride_cp, stride_cc, ACC_DTYPE)
+    pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, _, _ = bilinear_cell(x, y, width, height, ALIGN_CORNERS,
+                                                                              BORDER)
+    return live, pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1
+
+
+@triton.jit
+def _softmax_step(m_i, l_i, acc, scores, v_s, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One block of samples into the online softmax: scores [BM, BN] (base 2, -inf where dead), their
+    values v_s [BM, BN, BD]. Returns the new (m_i, l_i, acc)."""
+    m_i, l_i, prob, alpha = online_softmax_update(m_i, l_i, scores)
+    # alpha moved into acc's layout through a size-1 reduction, not a layout conversion.
+    alpha_d = tl.sum(tl.broadcast_to(alpha[:, None, None], (BLOCK_M, 1, BLOCK_D)), 1)
+    return m_i, l_i, acc * alpha_d + tl.sum(prob[:, :, None] * v_s, 1)
+
+
+@triton.jit
+def _store_out_lse(O, LSE, acc, m_i, l_i, b64, s64, h64, S, H, Lq, HEAD_DIM, offs_m64, offs_d, m_mask, d_mask):
+    """Normalize and store the output rows and their lse (both contiguous [B, S, H, Lq, (D)])."""
+    out, lse = online_softmax_finalize(acc, m_i, l_i)
+    row = ((b64 * S + s64) * H + h64) * Lq + offs_m64
+    tl.store(O + row[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(LSE + row, lse.to(LSE.dtype.element_ty), mask=m_mask)
+
+
 @triton.autotune(configs=_fwd_configs(), key=["Lq", "T", "P", "BLOCK_D", "ALIGN_CORNERS", "BORDER", "HAS_VIS"],
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
@@ -199,44 +268,22 @@ def _deform_fwd_kernel(
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr,
     HAS_VIS: tl.constexpr, OFFSETS_64: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m, b64, s64, h64 = _program_tile(Lq, S, H, BLOCK_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < Lq
-    # EVEN_D: a mask constant along the head dim, so the gathers are 16-byte vector loads.
-    d_mask = offs_d < (BLOCK_D if EVEN_D else HEAD_DIM)
-    offs_m64 = offs_m.to(tl.int64)
-
-    q = tl.load(Q + b64 * stride_qb + s64 * stride_qs + h64 * stride_qh + offs_m64[:, None] * stride_qm
-                + offs_d[None, :] * stride_qd, mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(ACC_DTYPE)
+    b64, s64, h64, offs_m64, offs_d, m_mask, d_mask = _query_rows(Lq, S, H, HEAD_DIM, BLOCK_M, BLOCK_D, EVEN_D)
+    q = _load_q(Q, b64, s64, h64, offs_m64, offs_d, m_mask, d_mask, stride_qb, stride_qs, stride_qh, stride_qm,
+                stride_qd).to(ACC_DTYPE)
     # Scores in base 2: one multiply here instead of one per score.
     q = q * (qk_scale * LOG2E)
 
-    # Offsets inside one (batch, head) slice of K / V: int32 unless the slice is huge (OFFSETS_64).
-    k_bh = K + b64 * stride_kb + h64 * stride_kh
-    v_bh = V + b64 * stride_vb + h64 * stride_vh
-    c_row = C + b64 * stride_cb + s64 * stride_cs + offs_m64 * stride_cm  # [BM]
-    w_row = VIS + b64 * stride_wb + s64 * stride_ws + offs_m64 * stride_wm
-
-    m_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE) - float("inf")
-    l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
-
     # Views outer, points inner: the view's map base and visibility are per-loop scalars / [BM] vectors
     # (no integer division per sample), and a program reads one view's map at a time.
-    k_t = k_bh
-    v_t = v_bh
-    c_t = c_row
-    w_t = w_row
+    k_t, v_t, c_t, w_t, m_i, l_i, acc = _first_view(
+        K, V, C, VIS, b64, s64, h64, offs_m64, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_cs,
+        stride_cm, stride_wb, stride_ws, stride_wm, BLOCK_M, BLOCK_D, ACC_DTYPE)
     for t in range(0, T):
         live_m = _view_live(m_mask, w_t, HAS_VIS)
         for p0 in range(0, P, BLOCK_N):
-            offs_p = p0 + tl.arange(0, BLOCK_N)
-            live = live_m[:, None] & (offs_p < P)[None, :]
-            x, y = _load_points(c_t, offs_p, live, stride_cp, stride_cc, ACC_DTYPE)
-            pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, _, _ = bilinear_cell(
-                x, y, width, height, ALIGN_CORNERS, BORDER)
+            live, pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1 = _point_cells(
+                c_t, p0, live_m, P, stride_cp, stride_cc, width, height, ALIGN_CORNERS, BORDER, BLOCK_N, ACC_DTYPE)
             # Misses get weight 0 here and read pixel 0 in _gather_corner.
             k_s = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
             v_s = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
@@ -249,23 +296,11 @@ def _deform_fwd_kernel(
                                         stride_vp, stride_vd, EVEN_D, OFFSETS_64)
                 k_s += w * kc.to(ACC_DTYPE)
                 v_s += w * vc.to(ACC_DTYPE)
-            scores = tl.sum(q[:, None, :] * k_s, 2)
-            scores = tl.where(live, scores, float("-inf"))
-            m_i, l_i, prob, alpha = online_softmax_update(m_i, l_i, scores)
-            # alpha moved into acc's layout through a size-1 reduction, not a layout conversion.
-            alpha_d = tl.sum(tl.broadcast_to(alpha[:, None, None], (BLOCK_M, 1, BLOCK_D)), 1)
-            acc = acc * alpha_d + tl.sum(prob[:, :, None] * v_s, 1)
-        k_t += stride_kt
-        v_t += stride_vt
-        c_t += stride_ct
-        w_t += stride_wt
+            scores = tl.where(live, tl.sum(q[:, None, :] * k_s, 2), float("-inf"))
+            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, scores, v_s, BLOCK_M, BLOCK_D)
+        k_t, v_t, c_t, w_t = k_t + stride_kt, v_t + stride_vt, c_t + stride_ct, w_t + stride_wt
 
-    out, lse = online_softmax_finalize(acc, m_i, l_i)
-    # Output and lse are contiguous [B, S, H, Lq, (D)].
-    row = ((b64 * S + s64) * H + h64) * Lq + offs_m64
-    o_ptrs = O + row[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-    tl.store(LSE + row, lse.to(LSE.dtype.element_ty), mask=m_mask)
+    _store_out_lse(O, LSE, acc, m_i, l_i, b64, s64, h64, S, H, Lq, HEAD_DIM, offs_m64, offs_d, m_mask, d_mask)
 
 
 # The score-map forward (opt-in, FATTN_DEFORM_SCORE_MAP=1; CPU-tested and compiled for sm_90 only, NOT yet
@@ -298,35 +333,18 @@ def _deform_fwd_score_map_kernel(
 ):
     """_deform_fwd_kernel's output and lse, with the scores read from a per-view score map (see above).
     SCR: fp32 scratch, BLOCK_M x HW_PAD per program (HW_PAD: HW rounded up to BLOCK_HW)."""
-    pid_m, b64, s64, h64 = _program_tile(Lq, S, H, BLOCK_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < Lq
-    d_mask = offs_d < (BLOCK_D if EVEN_D else HEAD_DIM)
-    offs_m64 = offs_m.to(tl.int64)
-
+    b64, s64, h64, offs_m64, offs_d, m_mask, d_mask = _query_rows(Lq, S, H, HEAD_DIM, BLOCK_M, BLOCK_D, EVEN_D)
     # q in its storage dtype for the score map's tensor-core product; the scale (base 2) is applied to
     # the fp32 products afterwards.
-    q = tl.load(Q + b64 * stride_qb + s64 * stride_qs + h64 * stride_qh + offs_m64[:, None] * stride_qm
-                + offs_d[None, :] * stride_qd, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q = _load_q(Q, b64, s64, h64, offs_m64, offs_d, m_mask, d_mask, stride_qb, stride_qs, stride_qh, stride_qm,
+                stride_qd)
     score_scale = qk_scale * LOG2E
 
-    k_bh = K + b64 * stride_kb + h64 * stride_kh
-    v_bh = V + b64 * stride_vb + h64 * stride_vh
-    c_row = C + b64 * stride_cb + s64 * stride_cs + offs_m64 * stride_cm
-    w_row = VIS + b64 * stride_wb + s64 * stride_ws + offs_m64 * stride_wm
     # This program's score rows: [BLOCK_M] row bases of a BLOCK_M x HW_PAD slice.
     scr_rows = SCR + tl.program_id(0).to(tl.int64) * (BLOCK_M * HW_PAD) + tl.arange(0, BLOCK_M) * HW_PAD
-
-    m_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE) - float("inf")
-    l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
-
-    k_t = k_bh
-    v_t = v_bh
-    c_t = c_row
-    w_t = w_row
+    k_t, v_t, c_t, w_t, m_i, l_i, acc = _first_view(
+        K, V, C, VIS, b64, s64, h64, offs_m64, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_cs,
+        stride_cm, stride_wb, stride_ws, stride_wm, BLOCK_M, BLOCK_D, ACC_DTYPE)
     for t in range(0, T):
         # Every lane done reading the previous view's scores before they are overwritten.
         tl.debug_barrier()
@@ -343,11 +361,8 @@ def _deform_fwd_score_map_kernel(
         tl.debug_barrier()
         live_m = _view_live(m_mask, w_t, HAS_VIS)
         for p0 in range(0, P, BLOCK_N):
-            offs_p = p0 + tl.arange(0, BLOCK_N)
-            live = live_m[:, None] & (offs_p < P)[None, :]
-            x, y = _load_points(c_t, offs_p, live, stride_cp, stride_cc, ACC_DTYPE)
-            pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, _, _ = bilinear_cell(
-                x, y, width, height, ALIGN_CORNERS, BORDER)
+            live, pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1 = _point_cells(
+                c_t, p0, live_m, P, stride_cp, stride_cc, width, height, ALIGN_CORNERS, BORDER, BLOCK_N, ACC_DTYPE)
             scores = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
             v_s = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
             for corner in tl.static_range(4):
@@ -367,19 +382,10 @@ def _deform_fwd_score_map_kernel(
                     vc = tl.load(v_ptrs, mask=d_mask[None, None, :], other=0.0)
                 v_s += w[:, :, None] * vc.to(ACC_DTYPE)
             scores = tl.where(live, scores, float("-inf"))
-            m_i, l_i, prob, alpha = online_softmax_update(m_i, l_i, scores)
-            alpha_d = tl.sum(tl.broadcast_to(alpha[:, None, None], (BLOCK_M, 1, BLOCK_D)), 1)
-            acc = acc * alpha_d + tl.sum(prob[:, :, None] * v_s, 1)
-        k_t += stride_kt
-        v_t += stride_vt
-        c_t += stride_ct
-        w_t += stride_wt
+            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, scores, v_s, BLOCK_M, BLOCK_D)
+        k_t, v_t, c_t, w_t = k_t + stride_kt, v_t + stride_vt, c_t + stride_ct, w_t + stride_wt
 
-    out, lse = online_softmax_finalize(acc, m_i, l_i)
-    row = ((b64 * S + s64) * H + h64) * Lq + offs_m64
-    o_ptrs = O + row[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-    tl.store(LSE + row, lse.to(LSE.dtype.element_ty), mask=m_mask)
+    _store_out_lse(O, LSE, acc, m_i, l_i, b64, s64, h64, S, H, Lq, HEAD_DIM, offs_m64, offs_d, m_mask, d_mask)
 
 
 @triton.autotune(configs=_bwd_configs(), key=["Lq", "T", "P", "BLOCK_D", "ALIGN_CORNERS", "BORDER", "HAS_VIS",
