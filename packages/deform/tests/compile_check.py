@@ -133,6 +133,12 @@ def main() -> int:
                              {**common, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_HW": bhw,
                               "DOT_PRECISION": "tf32x3" if dtype == "fp32" else "tf32"},
                              triton.Config({}, num_warps=warps, num_stages=1)))
+                bm, bn, bhw, warps = kernels.SCORE_MAP_BWD_TILES[_TORCH[dtype].itemsize]
+                jobs.append(("bsmap", kernels._deform_bwd_score_map_kernel,
+                             {**bwd_signature(dtype, acc), "SCR": "*fp32", "HW": "i32", "HW_PAD": "i32"},
+                             {**common, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_HW": bhw, "NEED_DCOORDS": True,
+                              "DOT_PRECISION": "tf32x3" if dtype == "fp32" else "tf32"},
+                             triton.Config({}, num_warps=warps, num_stages=1)))
             jobs.append(("keys", kernels._corner_keys_kernel, keys_signature(acc),
                          {"ALIGN_CORNERS": True, "BORDER": False, "ACC_DTYPE": acc_tl, "BLOCK": 256},
                          triton.Config({}, num_warps=4, num_stages=1)))

@@ -239,17 +239,20 @@ SCORE_MAP_GPU_CASES = GPU_CASES[:3] + [
 
 
 @pytest.mark.parametrize("case", cases(SCORE_MAP_CASES) + cases(SCORE_MAP_GPU_CASES, gpu_only_dims=lambda r: True))
-def test_score_map_forward(case, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The opt-in score-map forward (FATTN_DEFORM_SCORE_MAP=1): output, lse (through the backward) and
-    every gradient against the reference, with visibility and non-contiguous inputs; and it ran."""
+def test_score_map_kernels(case, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The opt-in score-map kernels (FATTN_DEFORM_SCORE_MAP=1, forward and backward main kernel): output
+    and every gradient (dcoords included) against the reference, with visibility and non-contiguous
+    inputs; and both ran."""
     import fattn.deform.op as op_module
 
     launches = []
-    real = op_module._launch_score_map_forward
-    monkeypatch.setattr(op_module, "_launch_score_map_forward", lambda *a, **kw: launches.append(1) or real(*a, **kw))
+    for name in ("_launch_score_map_forward", "_launch_score_map_backward"):
+        real = getattr(op_module, name)
+        monkeypatch.setattr(op_module, name,
+                            lambda *a, _name=name, _real=real, **kw: launches.append(_name) or _real(*a, **kw))
     monkeypatch.setenv("FATTN_DEFORM_SCORE_MAP", "1")
     _run_case(case, noncontiguous=True, visibility=True)
-    assert launches, "the score-map forward did not run"
+    assert set(launches) == {"_launch_score_map_forward", "_launch_score_map_backward"}, launches
 
 
 @pytest.mark.gpu  # (the interpreter's autotuning space is one config)

@@ -225,13 +225,29 @@ def _first_view(K, V, C, VIS, b64, s64, h64, offs_m64, stride_kb, stride_kh, str
 def _point_cells(c_t, p0, live_m, P, stride_cp, stride_cc, width, height, ALIGN_CORNERS: tl.constexpr,
                  BORDER: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Points p0 .. p0 + BLOCK_N of the current view: which samples are live [BM, BN] and their
-    bilinear cells (`bilinear_cell` without the derivatives)."""
+    bilinear cells (`bilinear_cell`'s outputs)."""
     offs_p = p0 + tl.arange(0, BLOCK_N)
     live = live_m[:, None] & (offs_p < P)[None, :]
     x, y = _load_points(c_t, offs_p, live, stride_cp, stride_cc, ACC_DTYPE)
-    pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, _, _ = bilinear_cell(x, y, width, height, ALIGN_CORNERS,
-                                                                              BORDER)
-    return live, pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1
+    pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, dix_dx, diy_dy = bilinear_cell(
+        x, y, width, height, ALIGN_CORNERS, BORDER)
+    return live, pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, dix_dx, diy_dy
+
+
+@triton.jit
+def _zero_sample_sums(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """The backward's per-block sums over corners, zeroed: the blended keys [BM, BN, BD], and [BM, BN]
+    each of dO . v_sample and the dcoords terms (qk_dx, qk_dy, dov_dx, dov_dy)."""
+    zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+    return tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE), zero, zero, zero, zero, zero
+
+
+@triton.jit
+def _corner_dcoords(hit, wx, wy, dwx, dwy, qk_c, dov_c, qk_dx, qk_dy, dov_dx, dov_dy):
+    """A corner's share of the dcoords terms: d(w)/d(fx), d(w)/d(fy) times q . K_c and dO . V_c."""
+    dw_dfx = tl.where(hit, dwx * wy, 0.0)
+    dw_dfy = tl.where(hit, wx * dwy, 0.0)
+    return (qk_dx + dw_dfx * qk_c, qk_dy + dw_dfy * qk_c, dov_dx + dw_dfx * dov_c, dov_dy + dw_dfy * dov_c)
 
 
 @triton.jit
@@ -252,6 +268,19 @@ def _store_out_lse(O, LSE, acc, m_i, l_i, b64, s64, h64, S, H, Lq, HEAD_DIM, off
     tl.store(O + row[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
     tl.store(LSE + row, lse.to(LSE.dtype.element_ty), mask=m_mask)
+
+
+@triton.jit
+def _gather_rows(base, pix, offs_d, d_mask, stride_p, stride_d, EVEN_D: tl.constexpr, OFFSETS_64: tl.constexpr):
+    """The map rows [BM, BN, BD] (storage dtype) at pixels `pix` [BM, BN] (in range: callers point misses
+    at pixel 0 and weight them 0)."""
+    if OFFSETS_64:
+        ptrs = base + (pix.to(tl.int64) * stride_p)[:, :, None] + (offs_d * stride_d)[None, None, :]
+    else:
+        ptrs = base + (pix * stride_p)[:, :, None] + (offs_d * stride_d)[None, None, :]
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=d_mask[None, None, :], other=0.0)
 
 
 @triton.autotune(configs=_fwd_configs(), key=["Lq", "T", "P", "BLOCK_D", "ALIGN_CORNERS", "BORDER", "HAS_VIS"],
@@ -282,7 +311,7 @@ def _deform_fwd_kernel(
     for t in range(0, T):
         live_m = _view_live(m_mask, w_t, HAS_VIS)
         for p0 in range(0, P, BLOCK_N):
-            live, pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1 = _point_cells(
+            live, pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, _, _ = _point_cells(
                 c_t, p0, live_m, P, stride_cp, stride_cc, width, height, ALIGN_CORNERS, BORDER, BLOCK_N, ACC_DTYPE)
             # Misses get weight 0 here and read pixel 0 in _gather_corner.
             k_s = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
@@ -316,6 +345,9 @@ def _deform_fwd_kernel(
 # the 3xTF32 product 96 registers, bf16 96 (an fp32 IEEE product takes 212-224: FMA-lowered).
 SCORE_MAP_TILES = ({4: (16, 4, 16, 4), 2: (16, 4, 16, 4)} if interpreter_enabled()
                    else {4: (16, 4, 32, 4), 2: (32, 2, 64, 4)})
+# The same for the backward's main kernel (two maps per view): 128 registers, no spill, in both.
+SCORE_MAP_BWD_TILES = ({4: (16, 4, 16, 4), 2: (16, 4, 16, 4)} if interpreter_enabled()
+                       else {4: (16, 2, 16, 4), 2: (16, 2, 32, 4)})
 
 
 @triton.jit
@@ -361,7 +393,7 @@ def _deform_fwd_score_map_kernel(
         tl.debug_barrier()
         live_m = _view_live(m_mask, w_t, HAS_VIS)
         for p0 in range(0, P, BLOCK_N):
-            live, pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1 = _point_cells(
+            live, pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, _, _ = _point_cells(
                 c_t, p0, live_m, P, stride_cp, stride_cc, width, height, ALIGN_CORNERS, BORDER, BLOCK_N, ACC_DTYPE)
             scores = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
             v_s = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
@@ -372,20 +404,58 @@ def _deform_fwd_score_map_kernel(
                 w = tl.where(hit, wx * wy, 0.0)
                 pix_c = tl.where(hit, pix + offset, 0)
                 scores += w * tl.load(scr_rows[:, None] + pix_c)
-                if OFFSETS_64:
-                    v_ptrs = v_t + (pix_c.to(tl.int64) * stride_vp)[:, :, None] + (offs_d * stride_vd)[None, None, :]
-                else:
-                    v_ptrs = v_t + (pix_c * stride_vp)[:, :, None] + (offs_d * stride_vd)[None, None, :]
-                if EVEN_D:
-                    vc = tl.load(v_ptrs)
-                else:
-                    vc = tl.load(v_ptrs, mask=d_mask[None, None, :], other=0.0)
+                vc = _gather_rows(v_t, pix_c, offs_d, d_mask, stride_vp, stride_vd, EVEN_D, OFFSETS_64)
                 v_s += w[:, :, None] * vc.to(ACC_DTYPE)
             scores = tl.where(live, scores, float("-inf"))
             m_i, l_i, acc = _softmax_step(m_i, l_i, acc, scores, v_s, BLOCK_M, BLOCK_D)
         k_t, v_t, c_t, w_t = k_t + stride_kt, v_t + stride_vt, c_t + stride_ct, w_t + stride_wt
 
     _store_out_lse(O, LSE, acc, m_i, l_i, b64, s64, h64, S, H, Lq, HEAD_DIM, offs_m64, offs_d, m_mask, d_mask)
+
+
+@triton.jit
+def _bwd_rows(Q, O, DO, LSE, b64, s64, h64, offs_m64, offs_d, m_mask, d_mask, S, H, Lq, HEAD_DIM,
+              stride_qb, stride_qs, stride_qh, stride_qm, stride_qd,
+              stride_gb, stride_gs, stride_gh, stride_gm, stride_gd, ACC_DTYPE: tl.constexpr):
+    """The backward's per-query inputs in their storage dtype (q, dO), and in ACC_DTYPE the lse, the
+    correction term rowsum(dO * O), and the rows of the contiguous out / lse / dq."""
+    q = _load_q(Q, b64, s64, h64, offs_m64, offs_d, m_mask, d_mask, stride_qb, stride_qs, stride_qh, stride_qm,
+                stride_qd)
+    do = _load_q(DO, b64, s64, h64, offs_m64, offs_d, m_mask, d_mask, stride_gb, stride_gs, stride_gh, stride_gm,
+                 stride_gd)
+    row = ((b64 * S + s64) * H + h64) * Lq + offs_m64
+    o = tl.load(O + row[:, None] * HEAD_DIM + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
+                other=0.0).to(ACC_DTYPE)
+    lse = tl.load(LSE + row, mask=m_mask, other=float("-inf")).to(ACC_DTYPE)
+    delta = tl.sum(o * do.to(ACC_DTYPE), 1)  # rowsum(dO * O): the softmax backward's correction term
+    return q, do, lse, delta, row
+
+
+@triton.jit
+def _bwd_block_finish(DC, DS, PR, dc_t, sp_t, offs_p, mn_mask, live, qk, dov, k_s, qk_dx, qk_dy, dov_dx, dov_dy,
+                      dix_dx, diy_dy, lse, delta, dq, qk_scale, NEED_DCOORDS: tl.constexpr):
+    """A block of samples from its sums over corners: stores dcoords (this head's slice), the score
+    gradients and the probabilities; returns dq with the block's share added (unscaled)."""
+    scores = tl.where(live, qk * (qk_scale * LOG2E), float("-inf"))
+    prob = probs_from_lse(scores, lse)  # 0 where masked or the row saw nothing
+    dz = prob * (dov - delta[:, None])  # dL/d(scaled score)
+    dq += tl.sum(dz[:, :, None] * k_s, 1)
+    if NEED_DCOORDS:
+        dfx = dz * qk_scale * qk_dx + prob * dov_dx
+        dfy = dz * qk_scale * qk_dy + prob * dov_dy
+        dc_ptrs = dc_t[:, None] + offs_p[None, :] * 2
+        tl.store(dc_ptrs, (dfx * dix_dx).to(DC.dtype.element_ty), mask=mn_mask)
+        tl.store(dc_ptrs + 1, (dfy * diy_dy).to(DC.dtype.element_ty), mask=mn_mask)
+    sp_ptrs = sp_t[:, None] + offs_p[None, :]
+    tl.store(DS + sp_ptrs, dz.to(DS.dtype.element_ty), mask=mn_mask)
+    tl.store(PR + sp_ptrs, prob.to(PR.dtype.element_ty), mask=mn_mask)
+    return dq
+
+
+@triton.jit
+def _store_dq(DQ, dq, row, offs_d, m_mask, d_mask, HEAD_DIM, qk_scale):
+    tl.store(DQ + row[:, None] * HEAD_DIM + offs_d[None, :], (dq * qk_scale).to(DQ.dtype.element_ty),
+             mask=m_mask[:, None] & d_mask[None, :])
 
 
 @triton.autotune(configs=_bwd_configs(), key=["Lq", "T", "P", "BLOCK_D", "ALIGN_CORNERS", "BORDER", "HAS_VIS",
@@ -409,57 +479,30 @@ def _deform_bwd_kernel(
     """dq (owned rows), each head's dcoords (DC slice h, stride_dch apart; summed over heads afterwards),
     and the probabilities PR and score gradients DS ([B, H, S, Lq, T*P]) for `_deform_bwd_dkdv_kernel`.
     No atomics."""
-    pid_m, b64, s64, h64 = _program_tile(Lq, S, H, BLOCK_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < Lq
-    # EVEN_D: a mask constant along the head dim, so the gathers are 16-byte vector loads.
-    d_mask = offs_d < (BLOCK_D if EVEN_D else HEAD_DIM)
-    md_mask = m_mask[:, None] & d_mask[None, :]
-    offs_m64 = offs_m.to(tl.int64)
-
-    q = tl.load(Q + b64 * stride_qb + s64 * stride_qs + h64 * stride_qh + offs_m64[:, None] * stride_qm
-                + offs_d[None, :] * stride_qd, mask=md_mask, other=0.0).to(ACC_DTYPE)
-    do = tl.load(DO + b64 * stride_gb + s64 * stride_gs + h64 * stride_gh + offs_m64[:, None] * stride_gm
-                 + offs_d[None, :] * stride_gd, mask=md_mask, other=0.0).to(ACC_DTYPE)
-    row = ((b64 * S + s64) * H + h64) * Lq + offs_m64  # rows of the contiguous out / lse / dq
-    o = tl.load(O + row[:, None] * HEAD_DIM + offs_d[None, :], mask=md_mask, other=0.0).to(ACC_DTYPE)
-    lse = tl.load(LSE + row, mask=m_mask, other=float("-inf")).to(ACC_DTYPE)
-    delta = tl.sum(o * do, 1)  # rowsum(dO * O): the softmax backward's correction term
-
-    k_bh = K + b64 * stride_kb + h64 * stride_kh
-    v_bh = V + b64 * stride_vb + h64 * stride_vh
-    c_row = C + b64 * stride_cb + s64 * stride_cs + offs_m64 * stride_cm
-    w_row = VIS + b64 * stride_wb + s64 * stride_ws + offs_m64 * stride_wm
+    b64, s64, h64, offs_m64, offs_d, m_mask, d_mask = _query_rows(Lq, S, H, HEAD_DIM, BLOCK_M, BLOCK_D, EVEN_D)
+    q, do, lse, delta, row = _bwd_rows(Q, O, DO, LSE, b64, s64, h64, offs_m64, offs_d, m_mask, d_mask, S, H, Lq,
+                                       HEAD_DIM, stride_qb, stride_qs, stride_qh, stride_qm, stride_qd, stride_gb,
+                                       stride_gs, stride_gh, stride_gm, stride_gd, ACC_DTYPE)
+    q = q.to(ACC_DTYPE)
+    do = do.to(ACC_DTYPE)
     n_keys = T * P
     # Per-query rows of the probabilities / score gradients and of this head's
     # dcoords slice (contiguous [H, B, S, Lq, T, P, 2]); advanced by one view per outer step.
     sp_t = (((b64 * H + h64) * S + s64) * Lq + offs_m64) * n_keys  # DS / PR are [B, H, S, Lq, T*P]
     dc_t = DC + h64 * stride_dch + ((b64 * S + s64) * Lq + offs_m64) * (n_keys * 2)
-    k_t = k_bh
-    v_t = v_bh
-    c_t = c_row
-    w_t = w_row
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+    k_t, v_t, c_t, w_t, _, _, dq = _first_view(
+        K, V, C, VIS, b64, s64, h64, offs_m64, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_cs,
+        stride_cm, stride_wb, stride_ws, stride_wm, BLOCK_M, BLOCK_D, ACC_DTYPE)
     for t in range(0, T):
         live_m = _view_live(m_mask, w_t, HAS_VIS)
         for p0 in range(0, P, BLOCK_N):
+            live, pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, dix_dx, diy_dy = _point_cells(
+                c_t, p0, live_m, P, stride_cp, stride_cc, width, height, ALIGN_CORNERS, BORDER, BLOCK_N, ACC_DTYPE)
             offs_p = p0 + tl.arange(0, BLOCK_N)
             mn_mask = m_mask[:, None] & (offs_p < P)[None, :]
-            live = live_m[:, None] & (offs_p < P)[None, :]
-            x, y = _load_points(c_t, offs_p, live, stride_cp, stride_cc, ACC_DTYPE)
-            pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, dix_dx, diy_dy = bilinear_cell(
-                x, y, width, height, ALIGN_CORNERS, BORDER)
             # Per corner: q . K_c and dO . V_c give the scores, dO . v_sample and the dcoords terms; the
             # blended key is kept for dq. Off-map corners read pixel 0 with zero weights (as the forward).
-            k_s = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
-            dov = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-            qk_dx = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-            qk_dy = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-            dov_dx = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-            dov_dy = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+            k_s, dov, qk_dx, qk_dy, dov_dx, dov_dy = _zero_sample_sums(BLOCK_M, BLOCK_N, BLOCK_D, ACC_DTYPE)
             for corner in tl.static_range(4):
                 in_map, wx, wy, dwx, dwy, offset = cell_corner(in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1,
                                                                width, corner % 2, corner // 2)
@@ -473,38 +516,16 @@ def _deform_bwd_kernel(
                 dov_c = tl.sum(do[:, None, :] * vc, 2)
                 dov += w * dov_c
                 if NEED_DCOORDS:
-                    qk_c = tl.sum(q[:, None, :] * kc, 2)
-                    dw_dfx = tl.where(hit, dwx * wy, 0.0)
-                    dw_dfy = tl.where(hit, wx * dwy, 0.0)
-                    qk_dx += dw_dfx * qk_c
-                    qk_dy += dw_dfy * qk_c
-                    dov_dx += dw_dfx * dov_c
-                    dov_dy += dw_dfy * dov_c
+                    qk_dx, qk_dy, dov_dx, dov_dy = _corner_dcoords(hit, wx, wy, dwx, dwy, tl.sum(q[:, None, :] * kc, 2),
+                                                                   dov_c, qk_dx, qk_dy, dov_dx, dov_dy)
 
-            qk = tl.sum(q[:, None, :] * k_s, 2)
-            scores = tl.where(live, qk * (qk_scale * LOG2E), float("-inf"))
-            prob = probs_from_lse(scores, lse)  # 0 where masked or the row saw nothing
-            dz = prob * (dov - delta[:, None])  # dL/d(scaled score)
-            dq += tl.sum(dz[:, :, None] * k_s, 1)
-
-            if NEED_DCOORDS:
-                dfx = dz * qk_scale * qk_dx + prob * dov_dx
-                dfy = dz * qk_scale * qk_dy + prob * dov_dy
-                dc_ptrs = dc_t[:, None] + offs_p[None, :] * 2
-                tl.store(dc_ptrs, (dfx * dix_dx).to(DC.dtype.element_ty), mask=mn_mask)
-                tl.store(dc_ptrs + 1, (dfy * diy_dy).to(DC.dtype.element_ty), mask=mn_mask)
-            sp_ptrs = sp_t[:, None] + offs_p[None, :]
-            tl.store(DS + sp_ptrs, dz.to(DS.dtype.element_ty), mask=mn_mask)
-            tl.store(PR + sp_ptrs, prob.to(PR.dtype.element_ty), mask=mn_mask)
-        k_t += stride_kt
-        v_t += stride_vt
-        c_t += stride_ct
-        w_t += stride_wt
+            dq = _bwd_block_finish(DC, DS, PR, dc_t, sp_t, offs_p, mn_mask, live, tl.sum(q[:, None, :] * k_s, 2), dov,
+                                   k_s, qk_dx, qk_dy, dov_dx, dov_dy, dix_dx, diy_dy, lse, delta, dq, qk_scale,
+                                   NEED_DCOORDS)
+        k_t, v_t, c_t, w_t = k_t + stride_kt, v_t + stride_vt, c_t + stride_ct, w_t + stride_wt
         sp_t += P
         dc_t += 2 * P
-
-    dq = dq * qk_scale
-    tl.store(DQ + row[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_mask)
+    _store_dq(DQ, dq, row, offs_d, m_mask, d_mask, HEAD_DIM, qk_scale)
 
 
 @triton.jit
@@ -540,6 +561,92 @@ def _corner_keys_kernel(
         key = tl.where(hit, base + offset, sentinel)
         tl.store(KEY + offs64 * 4 + corner, key.to(KEY.dtype.element_ty), mask=mask)
         tl.store(W + offs64 * 4 + corner, tl.where(hit, wx * wy, 0.0).to(W.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _score_maps(q, do, k_t, v_t, scr_qk, scr_dov, HW, offs_d, d_mask, stride_kp, stride_kd, stride_vp, stride_vd,
+                BLOCK_HW: tl.constexpr, DOT_PRECISION: tl.constexpr, OFFSETS_64: tl.constexpr,
+                ACC_DTYPE: tl.constexpr):
+    """The current view's maps q . K[pix] and dO . V[pix] for every pixel ([BM, HW] each, unscaled) into
+    the program's two scratch slices, each by one tensor-core product per BLOCK_HW pixels."""
+    for j0 in range(0, HW, BLOCK_HW):
+        offs_j = j0 + tl.arange(0, BLOCK_HW)
+        jd_mask = (offs_j < HW)[:, None] & d_mask[None, :]
+        if OFFSETS_64:
+            offs_j = offs_j.to(tl.int64)
+        kc = tl.load(k_t + (offs_j * stride_kp)[:, None] + offs_d[None, :] * stride_kd, mask=jd_mask, other=0.0)
+        vc = tl.load(v_t + (offs_j * stride_vp)[:, None] + offs_d[None, :] * stride_vd, mask=jd_mask, other=0.0)
+        tl.store(scr_qk[:, None] + offs_j[None, :],
+                 tl.dot(q, tl.trans(kc), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE))
+        tl.store(scr_dov[:, None] + offs_j[None, :],
+                 tl.dot(do, tl.trans(vc), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE))
+
+
+@triton.jit
+def _deform_bwd_score_map_kernel(
+    Q, K, V, C, VIS, O, DO, LSE, DQ, DC, DS, PR, SCR,
+    stride_qb, stride_qs, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kp, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vp, stride_vd,
+    stride_cb, stride_cs, stride_cm, stride_ct, stride_cp, stride_cc,
+    stride_wb, stride_ws, stride_wm, stride_wt,
+    stride_gb, stride_gs, stride_gh, stride_gm, stride_gd,
+    stride_dch,
+    S, H, Lq, T, P, HEAD_DIM, width, height, qk_scale, HW, HW_PAD,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr,
+    HAS_VIS: tl.constexpr, NEED_DCOORDS: tl.constexpr, OFFSETS_64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """_deform_bwd_kernel's outputs with every per-corner product (q . K_c, dO . V_c) read from two
+    per-view score maps (see _deform_fwd_score_map_kernel): V is not gathered at all, K only for dq.
+    SCR: fp32 scratch, 2 x BLOCK_M x HW_PAD per program. Opt-in; CPU-tested only."""
+    b64, s64, h64, offs_m64, offs_d, m_mask, d_mask = _query_rows(Lq, S, H, HEAD_DIM, BLOCK_M, BLOCK_D, EVEN_D)
+    q, do, lse, delta, row = _bwd_rows(Q, O, DO, LSE, b64, s64, h64, offs_m64, offs_d, m_mask, d_mask, S, H, Lq,
+                                       HEAD_DIM, stride_qb, stride_qs, stride_qh, stride_qm, stride_qd, stride_gb,
+                                       stride_gs, stride_gh, stride_gm, stride_gd, ACC_DTYPE)
+    n_keys = T * P
+    sp_t = (((b64 * H + h64) * S + s64) * Lq + offs_m64) * n_keys
+    dc_t = DC + h64 * stride_dch + ((b64 * S + s64) * Lq + offs_m64) * (n_keys * 2)
+    scr_qk = SCR + tl.program_id(0).to(tl.int64) * (2 * BLOCK_M * HW_PAD) + tl.arange(0, BLOCK_M) * HW_PAD
+    scr_dov = scr_qk + BLOCK_M * HW_PAD
+    k_t, v_t, c_t, w_t, _, _, dq = _first_view(
+        K, V, C, VIS, b64, s64, h64, offs_m64, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_cs,
+        stride_cm, stride_wb, stride_ws, stride_wm, BLOCK_M, BLOCK_D, ACC_DTYPE)
+    for t in range(0, T):
+        tl.debug_barrier()  # the previous view's maps read by every lane before they are overwritten
+        _score_maps(q, do, k_t, v_t, scr_qk, scr_dov, HW, offs_d, d_mask, stride_kp, stride_kd, stride_vp,
+                    stride_vd, BLOCK_HW, DOT_PRECISION, OFFSETS_64, ACC_DTYPE)
+        tl.debug_barrier()  # the maps stored by every lane before any lane reads them
+        live_m = _view_live(m_mask, w_t, HAS_VIS)
+        for p0 in range(0, P, BLOCK_N):
+            live, pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, dix_dx, diy_dy = _point_cells(
+                c_t, p0, live_m, P, stride_cp, stride_cc, width, height, ALIGN_CORNERS, BORDER, BLOCK_N, ACC_DTYPE)
+            offs_p = p0 + tl.arange(0, BLOCK_N)
+            mn_mask = m_mask[:, None] & (offs_p < P)[None, :]
+            k_s, dov, qk_dx, qk_dy, dov_dx, dov_dy = _zero_sample_sums(BLOCK_M, BLOCK_N, BLOCK_D, ACC_DTYPE)
+            qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+            for corner in tl.static_range(4):
+                in_map, wx, wy, dwx, dwy, offset = cell_corner(in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1,
+                                                               width, corner % 2, corner // 2)
+                hit = live & in_map
+                w = tl.where(hit, wx * wy, 0.0)
+                pix_c = tl.where(hit, pix + offset, 0)
+                qk_c = tl.load(scr_qk[:, None] + pix_c)
+                dov_c = tl.load(scr_dov[:, None] + pix_c)
+                qk += w * qk_c
+                dov += w * dov_c
+                if NEED_DCOORDS:
+                    qk_dx, qk_dy, dov_dx, dov_dy = _corner_dcoords(hit, wx, wy, dwx, dwy, qk_c, dov_c, qk_dx, qk_dy,
+                                                                   dov_dx, dov_dy)
+                kc = _gather_rows(k_t, pix_c, offs_d, d_mask, stride_kp, stride_kd, EVEN_D, OFFSETS_64)
+                k_s += w[:, :, None] * kc.to(ACC_DTYPE)
+            dq = _bwd_block_finish(DC, DS, PR, dc_t, sp_t, offs_p, mn_mask, live, qk, dov, k_s, qk_dx, qk_dy, dov_dx,
+                                   dov_dy, dix_dx, diy_dy, lse, delta, dq, qk_scale, NEED_DCOORDS)
+        k_t, v_t, c_t, w_t = k_t + stride_kt, v_t + stride_vt, c_t + stride_ct, w_t + stride_wt
+        sp_t += P
+        dc_t += 2 * P
+    _store_dq(DQ, dq, row, offs_d, m_mask, d_mask, HEAD_DIM, qk_scale)
 
 
 @triton.jit

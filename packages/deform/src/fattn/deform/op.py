@@ -29,10 +29,12 @@ from fattn.core.launch import launcher
 from fattn.core.runtime import cdiv, next_power_of_2
 
 from .kernels import (
+    SCORE_MAP_BWD_TILES,
     SCORE_MAP_TILES,
     _corner_keys_kernel,
     _deform_bwd_dkdv_kernel,
     _deform_bwd_kernel,
+    _deform_bwd_score_map_kernel,
     _deform_fwd_kernel,
     _deform_fwd_score_map_kernel,
 )
@@ -120,7 +122,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Te
             BLOCK_D=next_power_of_2(D), EVEN_D=next_power_of_2(D) == D, ALIGN_CORNERS=align_corners, BORDER=border,
             HAS_VIS=visibility is not None, OFFSETS_64=_needs_64bit_offsets(k, v), ACC_DTYPE=_tl_acc(q))
 
-    if _score_map_forward(q):
+    if _score_map_kernels(q):
         _launch_score_map_forward(tensors, q, k, v, coords, vis_strides, visibility, width, height, scale, border,
                                   align_corners)
         return out, lse
@@ -129,12 +131,46 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Te
     return out, lse
 
 
-def _score_map_forward(q: torch.Tensor) -> bool:
-    """FATTN_DEFORM_SCORE_MAP=1 (read per call): the score-map forward (kernels.SCORE_MAP_TILES; opt-in, not
-    yet timed on a GPU). Its tensor-core product needs a head dim of at least 16 and no fp64; its tiles
-    were sized (registers) for head dims up to 32."""
+def _score_map_kernels(q: torch.Tensor) -> bool:
+    """FATTN_DEFORM_SCORE_MAP=1 (read per call): the score-map forward and backward main kernels
+    (kernels.SCORE_MAP_TILES; opt-in, not yet run on a GPU). Their tensor-core products need a head dim
+    of at least 16 and no fp64; their tiles were sized (registers) for head dims up to 32."""
     return (os.environ.get("FATTN_DEFORM_SCORE_MAP") == "1" and q.dtype != torch.float64
             and 16 <= next_power_of_2(q.shape[-1]) <= 32)
+
+
+def _score_map_launch(q: torch.Tensor, width: int, height: int, tile: tuple[int, int, int, int],
+                      maps: int) -> tuple[int, int, int, torch.Tensor, dict]:
+    """(programs, pixels, padded pixels, scratch, launch keywords) of a score-map kernel with `tile` (BLOCK_M,
+    BLOCK_N, BLOCK_HW, warps): one program per BLOCK_M queries of a (b, s, h), each with `maps` fp32
+    BLOCK_M x HW_PAD slices of scratch (written before read: no initialization)."""
+    B, S, H, Lq, D = q.shape
+    block_m, block_n, block_hw, warps = tile
+    hw = width * height
+    hw_pad = cdiv(hw, block_hw) * block_hw
+    programs = cdiv(Lq, block_m) * B * S * H
+    scratch = torch.empty(programs * maps * block_m * hw_pad, dtype=torch.float32, device=q.device)
+    # (3xTF32: fp32-accurate products on tensor cores; IEEE fp32 is FMA-lowered, at 212+ registers)
+    meta = dict(BLOCK_D=next_power_of_2(D), EVEN_D=next_power_of_2(D) == D, ACC_DTYPE=_tl_acc(q), BLOCK_M=block_m,
+                BLOCK_N=block_n, BLOCK_HW=block_hw, DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
+                num_warps=warps, num_stages=1)
+    return programs, hw, hw_pad, scratch, meta
+
+
+def _launch_score_map_backward(bwd_tensors: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               coords: torch.Tensor, grad_out: torch.Tensor, dc: torch.Tensor, vis_strides: tuple,
+                               visibility: Optional[torch.Tensor], width: int, height: int, scale: float,
+                               border: bool, align_corners: bool, need_dcoords: bool) -> None:
+    B, S, H, Lq, D = q.shape
+    T, P = coords.shape[3], coords.shape[4]
+    # Two maps per program: q . K and dO . V.
+    programs, hw, hw_pad, scratch, meta = _score_map_launch(q, width, height,
+                                                            SCORE_MAP_BWD_TILES[q.element_size()], 2)
+    launcher(_deform_bwd_score_map_kernel)[(programs,)](
+        *bwd_tensors, scratch, *q.stride(), *k.stride(), *v.stride(), *coords.stride(), *vis_strides,
+        *grad_out.stride(), dc.stride(0), S, H, Lq, T, P, D, width, height, float(scale), hw, hw_pad,
+        ALIGN_CORNERS=align_corners, BORDER=border, HAS_VIS=visibility is not None, NEED_DCOORDS=need_dcoords,
+        OFFSETS_64=_needs_64bit_offsets(k, v), **meta)
 
 
 def _launch_score_map_forward(tensors: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -142,20 +178,12 @@ def _launch_score_map_forward(tensors: tuple, q: torch.Tensor, k: torch.Tensor, 
                               width: int, height: int, scale: float, border: bool, align_corners: bool) -> None:
     B, S, H, Lq, D = q.shape
     T, P = coords.shape[3], coords.shape[4]
-    block_m, block_n, block_hw, warps = SCORE_MAP_TILES[q.element_size()]
-    hw = width * height
-    hw_pad = cdiv(hw, block_hw) * block_hw
-    programs = cdiv(Lq, block_m) * B * S * H
-    # Each program's BLOCK_M x HW_PAD fp32 score rows (written before read: no initialization).
-    scratch = torch.empty(programs * block_m * hw_pad, dtype=torch.float32, device=q.device)
+    programs, hw, hw_pad, scratch, meta = _score_map_launch(q, width, height, SCORE_MAP_TILES[q.element_size()], 1)
     launcher(_deform_fwd_score_map_kernel)[(programs,)](
         *tensors, scratch, *q.stride(), *k.stride(), *v.stride(), *coords.stride(), *vis_strides,
         S, H, Lq, T, P, D, width, height, float(scale), hw, hw_pad,
-        BLOCK_D=next_power_of_2(D), EVEN_D=next_power_of_2(D) == D, ALIGN_CORNERS=align_corners, BORDER=border,
-        HAS_VIS=visibility is not None, OFFSETS_64=_needs_64bit_offsets(k, v), ACC_DTYPE=_tl_acc(q),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_HW=block_hw,
-        # (3xTF32: fp32-accurate scores on tensor cores; IEEE fp32 is FMA-lowered, at 212+ registers)
-        DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=1)
+        ALIGN_CORNERS=align_corners, BORDER=border, HAS_VIS=visibility is not None,
+        OFFSETS_64=_needs_64bit_offsets(k, v), **meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +295,11 @@ def deform_bwd(
             HAS_VIS=visibility is not None, NEED_DCOORDS=need_dcoords, OFFSETS_64=_needs_64bit_offsets(k, v),
             ACC_DTYPE=_tl_acc(q))
 
-    launcher(_deform_bwd_kernel).launch_planned(signature, bwd_tensors, build_bwd)
+    if _score_map_kernels(q):
+        _launch_score_map_backward(bwd_tensors, q, k, v, coords, grad_out, dc, vis_strides, visibility, width,
+                                   height, scale, border, align_corners, need_dcoords)
+    else:
+        launcher(_deform_bwd_kernel).launch_planned(signature, bwd_tensors, build_bwd)
     order, weight, q_off, g_off, offsets = _corner_entries(coords, q, grad_out, width, height, border,
                                                            align_corners, acc, signature)
     dkdv_tensors = (q, grad_out, ds, pr, order, weight, q_off, g_off, offsets, dk, dv)
