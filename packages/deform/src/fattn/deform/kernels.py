@@ -17,6 +17,10 @@ Program grid: query tiles x B * H * S, flattened, query tiles fastest and then q
 that run together read the same (batch, head) maps. The backward recomputes samples and probabilities
 from the saved log-sum-exp, owns its dq rows and stores the probabilities and score gradients; dK and dV
 are then gathered per pixel (`_deform_bwd_dkdv_kernel`): no atomics, the same bits every run.
+
+Opt-in (FATTN_DEFORM_SCORE_MAP=1, not yet run on a GPU): `_deform_fwd_score_map_kernel` and
+`_deform_bwd_score_map_kernel` read each sample's per-corner products from per-view score maps that a
+tensor-core product writes to a scratch (see the comment above them).
 """
 
 from __future__ import annotations
@@ -341,8 +345,8 @@ def _deform_fwd_kernel(
 # Worth it where P * 4 corners approach H * W (e.g. T8 P32 at 14x14: 128 corners per view against 196
 # pixels). Triton's register-tile gather (`tl.gather`) compiled badly for this (session 10): hence the
 # global scratch, ordered by barriers within the program.
-# (BLOCK_M, BLOCK_N, BLOCK_HW, num_warps) per element size; sm_90 compiles at D 32 (no spill): fp32 with
-# the 3xTF32 product 96 registers, bf16 96 (an fp32 IEEE product takes 212-224: FMA-lowered).
+# (BLOCK_M, BLOCK_N, BLOCK_HW, num_warps) per element size; sm_90 compiles at D 32 (tests/compile_check.py):
+# 96-128 registers, no spill, fp32 with the 3xTF32 product (an fp32 IEEE product takes 212-224: FMA-lowered).
 SCORE_MAP_TILES = ({4: (16, 4, 16, 4), 2: (16, 4, 16, 4)} if interpreter_enabled()
                    else {4: (16, 4, 32, 4), 2: (32, 2, 64, 4)})
 # The same for the backward's main kernel (two maps per view): 128 registers, no spill, in both.
