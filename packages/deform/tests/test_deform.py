@@ -250,7 +250,7 @@ def test_score_map_kernels(case, monkeypatch) -> None:  # type: ignore[no-untype
         real = getattr(op_module, name)
         monkeypatch.setattr(op_module, name,
                             lambda *a, _name=name, _real=real, **kw: launches.append(_name) or _real(*a, **kw))
-    monkeypatch.setenv("FATTN_DEFORM_SCORE_MAP", "1")
+    monkeypatch.setattr(op_module, "_SCORE_MAP_KERNELS", True)  # (what FATTN_DEFORM_SCORE_MAP=1 sets at import)
     _run_case(case, noncontiguous=True, visibility=True)
     assert set(launches) == {"_launch_score_map_forward", "_launch_score_map_backward"}, launches
 

@@ -179,14 +179,8 @@ def _gather_corner(k_t, v_t, pix, hit, offs_d, d_mask, stride_kp, stride_kd, str
     current view. Misses (off the map, dead samples) read pixel 0 instead of a masked load (callers
     give them weight 0): no predicates or zero-fills on the gathers (the hot loop is instruction-bound)."""
     pix_c = tl.where(hit, pix, 0)
-    if OFFSETS_64:
-        pix_c = pix_c.to(tl.int64)
-    k_ptrs = k_t + (pix_c * stride_kp)[:, :, None] + (offs_d * stride_kd)[None, None, :]
-    v_ptrs = v_t + (pix_c * stride_vp)[:, :, None] + (offs_d * stride_vd)[None, None, :]
-    if EVEN_D:
-        return tl.load(k_ptrs), tl.load(v_ptrs)
-    return (tl.load(k_ptrs, mask=d_mask[None, None, :], other=0.0),
-            tl.load(v_ptrs, mask=d_mask[None, None, :], other=0.0))
+    return (_gather_rows(k_t, pix_c, offs_d, d_mask, stride_kp, stride_kd, EVEN_D, OFFSETS_64),
+            _gather_rows(v_t, pix_c, offs_d, d_mask, stride_vp, stride_vd, EVEN_D, OFFSETS_64))
 
 
 @triton.jit

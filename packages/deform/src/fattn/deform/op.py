@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -26,7 +25,7 @@ from fattn.core import (
     tensor_reasons,
 )
 from fattn.core.launch import launcher
-from fattn.core.runtime import cdiv, next_power_of_2
+from fattn.core.runtime import cdiv, env_flag, next_power_of_2
 
 from .kernels import (
     SCORE_MAP_BWD_TILES,
@@ -131,12 +130,15 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Te
     return out, lse
 
 
+# FATTN_DEFORM_SCORE_MAP=1 (read once, at import; a value other than 1/0, on/off, ... raises): the
+# score-map forward and backward main kernels (kernels.SCORE_MAP_TILES; opt-in, not yet run on a GPU).
+_SCORE_MAP_KERNELS = env_flag("FATTN_DEFORM_SCORE_MAP", False)
+
+
 def _score_map_kernels(q: torch.Tensor) -> bool:
-    """FATTN_DEFORM_SCORE_MAP=1 (read per call): the score-map forward and backward main kernels
-    (kernels.SCORE_MAP_TILES; opt-in, not yet run on a GPU). Their tensor-core products need a head dim
-    of at least 16 and no fp64; their tiles were sized (registers) for head dims up to 32."""
-    return (os.environ.get("FATTN_DEFORM_SCORE_MAP") == "1" and q.dtype != torch.float64
-            and 16 <= next_power_of_2(q.shape[-1]) <= 32)
+    """Whether this call takes the score-map kernels: switched on, and a head dim they serve (their
+    tensor-core products need at least 16 and no fp64; their tiles were sized for up to 32)."""
+    return _SCORE_MAP_KERNELS and q.dtype != torch.float64 and 16 <= next_power_of_2(q.shape[-1]) <= 32
 
 
 def _score_map_launch(q: torch.Tensor, width: int, height: int, tile: tuple[int, int, int, int],
@@ -161,7 +163,7 @@ def _launch_score_map_backward(bwd_tensors: tuple, q: torch.Tensor, k: torch.Ten
                                coords: torch.Tensor, grad_out: torch.Tensor, dc: torch.Tensor, vis_strides: tuple,
                                visibility: Optional[torch.Tensor], width: int, height: int, scale: float,
                                border: bool, align_corners: bool, need_dcoords: bool) -> None:
-    B, S, H, Lq, D = q.shape
+    _, S, H, Lq, D = q.shape
     T, P = coords.shape[3], coords.shape[4]
     # Two maps per program: q . K and dO . V.
     programs, hw, hw_pad, scratch, meta = _score_map_launch(q, width, height,
@@ -176,7 +178,7 @@ def _launch_score_map_backward(bwd_tensors: tuple, q: torch.Tensor, k: torch.Ten
 def _launch_score_map_forward(tensors: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               coords: torch.Tensor, vis_strides: tuple, visibility: Optional[torch.Tensor],
                               width: int, height: int, scale: float, border: bool, align_corners: bool) -> None:
-    B, S, H, Lq, D = q.shape
+    _, S, H, Lq, D = q.shape
     T, P = coords.shape[3], coords.shape[4]
     programs, hw, hw_pad, scratch, meta = _score_map_launch(q, width, height, SCORE_MAP_TILES[q.element_size()], 1)
     launcher(_deform_fwd_score_map_kernel)[(programs,)](
