@@ -97,10 +97,13 @@ def main(archs: list[int], quick: bool = False, only_dims: tuple[int, ...] = ())
                                                                    **{flag: prerotated})
                     if not interleaved or quick:
                         kept = kept[:1]  # the pairing only changes the loads: one config suffices
-                    pairs += [(cfg, prerotated) for cfg in kept]
-                for cfg, prerotated in pairs:
-                    ce = {**base, flag: prerotated, **cfg.kwargs}
-                    label = (f"{tag} {name:4s} pre{int(prerotated)} M{cfg.kwargs['BLOCK_M']:3d} "
+                    # the backward's whole-row products (FULL_ROWS_ENV) where the head dim allows them, and not
+                    fulls = [{}] if name == "fwd" else [
+                        {"FULL_ROWS": f} for f in sorted({False, K._full_rows(prerotated, d, enabled=True)})]
+                    pairs += [(cfg, prerotated, full) for cfg in kept for full in fulls]
+                for cfg, prerotated, full in pairs:
+                    ce = {**base, flag: prerotated, **full, **cfg.kwargs}
+                    label = (f"{tag} {name:4s} pre{int(prerotated)}{' full' if full.get('FULL_ROWS') else ''} M{cfg.kwargs['BLOCK_M']:3d} "
                              f"N{cfg.kwargs['BLOCK_N']:3d} w{cfg.num_warps} s{cfg.num_stages}")
                     # spills cost speed, not correctness: tolerated for D > 128 and fp32 (not the fast paths)
                     bad += _check(kern, dtype, ce, cfg.num_warps, cfg.num_stages, label,
@@ -112,7 +115,8 @@ def main(archs: list[int], quick: bool = False, only_dims: tuple[int, ...] = ())
                 for kern, flag in ((K._rope2d_fwd_kernel, "PREROTATED_K"), (K._rope2d_bwd_dkdv_kernel, "PREROTATED"),
                                    (K._rope2d_bwd_dq_kernel, "PREROTATED")):
                     for prerotated in (False, True):
-                        ce = {**base, flag: prerotated, "BLOCK_M": 16, "BLOCK_N": 16, **ones}
+                        full = {} if flag == "PREROTATED_K" else {"FULL_ROWS": K._full_rows(prerotated, d, enabled=True)}
+                        ce = {**base, flag: prerotated, **full, "BLOCK_M": 16, "BLOCK_N": 16, **ones}
                         bad += _check(kern, dtype, ce, 4, 2, f"{tag} {kern.fn.__name__} pre{int(prerotated)} H=N=n_prefix=1",
                                       spills_allowed=True)
                 bad += _check(K._rope2d_rotate_kernel, dtype, {**rot, "BLOCK": K._rotate_block(d), **ones}, 4, 1,

@@ -95,6 +95,23 @@ def test_prerotate_paths(case: dict, mode: str, monkeypatch: pytest.MonkeyPatch)
     _run(case, noncontiguous=mode == "1")
 
 
+# Whole-row backward products (kernels.FULL_ROWS_ENV): head dims whose D/2 is a power of two, each dtype.
+FULL_ROW_CASES = [CPU_CASES[0], CPU_CASES[3], CPU_CASES[4]]
+GPU_FULL_ROW_CASES = [GPU_CASES[0], GPU_CASES[3], GPU_CASES[5], GPU_CASES[6]]
+
+
+@pytest.mark.parametrize("full_rows", [True, False], ids=["full_rows", "halves"])
+@pytest.mark.parametrize("case", cases(FULL_ROW_CASES) + cases(GPU_FULL_ROW_CASES, gpu_only_dims=lambda row: True))
+def test_backward_row_products(case: dict, full_rows: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backward's whole-row products and its half-tile products, each forced on (the default is
+    FATTN_ROPE2D_FULL_ROWS, read at import)."""
+    from fattn.rope2d import kernels
+
+    monkeypatch.setattr(kernels, "_FULL_ROWS", full_rows)
+    assert kernels._full_rows(True, case["D"]) is full_rows  # the cases' head dims allow whole rows
+    _run(case, noncontiguous=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["0", "1"])
 @pytest.mark.parametrize("case", cases([GPU_CASES[2], GPU_CASES[3]], gpu_only_dims=lambda row: True))

@@ -17,13 +17,18 @@ import torch
 __all__ = ["empty", "empty_like", "poison_enabled", "poisoning"]
 
 _override: bool | None = None
+_from_env: bool | None = None  # FATTN_POISON_ALLOC, read on first use (not on every allocation)
 
 
 def poison_enabled() -> bool:
-    """Whether fresh outputs are filled with NaN (floating point) or -1 (integer)."""
+    """Whether fresh outputs are filled with NaN (floating point) or -1 (integer): `poisoning`'s setting
+    inside its block, else FATTN_POISON_ALLOC=1 as read on the first allocation of the process."""
+    global _from_env
     if _override is not None:
         return _override
-    return os.environ.get("FATTN_POISON_ALLOC", "0") == "1"
+    if _from_env is None:
+        _from_env = os.environ.get("FATTN_POISON_ALLOC", "0") == "1"
+    return _from_env
 
 
 @contextlib.contextmanager

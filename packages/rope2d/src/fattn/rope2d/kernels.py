@@ -31,7 +31,7 @@ import triton.language as tl
 
 from fattn.core import call_signature, empty
 from fattn.core.launch import launcher
-from fattn.core.runtime import autotune_limit, cdiv, interpreter_enabled, next_power_of_2
+from fattn.core.runtime import autotune_limit, cdiv, env_flag, interpreter_enabled, next_power_of_2
 from fattn.core.triton_helpers import (
     LOG2E,
     interp_upcast,
@@ -104,6 +104,16 @@ PREROTATE_ENV = "FATTN_ROPE2D_PREROTATE"
 # "auto" pre-rotates k in the forward once a k tile would be rotated by at least this many q-tile programs
 # (N >= 4 * 128): below it the forward is memory-bound and the extra pass costs more than it saves.
 PREROTATE_MIN_Q_TILES = 4
+
+
+# FATTN_ROPE2D_FULL_ROWS (default off until timed on a GPU; read at import): where the backward's q/k come from pre-rotated slabs
+# and D/2 is a power of two (D 32, 64, 128, 256), its kernels take whole (a | b) rows as one tile and
+# multiply them in one product per operand, instead of an a-half product and a b-half product. The
+# gradient accumulators (dq, dk) are then one [rows, D] product each: on sm_90 each warpgroup's wgmma is
+# twice as wide (m64n64k16 instead of m64n32k16 / m64n16k16 at D 64). Off: the half-tile products. (The
+# forward's products are m64n64k16 either way, and whole rows cost it registers: it keeps the halves.)
+FULL_ROWS_ENV = "FATTN_ROPE2D_FULL_ROWS"
+_FULL_ROWS = env_flag(FULL_ROWS_ENV, False)
 
 
 def prerotate_mode() -> str:
@@ -263,6 +273,12 @@ def _rotate_back(g_a, g_b, cos, sin):
 
 
 @triton.jit
+def _halves_of(x, BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr):
+    """The a and b halves of a [BLOCK, 2 * BLOCK_DH] tile laid out (a | b)."""
+    return tl.split(tl.permute(tl.reshape(x, [BLOCK, 2, BLOCK_DH]), (0, 2, 1)))
+
+
+@triton.jit
 def _load_rotated(base, cos_ptr, sin_ptr, start, n_tokens, n_prefix, stride_n, stride_d, scale,
                   BLOCK: tl.constexpr, D: tl.constexpr, DH: tl.constexpr, BLOCK_DH: tl.constexpr,
                   INTERLEAVED: tl.constexpr):
@@ -291,6 +307,22 @@ def _load_qk(base, cos_ptr, sin_ptr, start, n_tokens, n_prefix, stride_n, stride
         r_a, r_b, _, _ = _load_rotated(base, cos_ptr, sin_ptr, start, n_tokens, n_prefix, stride_n, stride_d, 1.0,
                                        BLOCK, D, DH, BLOCK_DH, INTERLEAVED)
     return r_a, r_b
+
+
+@triton.jit
+def _load_qk_tiles(base, cos_ptr, sin_ptr, start, n_tokens, n_prefix, stride_n, stride_d,
+                   BLOCK: tl.constexpr, D: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DH: tl.constexpr, INTERLEAVED: tl.constexpr, PREROTATED: tl.constexpr,
+                   FULL_ROWS: tl.constexpr):
+    """_load_qk's two halves, or with FULL_ROWS the slab's whole (a | b) rows as the first tile (the
+    second is a 1-element placeholder, never used)."""
+    if FULL_ROWS:
+        x_a = interp_upcast(_load_rows(base, start, n_tokens, stride_n, stride_d, BLOCK, D, BLOCK_D))
+        x_b = tl.zeros([1], x_a.dtype)
+    else:
+        x_a, x_b = _load_qk(base, cos_ptr, sin_ptr, start, n_tokens, n_prefix, stride_n, stride_d,
+                            BLOCK, D, DH, BLOCK_DH, INTERLEAVED, PREROTATED)
+    return x_a, x_b
 
 
 @triton.jit(do_not_specialize=["H", "N", "n_prefix"])
@@ -392,7 +424,7 @@ def _bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, stride_dob, stride_doh, stride_d
     tl.store(delta_ptr + pid_bh.to(tl.int64) * N + rows, delta, mask=rows < N)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["N", "BLOCK_DH", "INTERLEAVED", "PREROTATED"],
+@triton.autotune(configs=_DKDV_CONFIGS, key=["N", "BLOCK_DH", "INTERLEAVED", "PREROTATED", "FULL_ROWS"],
                  prune_configs_by={"early_config_prune": _pruner(_DKDV_TILES, _DKDV_TILES_FP32)})
 @triton.jit(do_not_specialize=["H", "N", "n_prefix"])
 def _rope2d_bwd_dkdv_kernel(
@@ -403,11 +435,12 @@ def _rope2d_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_don, stride_dod,
     H, N, n_prefix, sm_scale,
     D: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
-    INTERLEAVED: tl.constexpr, PREROTATED: tl.constexpr,
+    INTERLEAVED: tl.constexpr, PREROTATED: tl.constexpr, FULL_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (k tile, batch*head): dk and dv of the tile, summed over all q tiles.
-    PREROTATED: q and k point at the rotated scratch slabs."""
+    PREROTATED: q and k point at the rotated scratch slabs; FULL_ROWS (with it): whole-row products
+    (see FULL_ROWS_ENV; the *_a tiles then hold whole rows and the *_b ones are unused)."""
     start_n, pid_bh = _tile_and_head(N, BLOCK_N)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -418,16 +451,16 @@ def _rope2d_bwd_dkdv_kernel(
     row_base = pid_bh.to(tl.int64) * N  # lse, delta: [B, H, N]
     qk_scale = sm_scale * LOG2E
 
-    k_a, k_b = _load_qk(k_base, cos_ptr, sin_ptr, start_n, N, n_prefix, stride_kn, stride_kd,
-                        BLOCK_N, D, DH, BLOCK_DH, INTERLEAVED, PREROTATED)
+    k_a, k_b = _load_qk_tiles(k_base, cos_ptr, sin_ptr, start_n, N, n_prefix, stride_kn, stride_kd,
+                              BLOCK_N, D, DH, BLOCK_D, BLOCK_DH, INTERLEAVED, PREROTATED, FULL_ROWS)
     v = interp_upcast(_load_rows(v_base, start_n, N, stride_vn, stride_vd, BLOCK_N, D, BLOCK_D))
 
-    dk_a = tl.zeros([BLOCK_N, BLOCK_DH], tl.float32)
+    dk_a = tl.zeros([BLOCK_N, BLOCK_D if FULL_ROWS else BLOCK_DH], tl.float32)
     dk_b = tl.zeros([BLOCK_N, BLOCK_DH], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, N, BLOCK_M):
-        q_a, q_b = _load_qk(q_base, cos_ptr, sin_ptr, start_m, N, n_prefix, stride_qn, stride_qd,
-                            BLOCK_M, D, DH, BLOCK_DH, INTERLEAVED, PREROTATED)
+        q_a, q_b = _load_qk_tiles(q_base, cos_ptr, sin_ptr, start_m, N, n_prefix, stride_qn, stride_qd,
+                                  BLOCK_M, D, DH, BLOCK_D, BLOCK_DH, INTERLEAVED, PREROTATED, FULL_ROWS)
         do = interp_upcast(_load_rows(do_base, start_m, N, stride_don, stride_dod, BLOCK_M, D, BLOCK_D))
         rows = start_m + tl.arange(0, BLOCK_M)
         lse = tl.load(lse_ptr + row_base + rows, mask=rows < N, other=float("-inf"))
@@ -435,7 +468,10 @@ def _rope2d_bwd_dkdv_kernel(
 
         # Transposed scores [BN, BM], as in FlashAttention-2's dk/dv pass: p^T and ds^T then come out
         # of the accumulator already in the layout of a left tensor-core operand (no transpose).
-        scores_t = tl.dot(k_b, tl.trans(q_b), tl.dot(k_a, tl.trans(q_a))) * qk_scale
+        if FULL_ROWS:
+            scores_t = tl.dot(k_a, tl.trans(q_a)) * qk_scale
+        else:
+            scores_t = tl.dot(k_b, tl.trans(q_b), tl.dot(k_a, tl.trans(q_a))) * qk_scale
         lse2 = lse * LOG2E
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # padded q rows -> p = 0
         # Rows of padded keys (beyond N) are not masked: they only feed rows of dk/dv that are never stored.
@@ -444,8 +480,11 @@ def _rope2d_bwd_dkdv_kernel(
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = (p_t * (dp_t - delta[None, :])).to(q_a.dtype)
         dk_a += tl.dot(ds_t, q_a)
-        dk_b += tl.dot(ds_t, q_b)
+        if not FULL_ROWS:
+            dk_b += tl.dot(ds_t, q_b)
 
+    if FULL_ROWS:
+        dk_a, dk_b = _halves_of(dk_a, BLOCK_N, BLOCK_DH)
     # cos/sin are reloaded (from L2) rather than kept live across the loop: registers are the limit here
     kcos, ksin = _load_cos_sin(cos_ptr, sin_ptr, start_n, N, n_prefix, BLOCK_N, DH, BLOCK_DH)
     dk_a, dk_b = _rotate_back(dk_a * sm_scale, dk_b * sm_scale, kcos, ksin)
@@ -458,22 +497,29 @@ def _rope2d_bwd_dkdv_kernel(
 def _dq_tile(q_a, q_b, do, lse, delta, dq_a, dq_b, k_base, v_base, cos_ptr, sin_ptr, start_n, N, n_prefix,
              stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
              D: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
-             INTERLEAVED: tl.constexpr, PREROTATED: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr):
+             INTERLEAVED: tl.constexpr, PREROTATED: tl.constexpr, FULL_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+             MASK_KEYS: tl.constexpr):
     """One k/v tile of dq. Only the last (partial) tile masks its keys (zero-padded keys would otherwise
-    get probability exp2(-lse), which can overflow)."""
-    k_a, k_b = _load_qk(k_base, cos_ptr, sin_ptr, start_n, N, n_prefix, stride_kn, stride_kd,
-                        BLOCK_N, D, DH, BLOCK_DH, INTERLEAVED, PREROTATED)
+    get probability exp2(-lse), which can overflow). FULL_ROWS: q_a and dq_a hold whole rows."""
+    k_a, k_b = _load_qk_tiles(k_base, cos_ptr, sin_ptr, start_n, N, n_prefix, stride_kn, stride_kd,
+                              BLOCK_N, D, DH, BLOCK_D, BLOCK_DH, INTERLEAVED, PREROTATED, FULL_ROWS)
     v = interp_upcast(_load_rows(v_base, start_n, N, stride_vn, stride_vd, BLOCK_N, D, BLOCK_D))
-    scores = (tl.dot(q_b, tl.trans(k_b), tl.dot(q_a, tl.trans(k_a)))) * qk_scale
+    if FULL_ROWS:
+        scores = tl.dot(q_a, tl.trans(k_a)) * qk_scale
+    else:
+        scores = (tl.dot(q_b, tl.trans(k_b), tl.dot(q_a, tl.trans(k_a)))) * qk_scale
     if MASK_KEYS:
         scores = tl.where((start_n + tl.arange(0, BLOCK_N) < N)[None, :], scores, float("-inf"))
     p = probs_from_lse(scores, lse)
     dp = tl.dot(do, tl.trans(v))
     ds = (p * (dp - delta[:, None])).to(k_a.dtype)
-    return dq_a + tl.dot(ds, k_a), dq_b + tl.dot(ds, k_b)
+    dq_a += tl.dot(ds, k_a)
+    if not FULL_ROWS:
+        dq_b += tl.dot(ds, k_b)
+    return dq_a, dq_b
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=["N", "BLOCK_DH", "INTERLEAVED", "PREROTATED"],
+@triton.autotune(configs=_DQ_CONFIGS, key=["N", "BLOCK_DH", "INTERLEAVED", "PREROTATED", "FULL_ROWS"],
                  prune_configs_by={"early_config_prune": _pruner(_DQ_TILES, _DQ_TILES_FP32)})
 @triton.jit(do_not_specialize=["H", "N", "n_prefix"])
 def _rope2d_bwd_dq_kernel(
@@ -484,11 +530,11 @@ def _rope2d_bwd_dq_kernel(
     stride_dob, stride_doh, stride_don, stride_dod,
     H, N, n_prefix, sm_scale,
     D: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
-    INTERLEAVED: tl.constexpr, PREROTATED: tl.constexpr,
+    INTERLEAVED: tl.constexpr, PREROTATED: tl.constexpr, FULL_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (q tile, batch*head): dq of the tile, summed over all k tiles.
-    PREROTATED: q and k point at the rotated scratch slabs."""
+    PREROTATED: q and k point at the rotated scratch slabs; FULL_ROWS (with it): whole-row products."""
     start_m, pid_bh = _tile_and_head(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -499,25 +545,27 @@ def _rope2d_bwd_dq_kernel(
     row_base = pid_bh.to(tl.int64) * N
     qk_scale = sm_scale * LOG2E
 
-    q_a, q_b = _load_qk(q_base, cos_ptr, sin_ptr, start_m, N, n_prefix, stride_qn, stride_qd,
-                        BLOCK_M, D, DH, BLOCK_DH, INTERLEAVED, PREROTATED)
+    q_a, q_b = _load_qk_tiles(q_base, cos_ptr, sin_ptr, start_m, N, n_prefix, stride_qn, stride_qd,
+                              BLOCK_M, D, DH, BLOCK_D, BLOCK_DH, INTERLEAVED, PREROTATED, FULL_ROWS)
     do = interp_upcast(_load_rows(do_base, start_m, N, stride_don, stride_dod, BLOCK_M, D, BLOCK_D))
     rows = start_m + tl.arange(0, BLOCK_M)
     lse = tl.load(lse_ptr + row_base + rows, mask=rows < N, other=float("-inf"))
     delta = tl.load(delta_ptr + row_base + rows, mask=rows < N, other=0.0)
 
-    dq_a = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
+    dq_a = tl.zeros([BLOCK_M, BLOCK_D if FULL_ROWS else BLOCK_DH], tl.float32)
     dq_b = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
     n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq_a, dq_b = _dq_tile(q_a, q_b, do, lse, delta, dq_a, dq_b, k_base, v_base, cos_ptr, sin_ptr, start_n, N,
                               n_prefix, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, D, DH, BLOCK_D,
-                              BLOCK_DH, INTERLEAVED, PREROTATED, BLOCK_N, False)
+                              BLOCK_DH, INTERLEAVED, PREROTATED, FULL_ROWS, BLOCK_N, False)
     if n_full < N:
         dq_a, dq_b = _dq_tile(q_a, q_b, do, lse, delta, dq_a, dq_b, k_base, v_base, cos_ptr, sin_ptr, n_full, N,
                               n_prefix, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, D, DH, BLOCK_D,
-                              BLOCK_DH, INTERLEAVED, PREROTATED, BLOCK_N, True)
+                              BLOCK_DH, INTERLEAVED, PREROTATED, FULL_ROWS, BLOCK_N, True)
 
+    if FULL_ROWS:
+        dq_a, dq_b = _halves_of(dq_a, BLOCK_M, BLOCK_DH)
     cos, sin = _load_cos_sin(cos_ptr, sin_ptr, start_m, N, n_prefix, BLOCK_M, DH, BLOCK_DH)
     dq_a, dq_b = _rotate_back(dq_a * sm_scale, dq_b * sm_scale, cos, sin)
     _store_halves(dq_ptr + pid_bh.to(tl.int64) * N * D, start_m, N, dq_a, dq_b, BLOCK_M, D, DH, BLOCK_DH, INTERLEAVED)
@@ -556,6 +604,13 @@ def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_prefix: in
 
     launcher(_rope2d_rotate_kernel).launch_planned(call_signature(x, n_prefix, pairing), tensors, build)
     return out
+
+
+def _full_rows(prerotated: bool, head_dim: int, enabled: bool | None = None) -> bool:
+    """Whether the backward's kernels take whole rows of the pre-rotated slabs (FULL_ROWS_ENV, or
+    `enabled`): D/2 a power of two (at least 16), so that the (a | b) row is one unpadded tile."""
+    enabled = _FULL_ROWS if enabled is None else enabled
+    return enabled and prerotated and head_dim == 2 * pair_block(head_dim)
 
 
 def _fwd_prerotates_k(N: int) -> bool:
@@ -607,14 +662,16 @@ def rope2d_bwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     if prerotate:
         q, k = _rotated(q, cos, sin, n_prefix, pairing), _rotated(k, cos, sin, n_prefix, pairing)
     # The arguments of both kernels are fixed by this signature: built once per signature each.
-    signature = call_signature(q, k, v, grad_out, n_prefix, pairing, scale, prerotate)
+    full_rows = _full_rows(prerotate, D)
+    signature = call_signature(q, k, v, grad_out, n_prefix, pairing, scale, prerotate, full_rows)
     dkdv_tensors = (q, k, v, cos, sin, grad_out, lse, delta, dk, dv)
     dq_tensors = (q, k, v, cos, sin, grad_out, lse, delta, dq)
 
     def build(tensors: tuple, block: str) -> tuple:
         strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
         grid = lambda m: (cdiv(N, m[block]) * B * H,)
-        return grid, (*tensors, *strides, H, N, n_prefix, scale), dict(**_meta(D, pairing), PREROTATED=prerotate)
+        return grid, (*tensors, *strides, H, N, n_prefix, scale), dict(**_meta(D, pairing), PREROTATED=prerotate,
+                                                                        FULL_ROWS=full_rows)
 
     launcher(_rope2d_bwd_dkdv_kernel).launch_planned(signature, dkdv_tensors,
                                                       lambda: build(dkdv_tensors, "BLOCK_N"))
