@@ -106,9 +106,9 @@ PREROTATE_ENV = "FATTN_ROPE2D_PREROTATE"
 PREROTATE_MIN_Q_TILES = 4
 
 
-# FATTN_ROPE2D_FULL_ROWS (default off until timed on a GPU; read at import): where the backward's q/k come from pre-rotated slabs
-# and D/2 is a power of two (D 32, 64, 128, 256), its kernels take whole (a | b) rows as one tile and
-# multiply them in one product per operand, instead of an a-half product and a b-half product. The
+# FATTN_ROPE2D_FULL_ROWS (default off until timed on a GPU; read at import): where the backward's q/k come
+# from pre-rotated slabs and D/2 is a power of two (D 32, 64, 128, 256), its kernels take whole (a | b) rows
+# as one tile and multiply them in one product per operand, instead of an a-half and a b-half product. The
 # gradient accumulators (dq, dk) are then one [rows, D] product each: on sm_90 each warpgroup's wgmma is
 # twice as wide (m64n64k16 instead of m64n32k16 / m64n16k16 at D 64). Off: the half-tile products. (The
 # forward's products are m64n64k16 either way, and whole rows cost it registers: it keeps the halves.)
