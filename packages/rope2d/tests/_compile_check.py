@@ -92,15 +92,15 @@ def main(archs: list[int], quick: bool = False, only_dims: tuple[int, ...] = ())
                 q = torch.empty(0, dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
                 pairs = []
                 for prerotated in (False, True):
-                    # the forward keeps some tiles for pre-rotated k only: prune as a launch with that flag does
-                    kept = K._pruner(tiles, fp32_tiles, pre_tiles)(configs, {"N": 4096, "q_ptr": q, **meta},
-                                                                   **{flag: prerotated})
-                    if not interleaved or quick:
-                        kept = kept[:1]  # the pairing only changes the loads: one config suffices
-                    # the backward's whole-row products (FULL_ROWS_ENV) where the head dim allows them, and not
-                    fulls = [{}] if name == "fwd" else [
-                        {"FULL_ROWS": f} for f in sorted({False, K._full_rows(prerotated, d, enabled=True)})]
-                    pairs += [(cfg, prerotated, full) for cfg in kept for full in fulls]
+                    # whole-row products (FULL_ROWS_ENV) where the head dim allows them, and not; the forward
+                    # keeps some tiles for pre-rotated k only: prune as a launch with those flags does
+                    for full in sorted({False, K._full_rows(prerotated, d, enabled=True)}):
+                        spill = K._FWD_TILES_SPILL_FULL_ROWS if name == "fwd" else None
+                        kept = K._pruner(tiles, fp32_tiles, pre_tiles, spill)(
+                            configs, {"N": 4096, "q_ptr": q, **meta}, **{flag: prerotated, "FULL_ROWS": full})
+                        if not interleaved or quick:
+                            kept = kept[:1]  # the pairing only changes the loads: one config suffices
+                        pairs += [(cfg, prerotated, {"FULL_ROWS": full}) for cfg in kept]
                 for cfg, prerotated, full in pairs:
                     ce = {**base, flag: prerotated, **full, **cfg.kwargs}
                     label = (f"{tag} {name:4s} pre{int(prerotated)}{' full' if full.get('FULL_ROWS') else ''} M{cfg.kwargs['BLOCK_M']:3d} "
@@ -115,7 +115,7 @@ def main(archs: list[int], quick: bool = False, only_dims: tuple[int, ...] = ())
                 for kern, flag in ((K._rope2d_fwd_kernel, "PREROTATED_K"), (K._rope2d_bwd_dkdv_kernel, "PREROTATED"),
                                    (K._rope2d_bwd_dq_kernel, "PREROTATED")):
                     for prerotated in (False, True):
-                        full = {} if flag == "PREROTATED_K" else {"FULL_ROWS": K._full_rows(prerotated, d, enabled=True)}
+                        full = {"FULL_ROWS": K._full_rows(prerotated, d, enabled=True)}
                         ce = {**base, flag: prerotated, **full, "BLOCK_M": 16, "BLOCK_N": 16, **ones}
                         bad += _check(kern, dtype, ce, 4, 2, f"{tag} {kern.fn.__name__} pre{int(prerotated)} H=N=n_prefix=1",
                                       spills_allowed=True)

@@ -102,14 +102,33 @@ GPU_FULL_ROW_CASES = [GPU_CASES[0], GPU_CASES[3], GPU_CASES[5], GPU_CASES[6]]
 
 @pytest.mark.parametrize("full_rows", [True, False], ids=["full_rows", "halves"])
 @pytest.mark.parametrize("case", cases(FULL_ROW_CASES) + cases(GPU_FULL_ROW_CASES, gpu_only_dims=lambda row: True))
-def test_backward_row_products(case: dict, full_rows: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The backward's whole-row products and its half-tile products, each forced on (the default is
-    FATTN_ROPE2D_FULL_ROWS, read at import)."""
+def test_row_products(case: dict, full_rows: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole-row products and half-tile products, each forced on (the default is FATTN_ROPE2D_FULL_ROWS,
+    read at import), in the forward and the backward (both pre-rotate here, whatever N)."""
     from fattn.rope2d import kernels
 
     monkeypatch.setattr(kernels, "_FULL_ROWS", full_rows)
+    monkeypatch.setenv("FATTN_ROPE2D_PREROTATE", "1")
     assert kernels._full_rows(True, case["D"]) is full_rows  # the cases' head dims allow whole rows
     _run(case, noncontiguous=True)
+
+
+def test_full_rows_prune_spilling_forward_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward tiles that spill with whole rows (kernels._FWD_TILES_SPILL_FULL_ROWS) are kept for
+    half-tile launches only."""
+    from fattn.rope2d import kernels
+
+    monkeypatch.setenv("FATTN_ROPE2D_AUTOTUNE_LIMIT", "0")
+    tiles = [(128, 64, 8, 3), (128, 64, 4, 3)]
+    configs = kernels._configs({32: tiles})
+    prune = kernels._pruner({32: tiles}, None, None, {32: [tiles[1]]})
+    q = torch.empty(0, dtype=torch.bfloat16)
+
+    def kept(full_rows: bool) -> list[int]:
+        return [c.num_warps for c in prune(configs, {"N": 4096, "q_ptr": q}, BLOCK_DH=32, FULL_ROWS=full_rows)]
+
+    assert kept(False) == [8, 4]
+    assert kept(True) == [8]
 
 
 @pytest.mark.gpu

@@ -86,6 +86,9 @@ _DQ_TILES_FP32 = {64: [(64, 32, 8, 2)]}
 # pre-rotated slab (one warpgroup on 128 query rows, the tilings that won for fattn-swba's forward): kept
 # only for PREROTATED_K launches (16-bit inputs).
 _FWD_TILES_PREROTATED = {32: [(128, 64, 4, 3), (64, 128, 4, 3)]}
+# Forward tiles that spill with whole-row products (FULL_ROWS_ENV; the joined q tile costs registers):
+# pruned from those launches. sm_90, D 64 bf16: (128 x 64, 4 warps) 255 registers + 128 bytes of spill.
+_FWD_TILES_SPILL_FULL_ROWS = {32: [(128, 64, 4, 3)]}
 _INTERPRETER_TILES = {c: [(16, 16, 1, 1)] for c in (32, 64, 128)}  # one small config: fast CPU tests
 
 if interpreter_enabled():
@@ -106,12 +109,13 @@ PREROTATE_ENV = "FATTN_ROPE2D_PREROTATE"
 PREROTATE_MIN_Q_TILES = 4
 
 
-# FATTN_ROPE2D_FULL_ROWS (default off until timed on a GPU; read at import): where the backward's q/k come
-# from pre-rotated slabs and D/2 is a power of two (D 32, 64, 128, 256), its kernels take whole (a | b) rows
-# as one tile and multiply them in one product per operand, instead of an a-half and a b-half product. The
-# gradient accumulators (dq, dk) are then one [rows, D] product each: on sm_90 each warpgroup's wgmma is
-# twice as wide (m64n64k16 instead of m64n32k16 / m64n16k16 at D 64). Off: the half-tile products. (The
-# forward's products are m64n64k16 either way, and whole rows cost it registers: it keeps the halves.)
+# FATTN_ROPE2D_FULL_ROWS (default off until timed on a GPU; read at import): where q/k come from pre-rotated
+# slabs and D/2 is a power of two (D 32, 64, 128, 256), the kernels take whole (a | b) rows as one tile and
+# multiply them in one product per operand, instead of an a-half and a b-half product. sm_90 PTX at D 64:
+# the two chained half products are two wgmma groups, each drained by its own wait (forward: 3 waits per
+# k tile against 2; dQ: 5 against 3), and the backward's gradient accumulators (dq, dk) become one
+# [rows, D] product each, every warpgroup's wgmma twice as wide (m64n64k16 instead of m64n32k16 /
+# m64n16k16). Off: the half-tile products. The forward's q tile is joined once per program.
 FULL_ROWS_ENV = "FATTN_ROPE2D_FULL_ROWS"
 _FULL_ROWS = env_flag(FULL_ROWS_ENV, False)
 
@@ -127,7 +131,8 @@ def _head_dim_class(block_dh: int) -> int:
 
 def _pruner(table: dict[int, list[tuple[int, int, int, int]]],  # type: ignore[no-untyped-def]
             fp32_table: dict[int, list[tuple[int, int, int, int]]] | None = None,
-            prerotated_table: dict[int, list[tuple[int, int, int, int]]] | None = None):
+            prerotated_table: dict[int, list[tuple[int, int, int, int]]] | None = None,
+            full_rows_spill: dict[int, list[tuple[int, int, int, int]]] | None = None):
     def prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
         """Keep the tiles of this head-dim class (and dtype); for short sequences drop tiles far longer than N."""
         block_dh = kwargs.get("BLOCK_DH", named_args.get("BLOCK_DH"))
@@ -140,6 +145,8 @@ def _pruner(table: dict[int, list[tuple[int, int, int, int]]],  # type: ignore[n
         prerotated = kwargs.get("PREROTATED_K", named_args.get("PREROTATED_K", False))
         if prerotated and not fp32:
             order = order + (prerotated_table or {}).get(cls, [])
+        if full_rows_spill and kwargs.get("FULL_ROWS", named_args.get("FULL_ROWS", False)):
+            order = [t for t in order if t not in full_rows_spill.get(cls, [])]
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in order]
         kept.sort(key=lambda c: order.index((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)))
@@ -279,6 +286,12 @@ def _halves_of(x, BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr):
 
 
 @triton.jit
+def _rows_of(x_a, x_b, BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr):
+    """One [BLOCK, 2 * BLOCK_DH] tile laid out (a | b) from its halves (as a pre-rotated slab stores them)."""
+    return tl.reshape(tl.permute(tl.join(x_a, x_b), (0, 2, 1)), [BLOCK, 2 * BLOCK_DH])
+
+
+@triton.jit
 def _load_rotated(base, cos_ptr, sin_ptr, start, n_tokens, n_prefix, stride_n, stride_d, scale,
                   BLOCK: tl.constexpr, D: tl.constexpr, DH: tl.constexpr, BLOCK_DH: tl.constexpr,
                   INTERLEAVED: tl.constexpr):
@@ -343,13 +356,17 @@ def _rope2d_rotate_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, stride_xb, stride_xh
 def _fwd_tile(q_a, q_b, m_i, l_i, acc, k_base, v_base, cos_ptr, sin_ptr, start_n, N, n_prefix,
               stride_kn, stride_kd, stride_vn, stride_vd,
               D: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
-              INTERLEAVED: tl.constexpr, PREROTATED_K: tl.constexpr, BLOCK_N: tl.constexpr,
+              INTERLEAVED: tl.constexpr, PREROTATED_K: tl.constexpr, FULL_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
               MASK_KEYS: tl.constexpr):
     """One k/v tile of the forward's online softmax. Only the last (partial) tile masks its keys: the
-    select on every score is ALU work on the softmax path, which bounds flash attention at D=64."""
-    k_a, k_b = _load_qk(k_base, cos_ptr, sin_ptr, start_n, N, n_prefix, stride_kn, stride_kd,
-                        BLOCK_N, D, DH, BLOCK_DH, INTERLEAVED, PREROTATED_K)
-    scores = tl.dot(q_b, tl.trans(k_b), tl.dot(q_a, tl.trans(k_a)))
+    select on every score is ALU work on the softmax path, which bounds flash attention at D=64.
+    FULL_ROWS: q_a holds q's whole (a | b) rows (q_b is unused)."""
+    k_a, k_b = _load_qk_tiles(k_base, cos_ptr, sin_ptr, start_n, N, n_prefix, stride_kn, stride_kd,
+                              BLOCK_N, D, DH, BLOCK_D, BLOCK_DH, INTERLEAVED, PREROTATED_K, FULL_ROWS)
+    if FULL_ROWS:
+        scores = tl.dot(q_a, tl.trans(k_a))
+    else:
+        scores = tl.dot(q_b, tl.trans(k_b), tl.dot(q_a, tl.trans(k_a)))
     if MASK_KEYS:
         scores = tl.where((start_n + tl.arange(0, BLOCK_N) < N)[None, :], scores, float("-inf"))
     m_i, l_i, p, alpha = online_softmax_update(m_i, l_i, scores)
@@ -361,9 +378,9 @@ def _fwd_tile(q_a, q_b, m_i, l_i, acc, k_base, v_base, cos_ptr, sin_ptr, start_n
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_FWD_CONFIGS, key=["N", "BLOCK_DH", "INTERLEAVED", "PREROTATED_K"],
+@triton.autotune(configs=_FWD_CONFIGS, key=["N", "BLOCK_DH", "INTERLEAVED", "PREROTATED_K", "FULL_ROWS"],
                  prune_configs_by={"early_config_prune": _pruner(_FWD_TILES, _FWD_TILES_FP32,
-                                                                 _FWD_TILES_PREROTATED)})
+                                                                 _FWD_TILES_PREROTATED, _FWD_TILES_SPILL_FULL_ROWS)})
 @triton.jit(do_not_specialize=["H", "N", "n_prefix"])
 def _rope2d_fwd_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, o_ptr, lse_ptr,
@@ -372,10 +389,11 @@ def _rope2d_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     H, N, n_prefix, qk_scale,
     D: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
-    INTERLEAVED: tl.constexpr, PREROTATED_K: tl.constexpr,
+    INTERLEAVED: tl.constexpr, PREROTATED_K: tl.constexpr, FULL_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (q tile, batch*head). PREROTATED_K: k points at the rotated scratch slab."""
+    """One program per (q tile, batch*head). PREROTATED_K: k points at the rotated scratch slab;
+    FULL_ROWS (with it): one product over whole rows per k tile (see FULL_ROWS_ENV)."""
     start_m, pid_bh = _tile_and_head(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -386,6 +404,8 @@ def _rope2d_fwd_kernel(
     # Prologue: rotate this q tile once, with softmax scale and log2(e) folded in before rounding.
     q_a, q_b, _qcos, _qsin = _load_rotated(q_base, cos_ptr, sin_ptr, start_m, N, n_prefix, stride_qn, stride_qd, qk_scale,
                                            BLOCK_M, D, DH, BLOCK_DH, INTERLEAVED)
+    if FULL_ROWS:  # in the slab's channel order (a | b), as k's rows
+        q_a = _rows_of(q_a, q_b, BLOCK_M, BLOCK_DH)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -394,11 +414,11 @@ def _rope2d_fwd_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         m_i, l_i, acc = _fwd_tile(q_a, q_b, m_i, l_i, acc, k_base, v_base, cos_ptr, sin_ptr, start_n, N, n_prefix,
                                   stride_kn, stride_kd, stride_vn, stride_vd, D, DH, BLOCK_D, BLOCK_DH,
-                                  INTERLEAVED, PREROTATED_K, BLOCK_N, False)
+                                  INTERLEAVED, PREROTATED_K, FULL_ROWS, BLOCK_N, False)
     if n_full < N:
         m_i, l_i, acc = _fwd_tile(q_a, q_b, m_i, l_i, acc, k_base, v_base, cos_ptr, sin_ptr, n_full, N, n_prefix,
                                   stride_kn, stride_kd, stride_vn, stride_vd, D, DH, BLOCK_D, BLOCK_DH,
-                                  INTERLEAVED, PREROTATED_K, BLOCK_N, True)
+                                  INTERLEAVED, PREROTATED_K, FULL_ROWS, BLOCK_N, True)
 
     out, lse = online_softmax_finalize(acc, m_i, l_i)
     # o [B, H, N, D] and lse [B, H, N] are contiguous
@@ -638,9 +658,10 @@ def rope2d_fwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     def build() -> tuple:  # what the signature fixes: built once per signature (FastLauncher.launch_planned)
         grid = lambda meta: (cdiv(N, meta["BLOCK_M"]) * B * H,)
         args = (*tensors, *q.stride(), *k.stride(), *v.stride(), H, N, n_prefix, scale * 1.4426950408889634)
-        return grid, args, dict(**_meta(D, pairing), PREROTATED_K=prerotate)
+        return grid, args, dict(**_meta(D, pairing), PREROTATED_K=prerotate, FULL_ROWS=full_rows)
 
-    signature = call_signature(q, k, v, n_prefix, pairing, scale, prerotate)
+    full_rows = _full_rows(prerotate, D)
+    signature = call_signature(q, k, v, n_prefix, pairing, scale, prerotate, full_rows)
     launcher(_rope2d_fwd_kernel).launch_planned(signature, tensors, build)
 
 
