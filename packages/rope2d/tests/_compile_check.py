@@ -94,7 +94,7 @@ def main(archs: list[int], quick: bool = False, only_dims: tuple[int, ...] = ())
                 for prerotated in (False, True):
                     # whole-row products (FULL_ROWS_ENV) where the head dim allows them, and not; the forward
                     # keeps some tiles for pre-rotated k only: prune as a launch with those flags does
-                    for full in sorted({False, K._full_rows(prerotated, d, enabled=True)}):
+                    for full in sorted({False, K._full_rows(d, enabled=True)}):
                         spill = K._FWD_TILES_SPILL_FULL_ROWS if name == "fwd" else None
                         kept = K._pruner(tiles, fp32_tiles, pre_tiles, spill)(
                             configs, {"N": 4096, "q_ptr": q, **meta}, **{flag: prerotated, "FULL_ROWS": full})
@@ -115,7 +115,7 @@ def main(archs: list[int], quick: bool = False, only_dims: tuple[int, ...] = ())
                 for kern, flag in ((K._rope2d_fwd_kernel, "PREROTATED_K"), (K._rope2d_bwd_dkdv_kernel, "PREROTATED"),
                                    (K._rope2d_bwd_dq_kernel, "PREROTATED")):
                     for prerotated in (False, True):
-                        full = {"FULL_ROWS": K._full_rows(prerotated, d, enabled=True)}
+                        full = {"FULL_ROWS": K._full_rows(d, enabled=True)}
                         ce = {**base, flag: prerotated, **full, "BLOCK_M": 16, "BLOCK_N": 16, **ones}
                         bad += _check(kern, dtype, ce, 4, 2, f"{tag} {kern.fn.__name__} pre{int(prerotated)} H=N=n_prefix=1",
                                       spills_allowed=True)

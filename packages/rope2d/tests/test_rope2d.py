@@ -100,16 +100,17 @@ FULL_ROW_CASES = [CPU_CASES[0], CPU_CASES[3], CPU_CASES[4]]
 GPU_FULL_ROW_CASES = [GPU_CASES[0], GPU_CASES[3], GPU_CASES[5], GPU_CASES[6]]
 
 
+@pytest.mark.parametrize("prerotate", ["1", "0"], ids=["prerotated", "inloop"])
 @pytest.mark.parametrize("full_rows", [True, False], ids=["full_rows", "halves"])
 @pytest.mark.parametrize("case", cases(FULL_ROW_CASES) + cases(GPU_FULL_ROW_CASES, gpu_only_dims=lambda row: True))
-def test_row_products(case: dict, full_rows: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_row_products(case: dict, full_rows: bool, prerotate: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Whole-row products and half-tile products, each forced on (the default is FATTN_ROPE2D_FULL_ROWS,
-    read at import), in the forward and the backward (both pre-rotate here, whatever N)."""
+    read at import), in the forward and the backward, on pre-rotated slabs ("1") and in-loop rotation ("0")."""
     from fattn.rope2d import kernels
 
     monkeypatch.setattr(kernels, "_FULL_ROWS", full_rows)
-    monkeypatch.setenv("FATTN_ROPE2D_PREROTATE", "1")
-    assert kernels._full_rows(True, case["D"]) is full_rows  # the cases' head dims allow whole rows
+    monkeypatch.setenv("FATTN_ROPE2D_PREROTATE", prerotate)
+    assert kernels._full_rows(case["D"]) is full_rows  # the cases' head dims allow whole rows
     _run(case, noncontiguous=True)
 
 

@@ -109,9 +109,10 @@ PREROTATE_ENV = "FATTN_ROPE2D_PREROTATE"
 PREROTATE_MIN_Q_TILES = 4
 
 
-# FATTN_ROPE2D_FULL_ROWS (default off until timed on a GPU; read at import): where q/k come from pre-rotated
-# slabs and D/2 is a power of two (D 32, 64, 128, 256), the kernels take whole (a | b) rows as one tile and
-# multiply them in one product per operand, instead of an a-half and a b-half product. sm_90 PTX at D 64:
+# FATTN_ROPE2D_FULL_ROWS (default off until timed on a GPU; read at import): where D/2 is a power of two
+# (D 32, 64, 128, 256), the kernels multiply whole (a | b) rows, one product per operand, instead of an
+# a-half and a b-half product: rows of pre-rotated slabs as loaded, tiles rotated in the loop joined from
+# their halves (register shuffles, 37-42 more registers on sm_90, same occupancy). sm_90 PTX at D 64:
 # the two chained half products are two wgmma groups, each drained by its own wait (forward: 3 waits per
 # k tile against 2; dQ: 5 against 3), and the backward's gradient accumulators (dq, dk) become one
 # [rows, D] product each, every warpgroup's wgmma twice as wide (m64n64k16 instead of m64n32k16 /
@@ -327,10 +328,15 @@ def _load_qk_tiles(base, cos_ptr, sin_ptr, start, n_tokens, n_prefix, stride_n, 
                    BLOCK: tl.constexpr, D: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DH: tl.constexpr, INTERLEAVED: tl.constexpr, PREROTATED: tl.constexpr,
                    FULL_ROWS: tl.constexpr):
-    """_load_qk's two halves, or with FULL_ROWS the slab's whole (a | b) rows as the first tile (the
-    second is a 1-element placeholder, never used)."""
-    if FULL_ROWS:
+    """_load_qk's two halves, or with FULL_ROWS one whole-row (a | b) tile as the first (the slab's rows,
+    or the rotated halves joined) and a 1-element placeholder, never used, as the second."""
+    if FULL_ROWS and PREROTATED:
         x_a = interp_upcast(_load_rows(base, start, n_tokens, stride_n, stride_d, BLOCK, D, BLOCK_D))
+        x_b = tl.zeros([1], x_a.dtype)
+    elif FULL_ROWS:  # rotated here: the halves joined into one (a | b) tile
+        x_a, x_b = _load_qk(base, cos_ptr, sin_ptr, start, n_tokens, n_prefix, stride_n, stride_d,
+                            BLOCK, D, DH, BLOCK_DH, INTERLEAVED, PREROTATED)
+        x_a = _rows_of(x_a, x_b, BLOCK, BLOCK_DH)
         x_b = tl.zeros([1], x_a.dtype)
     else:
         x_a, x_b = _load_qk(base, cos_ptr, sin_ptr, start, n_tokens, n_prefix, stride_n, stride_d,
@@ -393,7 +399,7 @@ def _rope2d_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (q tile, batch*head). PREROTATED_K: k points at the rotated scratch slab;
-    FULL_ROWS (with it): one product over whole rows per k tile (see FULL_ROWS_ENV)."""
+    FULL_ROWS: one product over whole rows per k tile (see FULL_ROWS_ENV)."""
     start_m, pid_bh = _tile_and_head(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -404,7 +410,7 @@ def _rope2d_fwd_kernel(
     # Prologue: rotate this q tile once, with softmax scale and log2(e) folded in before rounding.
     q_a, q_b, _qcos, _qsin = _load_rotated(q_base, cos_ptr, sin_ptr, start_m, N, n_prefix, stride_qn, stride_qd, qk_scale,
                                            BLOCK_M, D, DH, BLOCK_DH, INTERLEAVED)
-    if FULL_ROWS:  # in the slab's channel order (a | b), as k's rows
+    if FULL_ROWS:  # in the (a | b) channel order of k's rows
         q_a = _rows_of(q_a, q_b, BLOCK_M, BLOCK_DH)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -459,8 +465,8 @@ def _rope2d_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (k tile, batch*head): dk and dv of the tile, summed over all q tiles.
-    PREROTATED: q and k point at the rotated scratch slabs; FULL_ROWS (with it): whole-row products
-    (see FULL_ROWS_ENV; the *_a tiles then hold whole rows and the *_b ones are unused)."""
+    PREROTATED: q and k point at the rotated scratch slabs; FULL_ROWS: whole-row products (see
+    FULL_ROWS_ENV; the *_a tiles then hold whole rows and the *_b ones are unused)."""
     start_n, pid_bh = _tile_and_head(N, BLOCK_N)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -554,7 +560,7 @@ def _rope2d_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (q tile, batch*head): dq of the tile, summed over all k tiles.
-    PREROTATED: q and k point at the rotated scratch slabs; FULL_ROWS (with it): whole-row products."""
+    PREROTATED: q and k point at the rotated scratch slabs; FULL_ROWS: whole-row products."""
     start_m, pid_bh = _tile_and_head(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -626,11 +632,11 @@ def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_prefix: in
     return out
 
 
-def _full_rows(prerotated: bool, head_dim: int, enabled: bool | None = None) -> bool:
-    """Whether the backward's kernels take whole rows of the pre-rotated slabs (FULL_ROWS_ENV, or
-    `enabled`): D/2 a power of two (at least 16), so that the (a | b) row is one unpadded tile."""
+def _full_rows(head_dim: int, enabled: bool | None = None) -> bool:
+    """Whether the kernels multiply whole (a | b) rows (FULL_ROWS_ENV, or `enabled`): D/2 a power of two
+    (at least 16), so that the row is one unpadded tile."""
     enabled = _FULL_ROWS if enabled is None else enabled
-    return enabled and prerotated and head_dim == 2 * pair_block(head_dim)
+    return enabled and head_dim == 2 * pair_block(head_dim)
 
 
 def _fwd_prerotates_k(N: int) -> bool:
@@ -660,7 +666,7 @@ def rope2d_fwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
         args = (*tensors, *q.stride(), *k.stride(), *v.stride(), H, N, n_prefix, scale * 1.4426950408889634)
         return grid, args, dict(**_meta(D, pairing), PREROTATED_K=prerotate, FULL_ROWS=full_rows)
 
-    full_rows = _full_rows(prerotate, D)
+    full_rows = _full_rows(D)
     signature = call_signature(q, k, v, n_prefix, pairing, scale, prerotate, full_rows)
     launcher(_rope2d_fwd_kernel).launch_planned(signature, tensors, build)
 
@@ -683,7 +689,7 @@ def rope2d_bwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     if prerotate:
         q, k = _rotated(q, cos, sin, n_prefix, pairing), _rotated(k, cos, sin, n_prefix, pairing)
     # The arguments of both kernels are fixed by this signature: built once per signature each.
-    full_rows = _full_rows(prerotate, D)
+    full_rows = _full_rows(D)
     signature = call_signature(q, k, v, grad_out, n_prefix, pairing, scale, prerotate, full_rows)
     dkdv_tensors = (q, k, v, cos, sin, grad_out, lse, delta, dk, dv)
     dq_tensors = (q, k, v, cos, sin, grad_out, lse, delta, dq)
