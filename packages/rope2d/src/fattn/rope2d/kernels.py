@@ -333,14 +333,12 @@ def _load_qk_tiles(base, cos_ptr, sin_ptr, start, n_tokens, n_prefix, stride_n, 
     if FULL_ROWS and PREROTATED:
         x_a = interp_upcast(_load_rows(base, start, n_tokens, stride_n, stride_d, BLOCK, D, BLOCK_D))
         x_b = tl.zeros([1], x_a.dtype)
-    elif FULL_ROWS:  # rotated here: the halves joined into one (a | b) tile
-        x_a, x_b = _load_qk(base, cos_ptr, sin_ptr, start, n_tokens, n_prefix, stride_n, stride_d,
-                            BLOCK, D, DH, BLOCK_DH, INTERLEAVED, PREROTATED)
-        x_a = _rows_of(x_a, x_b, BLOCK, BLOCK_DH)
-        x_b = tl.zeros([1], x_a.dtype)
     else:
         x_a, x_b = _load_qk(base, cos_ptr, sin_ptr, start, n_tokens, n_prefix, stride_n, stride_d,
                             BLOCK, D, DH, BLOCK_DH, INTERLEAVED, PREROTATED)
+        if FULL_ROWS:  # rotated here: the halves joined into one (a | b) tile
+            x_a = _rows_of(x_a, x_b, BLOCK, BLOCK_DH)
+            x_b = tl.zeros([1], x_a.dtype)
     return x_a, x_b
 
 
