@@ -325,7 +325,7 @@ def msda_fwd_kernel(
                       stride_vn, stride_vs, stride_vm, stride_vd, stride_ln, stride_lq, stride_lm, stride_ll,
                       stride_lp, stride_lc, stride_an, stride_aq, stride_am, stride_al, stride_ap,
                       L, P, ALIGN_CORNERS, BORDER, ACC, BLOCK_Q, BLOCK_D, UNROLL_LEVELS, OFFSETS_64,
-                  PAIRED_LOC, PAIRED_ATTN)
+                      PAIRED_LOC, PAIRED_ATTN)
     else:
         _fwd_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64), value_ptr, shapes_ptr,
                   starts_ptr, loc_ptr, attn_ptr, out_ptr, Lq, M, D,
