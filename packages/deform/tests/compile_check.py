@@ -117,6 +117,8 @@ def main() -> int:
             bwd_cfgs = kernels._prune_bwd(kernels._bwd_configs(), named, BLOCK_D=block_d)
             if args.quick:
                 fwd_cfgs, bwd_cfgs = fwd_cfgs[:1], bwd_cfgs[:1]
+            # `.fn`: fattn.core.compile_check does not unwrap @triton.autotune kernels (an Autotuner has
+            # `arg_names` too).
             jobs = [("fwd", kernels._deform_fwd_kernel.fn, fwd_signature(dtype, acc), {**common, **c.kwargs}, c)
                     for c in fwd_cfgs]
             jobs += [("bwd", kernels._deform_bwd_kernel.fn, bwd_signature(dtype, acc),
@@ -124,21 +126,6 @@ def main() -> int:
             jobs.append(("dkdv", kernels._deform_bwd_dkdv_kernel, dkdv_signature(dtype, acc),
                          {"BLOCK_D": block_d, "EVEN_D": True, "BLOCK_E": dkdv_block_e(block_d, _TORCH[dtype]), "ROW_ALIGN": 16, "ACC_DTYPE": acc_tl},
                          triton.Config({}, num_warps=4, num_stages=1)))
-            # `.fn`: fattn.core.compile_check does not unwrap @triton.autotune kernels (an Autotuner has
-            # `arg_names` too).
-            if dtype != "fp64" and 16 <= block_d <= 32:  # the opt-in score-map forward (op._score_map_forward)
-                bm, bn, bhw, warps = kernels.SCORE_MAP_TILES[_TORCH[dtype].itemsize]
-                jobs.append(("smap", kernels._deform_fwd_score_map_kernel,
-                             {**fwd_signature(dtype, acc), "SCR": "*fp32", "HW": "i32", "HW_PAD": "i32"},
-                             {**common, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_HW": bhw,
-                              "DOT_PRECISION": "tf32x3" if dtype == "fp32" else "tf32"},
-                             triton.Config({}, num_warps=warps, num_stages=1)))
-                bm, bn, bhw, warps = kernels.SCORE_MAP_BWD_TILES[_TORCH[dtype].itemsize]
-                jobs.append(("bsmap", kernels._deform_bwd_score_map_kernel,
-                             {**bwd_signature(dtype, acc), "SCR": "*fp32", "HW": "i32", "HW_PAD": "i32"},
-                             {**common, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_HW": bhw, "NEED_DCOORDS": True,
-                              "DOT_PRECISION": "tf32x3" if dtype == "fp32" else "tf32"},
-                             triton.Config({}, num_warps=warps, num_stages=1)))
             jobs.append(("keys", kernels._corner_keys_kernel, keys_signature(acc),
                          {"ALIGN_CORNERS": True, "BORDER": False, "ACC_DTYPE": acc_tl, "BLOCK": 256},
                          triton.Config({}, num_warps=4, num_stages=1)))

@@ -229,32 +229,6 @@ def test_every_tuned_backward_config_is_correct(monkeypatch, fresh_launch_plans)
         _run_case(case, noncontiguous=False, visibility=True)
 
 
-SCORE_MAP_CASES = [
-    CPU_CASES[1],
-    dict(B=1, S=3, H=1, Lq=5, D=24, T=3, P=2, W=2, Hh=2, dtype=F16, pad="zeros", align=True),  # head dim < BLOCK_D
-    dict(B=1, S=2, H=2, Lq=19, D=16, T=2, P=9, W=5, Hh=6, dtype=F16, pad="zeros", align=False),
-]
-SCORE_MAP_GPU_CASES = GPU_CASES[:3] + [
-    dict(B=1, S=8, H=4, Lq=196, D=32, T=8, P=32, W=14, Hh=14, dtype=dt, pad="zeros", align=True) for dt in (F32, BF16)]
-
-
-@pytest.mark.parametrize("case", cases(SCORE_MAP_CASES) + cases(SCORE_MAP_GPU_CASES, gpu_only_dims=lambda r: True))
-def test_score_map_kernels(case, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The opt-in score-map kernels (FATTN_DEFORM_SCORE_MAP=1, forward and backward main kernel): output
-    and every gradient (dcoords included) against the reference, with visibility and non-contiguous
-    inputs; and both ran."""
-    import fattn.deform.op as op_module
-
-    launches = []
-    for name in ("_launch_score_map_forward", "_launch_score_map_backward"):
-        real = getattr(op_module, name)
-        monkeypatch.setattr(op_module, name,
-                            lambda *a, _name=name, _real=real, **kw: launches.append(_name) or _real(*a, **kw))
-    monkeypatch.setattr(op_module, "_SCORE_MAP_KERNELS", True)  # (what FATTN_DEFORM_SCORE_MAP=1 sets at import)
-    _run_case(case, noncontiguous=True, visibility=True)
-    assert set(launches) == {"_launch_score_map_forward", "_launch_score_map_backward"}, launches
-
-
 @pytest.mark.gpu  # (the interpreter's autotuning space is one config)
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 def test_every_tuned_forward_config_is_correct(dtype, monkeypatch, fresh_launch_plans) -> None:  # type: ignore[no-untyped-def]

@@ -17,10 +17,6 @@ Program grid: query tiles x B * H * S, flattened, query tiles fastest and then q
 that run together read the same (batch, head) maps. The backward recomputes samples and probabilities
 from the saved log-sum-exp, owns its dq rows and stores the probabilities and score gradients; dK and dV
 are then gathered per pixel (`_deform_bwd_dkdv_kernel`): no atomics, the same bits every run.
-
-Opt-in (FATTN_DEFORM_SCORE_MAP=1, not yet run on a GPU): `_deform_fwd_score_map_kernel` and
-`_deform_bwd_score_map_kernel` read each sample's per-corner products from per-view score maps that a
-tensor-core product writes to a scratch (see the comment above them).
 """
 
 from __future__ import annotations
@@ -330,87 +326,6 @@ def _deform_fwd_kernel(
     _store_out_lse(O, LSE, acc, m_i, l_i, b64, s64, h64, S, H, Lq, HEAD_DIM, offs_m64, offs_d, m_mask, d_mask)
 
 
-# The score-map forward (opt-in, FATTN_DEFORM_SCORE_MAP=1; CPU-tested and compiled for sm_90 only, NOT yet
-# timed on a GPU). q . key_(t,p) is the bilinear blend of q . K at the sample's four corner pixels (the
-# product is linear in K), so per view a program computes the [BLOCK_M, HW] score map q K_view^T with
-# `tl.dot`, stores it to its own slice of an fp32 scratch (L2-resident), and each sample reads four
-# scalars from it instead of gathering four 128-byte K rows: the forward's K traffic drops from
-# 4 P rows per (query, view) to one pass over the view's map per program. V is still gathered.
-# Worth it where P * 4 corners approach H * W (e.g. T8 P32 at 14x14: 128 corners per view against 196
-# pixels). Triton's register-tile gather (`tl.gather`) compiled badly for this (session 10): hence the
-# global scratch, ordered by barriers within the program.
-# (BLOCK_M, BLOCK_N, BLOCK_HW, num_warps) per element size; sm_90 compiles at D 32 (tests/compile_check.py):
-# 96-128 registers, no spill, fp32 with the 3xTF32 product (an fp32 IEEE product takes 212-224: FMA-lowered).
-SCORE_MAP_TILES = ({4: (16, 4, 16, 4), 2: (16, 4, 16, 4)} if interpreter_enabled()
-                   else {4: (16, 4, 32, 4), 2: (32, 2, 64, 4)})
-# The same for the backward's main kernel (two maps per view): 128 registers, no spill, in both.
-SCORE_MAP_BWD_TILES = ({4: (16, 4, 16, 4), 2: (16, 4, 16, 4)} if interpreter_enabled()
-                       else {4: (16, 2, 16, 4), 2: (16, 2, 32, 4)})
-
-
-@triton.jit
-def _deform_fwd_score_map_kernel(
-    Q, K, V, C, VIS, O, LSE, SCR,
-    stride_qb, stride_qs, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kt, stride_kh, stride_kp, stride_kd,
-    stride_vb, stride_vt, stride_vh, stride_vp, stride_vd,
-    stride_cb, stride_cs, stride_cm, stride_ct, stride_cp, stride_cc,
-    stride_wb, stride_ws, stride_wm, stride_wt,
-    S, H, Lq, T, P, HEAD_DIM, width, height, qk_scale, HW, HW_PAD,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr,
-    HAS_VIS: tl.constexpr, OFFSETS_64: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """_deform_fwd_kernel's output and lse, with the scores read from a per-view score map (see above).
-    SCR: fp32 scratch, BLOCK_M x HW_PAD per program (HW_PAD: HW rounded up to BLOCK_HW)."""
-    b64, s64, h64, offs_m64, offs_d, m_mask, d_mask = _query_rows(Lq, S, H, HEAD_DIM, BLOCK_M, BLOCK_D, EVEN_D)
-    # q in its storage dtype for the score map's tensor-core product; the scale (base 2) is applied to
-    # the fp32 products afterwards.
-    q = _load_q(Q, b64, s64, h64, offs_m64, offs_d, m_mask, d_mask, stride_qb, stride_qs, stride_qh, stride_qm,
-                stride_qd)
-    score_scale = qk_scale * LOG2E
-
-    # This program's score rows: [BLOCK_M] row bases of a BLOCK_M x HW_PAD slice.
-    scr_rows = SCR + tl.program_id(0).to(tl.int64) * (BLOCK_M * HW_PAD) + tl.arange(0, BLOCK_M) * HW_PAD
-    k_t, v_t, c_t, w_t, m_i, l_i, acc = _first_view(
-        K, V, C, VIS, b64, s64, h64, offs_m64, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_cs,
-        stride_cm, stride_wb, stride_ws, stride_wm, BLOCK_M, BLOCK_D, ACC_DTYPE)
-    for t in range(0, T):
-        # Every lane done reading the previous view's scores before they are overwritten.
-        tl.debug_barrier()
-        for j0 in range(0, HW, BLOCK_HW):
-            offs_j = j0 + tl.arange(0, BLOCK_HW)
-            if OFFSETS_64:
-                k_rows = k_t + offs_j.to(tl.int64)[:, None] * stride_kp + offs_d[None, :] * stride_kd
-            else:
-                k_rows = k_t + (offs_j * stride_kp)[:, None] + offs_d[None, :] * stride_kd
-            kc = tl.load(k_rows, mask=(offs_j < HW)[:, None] & d_mask[None, :], other=0.0)
-            sc = tl.dot(q, tl.trans(kc), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * score_scale
-            tl.store(scr_rows[:, None] + offs_j[None, :], sc)
-        # The map stored by every lane before any lane reads it (bar.sync orders the CTA's global writes).
-        tl.debug_barrier()
-        live_m = _view_live(m_mask, w_t, HAS_VIS)
-        for p0 in range(0, P, BLOCK_N):
-            live, pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, _, _ = _point_cells(
-                c_t, p0, live_m, P, stride_cp, stride_cc, width, height, ALIGN_CORNERS, BORDER, BLOCK_N, ACC_DTYPE)
-            scores = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-            v_s = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
-            for corner in tl.static_range(4):
-                in_map, wx, wy, _, _, offset = cell_corner(in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, width,
-                                                           corner % 2, corner // 2)
-                hit = live & in_map
-                w = tl.where(hit, wx * wy, 0.0)
-                pix_c = tl.where(hit, pix + offset, 0)
-                scores += w * tl.load(scr_rows[:, None] + pix_c)
-                vc = _gather_rows(v_t, pix_c, offs_d, d_mask, stride_vp, stride_vd, EVEN_D, OFFSETS_64)
-                v_s += w[:, :, None] * vc.to(ACC_DTYPE)
-            scores = tl.where(live, scores, float("-inf"))
-            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, scores, v_s, BLOCK_M, BLOCK_D)
-        k_t, v_t, c_t, w_t = k_t + stride_kt, v_t + stride_vt, c_t + stride_ct, w_t + stride_wt
-
-    _store_out_lse(O, LSE, acc, m_i, l_i, b64, s64, h64, S, H, Lq, HEAD_DIM, offs_m64, offs_d, m_mask, d_mask)
-
-
 @triton.jit
 def _bwd_rows(Q, O, DO, LSE, b64, s64, h64, offs_m64, offs_d, m_mask, d_mask, S, H, Lq, HEAD_DIM,
               stride_qb, stride_qs, stride_qh, stride_qm, stride_qd,
@@ -559,92 +474,6 @@ def _corner_keys_kernel(
         key = tl.where(hit, base + offset, sentinel)
         tl.store(KEY + offs64 * 4 + corner, key.to(KEY.dtype.element_ty), mask=mask)
         tl.store(W + offs64 * 4 + corner, tl.where(hit, wx * wy, 0.0).to(W.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _score_maps(q, do, k_t, v_t, scr_qk, scr_dov, HW, offs_d, d_mask, stride_kp, stride_kd, stride_vp, stride_vd,
-                BLOCK_HW: tl.constexpr, DOT_PRECISION: tl.constexpr, OFFSETS_64: tl.constexpr,
-                ACC_DTYPE: tl.constexpr):
-    """The current view's maps q . K[pix] and dO . V[pix] for every pixel ([BM, HW] each, unscaled) into
-    the program's two scratch slices, each by one tensor-core product per BLOCK_HW pixels."""
-    for j0 in range(0, HW, BLOCK_HW):
-        offs_j = j0 + tl.arange(0, BLOCK_HW)
-        jd_mask = (offs_j < HW)[:, None] & d_mask[None, :]
-        if OFFSETS_64:
-            offs_j = offs_j.to(tl.int64)
-        kc = tl.load(k_t + (offs_j * stride_kp)[:, None] + offs_d[None, :] * stride_kd, mask=jd_mask, other=0.0)
-        vc = tl.load(v_t + (offs_j * stride_vp)[:, None] + offs_d[None, :] * stride_vd, mask=jd_mask, other=0.0)
-        tl.store(scr_qk[:, None] + offs_j[None, :],
-                 tl.dot(q, tl.trans(kc), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE))
-        tl.store(scr_dov[:, None] + offs_j[None, :],
-                 tl.dot(do, tl.trans(vc), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE))
-
-
-@triton.jit
-def _deform_bwd_score_map_kernel(
-    Q, K, V, C, VIS, O, DO, LSE, DQ, DC, DS, PR, SCR,
-    stride_qb, stride_qs, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kt, stride_kh, stride_kp, stride_kd,
-    stride_vb, stride_vt, stride_vh, stride_vp, stride_vd,
-    stride_cb, stride_cs, stride_cm, stride_ct, stride_cp, stride_cc,
-    stride_wb, stride_ws, stride_wm, stride_wt,
-    stride_gb, stride_gs, stride_gh, stride_gm, stride_gd,
-    stride_dch,
-    S, H, Lq, T, P, HEAD_DIM, width, height, qk_scale, HW, HW_PAD,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr,
-    HAS_VIS: tl.constexpr, NEED_DCOORDS: tl.constexpr, OFFSETS_64: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """_deform_bwd_kernel's outputs with every per-corner product (q . K_c, dO . V_c) read from two
-    per-view score maps (see _deform_fwd_score_map_kernel): V is not gathered at all, K only for dq.
-    SCR: fp32 scratch, 2 x BLOCK_M x HW_PAD per program. Opt-in; CPU-tested only."""
-    b64, s64, h64, offs_m64, offs_d, m_mask, d_mask = _query_rows(Lq, S, H, HEAD_DIM, BLOCK_M, BLOCK_D, EVEN_D)
-    q, do, lse, delta, row = _bwd_rows(Q, O, DO, LSE, b64, s64, h64, offs_m64, offs_d, m_mask, d_mask, S, H, Lq,
-                                       HEAD_DIM, stride_qb, stride_qs, stride_qh, stride_qm, stride_qd, stride_gb,
-                                       stride_gs, stride_gh, stride_gm, stride_gd, ACC_DTYPE)
-    n_keys = T * P
-    sp_t = (((b64 * H + h64) * S + s64) * Lq + offs_m64) * n_keys
-    dc_t = DC + h64 * stride_dch + ((b64 * S + s64) * Lq + offs_m64) * (n_keys * 2)
-    scr_qk = SCR + tl.program_id(0).to(tl.int64) * (2 * BLOCK_M * HW_PAD) + tl.arange(0, BLOCK_M) * HW_PAD
-    scr_dov = scr_qk + BLOCK_M * HW_PAD
-    k_t, v_t, c_t, w_t, _, _, dq = _first_view(
-        K, V, C, VIS, b64, s64, h64, offs_m64, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_cs,
-        stride_cm, stride_wb, stride_ws, stride_wm, BLOCK_M, BLOCK_D, ACC_DTYPE)
-    for t in range(0, T):
-        tl.debug_barrier()  # the previous view's maps read by every lane before they are overwritten
-        _score_maps(q, do, k_t, v_t, scr_qk, scr_dov, HW, offs_d, d_mask, stride_kp, stride_kd, stride_vp,
-                    stride_vd, BLOCK_HW, DOT_PRECISION, OFFSETS_64, ACC_DTYPE)
-        tl.debug_barrier()  # the maps stored by every lane before any lane reads them
-        live_m = _view_live(m_mask, w_t, HAS_VIS)
-        for p0 in range(0, P, BLOCK_N):
-            live, pix, in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1, dix_dx, diy_dy = _point_cells(
-                c_t, p0, live_m, P, stride_cp, stride_cc, width, height, ALIGN_CORNERS, BORDER, BLOCK_N, ACC_DTYPE)
-            offs_p = p0 + tl.arange(0, BLOCK_N)
-            mn_mask = m_mask[:, None] & (offs_p < P)[None, :]
-            k_s, dov, qk_dx, qk_dy, dov_dx, dov_dy = _zero_sample_sums(BLOCK_M, BLOCK_N, BLOCK_D, ACC_DTYPE)
-            qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-            for corner in tl.static_range(4):
-                in_map, wx, wy, dwx, dwy, offset = cell_corner(in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1,
-                                                               width, corner % 2, corner // 2)
-                hit = live & in_map
-                w = tl.where(hit, wx * wy, 0.0)
-                pix_c = tl.where(hit, pix + offset, 0)
-                qk_c = tl.load(scr_qk[:, None] + pix_c)
-                dov_c = tl.load(scr_dov[:, None] + pix_c)
-                qk += w * qk_c
-                dov += w * dov_c
-                if NEED_DCOORDS:
-                    qk_dx, qk_dy, dov_dx, dov_dy = _corner_dcoords(hit, wx, wy, dwx, dwy, qk_c, dov_c, qk_dx, qk_dy,
-                                                                   dov_dx, dov_dy)
-                kc = _gather_rows(k_t, pix_c, offs_d, d_mask, stride_kp, stride_kd, EVEN_D, OFFSETS_64)
-                k_s += w[:, :, None] * kc.to(ACC_DTYPE)
-            dq = _bwd_block_finish(DC, DS, PR, dc_t, sp_t, offs_p, mn_mask, live, qk, dov, k_s, qk_dx, qk_dy, dov_dx,
-                                   dov_dy, dix_dx, diy_dy, lse, delta, dq, qk_scale, NEED_DCOORDS)
-        k_t, v_t, c_t, w_t = k_t + stride_kt, v_t + stride_vt, c_t + stride_ct, w_t + stride_wt
-        sp_t += P
-        dc_t += 2 * P
-    _store_dq(DQ, dq, row, offs_d, m_mask, d_mask, HEAD_DIM, qk_scale)
 
 
 @triton.jit

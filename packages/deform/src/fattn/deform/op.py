@@ -25,18 +25,9 @@ from fattn.core import (
     tensor_reasons,
 )
 from fattn.core.launch import launcher
-from fattn.core.runtime import cdiv, env_flag, next_power_of_2
+from fattn.core.runtime import cdiv, next_power_of_2
 
-from .kernels import (
-    SCORE_MAP_BWD_TILES,
-    SCORE_MAP_TILES,
-    _corner_keys_kernel,
-    _deform_bwd_dkdv_kernel,
-    _deform_bwd_kernel,
-    _deform_bwd_score_map_kernel,
-    _deform_fwd_kernel,
-    _deform_fwd_score_map_kernel,
-)
+from .kernels import _corner_keys_kernel, _deform_bwd_dkdv_kernel, _deform_bwd_kernel, _deform_fwd_kernel
 
 __all__ = ["deform_attention", "deform_fwd", "deform_bwd", "not_supported_reasons"]
 
@@ -121,71 +112,9 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Te
             BLOCK_D=next_power_of_2(D), EVEN_D=next_power_of_2(D) == D, ALIGN_CORNERS=align_corners, BORDER=border,
             HAS_VIS=visibility is not None, OFFSETS_64=_needs_64bit_offsets(k, v), ACC_DTYPE=_tl_acc(q))
 
-    if _score_map_kernels(q):
-        _launch_score_map_forward(tensors, q, k, v, coords, vis_strides, visibility, width, height, scale, border,
-                                  align_corners)
-        return out, lse
     signature = call_signature(q, k, v, coords, visibility, width, height, scale, border, align_corners)
     launcher(_deform_fwd_kernel).launch_planned(signature, tensors, build)
     return out, lse
-
-
-# FATTN_DEFORM_SCORE_MAP=1 (read once, at import; a value other than 1/0, on/off, ... raises): the
-# score-map forward and backward main kernels (kernels.SCORE_MAP_TILES; opt-in, not yet run on a GPU).
-_SCORE_MAP_KERNELS = env_flag("FATTN_DEFORM_SCORE_MAP", False)
-
-
-def _score_map_kernels(q: torch.Tensor) -> bool:
-    """Whether this call takes the score-map kernels: switched on, and a head dim they serve (their
-    tensor-core products need at least 16 and no fp64; their tiles were sized for up to 32)."""
-    return _SCORE_MAP_KERNELS and q.dtype != torch.float64 and 16 <= next_power_of_2(q.shape[-1]) <= 32
-
-
-def _score_map_launch(q: torch.Tensor, width: int, height: int, tile: tuple[int, int, int, int],
-                      maps: int) -> tuple[int, int, int, torch.Tensor, dict]:
-    """(programs, pixels, padded pixels, scratch, launch keywords) of a score-map kernel with `tile` (BLOCK_M,
-    BLOCK_N, BLOCK_HW, warps): one program per BLOCK_M queries of a (b, s, h), each with `maps` fp32
-    BLOCK_M x HW_PAD slices of scratch (written before read: no initialization)."""
-    B, S, H, Lq, D = q.shape
-    block_m, block_n, block_hw, warps = tile
-    hw = width * height
-    hw_pad = cdiv(hw, block_hw) * block_hw
-    programs = cdiv(Lq, block_m) * B * S * H
-    scratch = torch.empty(programs * maps * block_m * hw_pad, dtype=torch.float32, device=q.device)
-    # (3xTF32: fp32-accurate products on tensor cores; IEEE fp32 is FMA-lowered, at 212+ registers)
-    meta = dict(BLOCK_D=next_power_of_2(D), EVEN_D=next_power_of_2(D) == D, ACC_DTYPE=_tl_acc(q), BLOCK_M=block_m,
-                BLOCK_N=block_n, BLOCK_HW=block_hw, DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
-                num_warps=warps, num_stages=1)
-    return programs, hw, hw_pad, scratch, meta
-
-
-def _launch_score_map_backward(bwd_tensors: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               coords: torch.Tensor, grad_out: torch.Tensor, dc: torch.Tensor, vis_strides: tuple,
-                               visibility: Optional[torch.Tensor], width: int, height: int, scale: float,
-                               border: bool, align_corners: bool, need_dcoords: bool) -> None:
-    _, S, H, Lq, D = q.shape
-    T, P = coords.shape[3], coords.shape[4]
-    # Two maps per program: q . K and dO . V.
-    programs, hw, hw_pad, scratch, meta = _score_map_launch(q, width, height,
-                                                            SCORE_MAP_BWD_TILES[q.element_size()], 2)
-    launcher(_deform_bwd_score_map_kernel)[(programs,)](
-        *bwd_tensors, scratch, *q.stride(), *k.stride(), *v.stride(), *coords.stride(), *vis_strides,
-        *grad_out.stride(), dc.stride(0), S, H, Lq, T, P, D, width, height, float(scale), hw, hw_pad,
-        ALIGN_CORNERS=align_corners, BORDER=border, HAS_VIS=visibility is not None, NEED_DCOORDS=need_dcoords,
-        OFFSETS_64=_needs_64bit_offsets(k, v), **meta)
-
-
-def _launch_score_map_forward(tensors: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              coords: torch.Tensor, vis_strides: tuple, visibility: Optional[torch.Tensor],
-                              width: int, height: int, scale: float, border: bool, align_corners: bool) -> None:
-    _, S, H, Lq, D = q.shape
-    T, P = coords.shape[3], coords.shape[4]
-    programs, hw, hw_pad, scratch, meta = _score_map_launch(q, width, height, SCORE_MAP_TILES[q.element_size()], 1)
-    launcher(_deform_fwd_score_map_kernel)[(programs,)](
-        *tensors, scratch, *q.stride(), *k.stride(), *v.stride(), *coords.stride(), *vis_strides,
-        S, H, Lq, T, P, D, width, height, float(scale), hw, hw_pad,
-        ALIGN_CORNERS=align_corners, BORDER=border, HAS_VIS=visibility is not None,
-        OFFSETS_64=_needs_64bit_offsets(k, v), **meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,11 +226,7 @@ def deform_bwd(
             HAS_VIS=visibility is not None, NEED_DCOORDS=need_dcoords, OFFSETS_64=_needs_64bit_offsets(k, v),
             ACC_DTYPE=_tl_acc(q))
 
-    if _score_map_kernels(q):
-        _launch_score_map_backward(bwd_tensors, q, k, v, coords, grad_out, dc, vis_strides, visibility, width,
-                                   height, scale, border, align_corners, need_dcoords)
-    else:
-        launcher(_deform_bwd_kernel).launch_planned(signature, bwd_tensors, build_bwd)
+    launcher(_deform_bwd_kernel).launch_planned(signature, bwd_tensors, build_bwd)
     order, weight, q_off, g_off, offsets = _corner_entries(coords, q, grad_out, width, height, border,
                                                            align_corners, acc, signature)
     dkdv_tensors = (q, grad_out, ds, pr, order, weight, q_off, g_off, offsets, dk, dv)
