@@ -67,21 +67,25 @@ _FWD_TILES = {
     64: [(128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3)],
     128: [(64, 32, 8, 2), (32, 32, 4, 2)],
 }
+# D <= 64 backward: the autotuner's per-config times on an H100 (session 15; ViT-B/16 512 and ViT-L/14 518,
+# bf16, whole rows): dK/dV 64 x 64 / 4 warps 1.53-1.67 ms against 1.98-2.07 (32 x 128 / 8) and 3.46-3.96
+# (64 x 64 / 8); dQ 64 x 64 / 4 warps 0.70-0.77 ms against 1.28-1.48 (64 x 64 / 8).
 _DKDV_TILES = {
-    32: [(64, 64, 8, 2), (32, 128, 8, 3)],
+    32: [(64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 8, 3)],
     64: [(32, 64, 8, 2), (64, 64, 8, 2)],
     128: [(32, 32, 8, 1), (16, 32, 4, 2)],  # D > 128 spills registers in every tile tried
 }
 _DQ_TILES = {
-    32: [(64, 64, 8, 3), (128, 64, 8, 2)],
+    32: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3)],
     64: [(64, 32, 8, 2), (64, 64, 8, 2)],
     128: [(32, 32, 8, 1), (64, 16, 8, 1)],  # (spills too)
 }
-# fp32 inputs double every tile's shared memory: where some of the class's tiles exceed sm_90's 227 KB
-# (D 65-128), these replace them.
+# fp32 inputs double every tile's shared memory and registers: where some of the class's tiles exceed
+# sm_90's 227 KB (D 65-128) or spill (D <= 64: the one-warpgroup 64 x 64 backward tiles, 48-360 bytes),
+# these replace them.
 _FWD_TILES_FP32 = {64: [(64, 32, 8, 2)]}
-_DKDV_TILES_FP32 = {64: [(32, 64, 8, 2)]}
-_DQ_TILES_FP32 = {64: [(64, 32, 8, 2)]}
+_DKDV_TILES_FP32 = {32: [(32, 128, 8, 3)], 64: [(32, 64, 8, 2)]}
+_DQ_TILES_FP32 = {32: [(64, 64, 8, 3), (128, 64, 8, 3)], 64: [(64, 32, 8, 2)]}
 # Forward tiles that spill registers when k is rotated in the loop, but not when it streams from the
 # pre-rotated slab (one warpgroup on 128 query rows, the tilings that won for fattn-swba's forward): kept
 # only for PREROTATED_K launches (16-bit inputs).
@@ -109,16 +113,17 @@ PREROTATE_ENV = "FATTN_ROPE2D_PREROTATE"
 PREROTATE_MIN_Q_TILES = 4
 
 
-# FATTN_ROPE2D_FULL_ROWS (default off until timed on a GPU; read at import): where D/2 is a power of two
+# FATTN_ROPE2D_FULL_ROWS (default on; read at import; 0 restores the half products): where D/2 is a power of two
 # (D 32, 64, 128, 256), the kernels multiply whole (a | b) rows, one product per operand, instead of an
 # a-half and a b-half product: rows of pre-rotated slabs as loaded, tiles rotated in the loop joined from
 # their halves (register shuffles, 37-42 more registers on sm_90, same occupancy). sm_90 PTX at D 64:
 # the two chained half products are two wgmma groups, each drained by its own wait (forward: 3 waits per
 # k tile against 2; dQ: 5 against 3), and the backward's gradient accumulators (dq, dk) become one
 # [rows, D] product each, every warpgroup's wgmma twice as wide (m64n64k16 instead of m64n32k16 /
-# m64n16k16). Off: the half-tile products. The forward's q tile is joined once per program.
+# m64n16k16). Off: the half-tile products. The forward's q tile is joined once per program. H100, session
+# 15 (autotuner's per-config times, same tiles): fwd+bwd 3.46 ms against 3.76 at ViT-B/16 512.
 FULL_ROWS_ENV = "FATTN_ROPE2D_FULL_ROWS"
-_FULL_ROWS = env_flag(FULL_ROWS_ENV, False)
+_FULL_ROWS = env_flag(FULL_ROWS_ENV, True)
 
 
 def prerotate_mode() -> str:
