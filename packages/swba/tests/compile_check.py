@@ -5,7 +5,8 @@
 --all: every config the autotuner may pick (kernels.candidate_configs) for each dtype / head-dim
 class; --quick (default): the config used when autotuning is off, for fp16 D=64 and bf16 D=128.
 Prints registers, spills and shared memory per kernel / dtype / head dim / config (through
-fattn.core.compile_check); exits 1 when a kernel fails to compile, spills, or needs more shared
+fattn.core.compile_check); exits 1 when a kernel fails to compile, spills (beyond the measured, accepted
+spills of kernels.MEASURED_SPILLS, marked ok*), or needs more shared
 memory than an H100 block has.
 """
 
@@ -62,8 +63,14 @@ def check(kind: str, dtype: str, head_dim: int, config: triton.Config, arch: int
     rep = compile_kernel(kernel, sig, consts, arch=arch, num_warps=config.num_warps, num_stages=config.num_stages,
                          divisible_by_16=div16 if head_dim % 16 == 0 else tuple(n for n in div16 if sig[n][0] == "*"),
                          name=f"{kind} {dtype} D{head_dim} {tiles}")
-    ok = rep.n_spills == 0 and rep.shared_bytes <= SHARED_MEMORY_LIMIT
-    print(("ok   " if ok else "FAIL ") + str(rep), flush=True)
+    # spills measured and accepted (kernels.MEASURED_SPILLS; a padded head dim may spill a few bytes more)
+    key = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+    accepted = kernels.MEASURED_SPILLS.get((kind, kernels._head_dim_class(block_d, _TORCH[dtype].itemsize)), {})
+    allowed = accepted.get(key, 0)
+    if allowed and head_dim != block_d:
+        allowed += 64
+    ok = rep.n_spills <= allowed and rep.shared_bytes <= SHARED_MEMORY_LIMIT
+    print(("ok   " if ok and not rep.n_spills else "ok*  " if ok else "FAIL ") + str(rep), flush=True)
     return ok
 
 

@@ -16,11 +16,16 @@ _SCRIPT = Path(__file__).with_name("compile_check.py")
 pytestmark = pytest.mark.skipif(on_gpu(), reason="the GPU tests compile the kernels themselves")
 
 
+def _passed(stdout: str) -> int:
+    """Kernels reported "ok" (no spill) or "ok*" (only the spills listed in kernels.MEASURED_SPILLS)."""
+    return sum(line.startswith(("ok ", "ok*")) for line in stdout.splitlines())
+
+
 def test_default_configs_compile_for_sm90() -> None:
     """The configs used when autotuning is off (fp16 D=64, bf16 D=128): ~12 s on 2 CPU cores."""
     pytest.importorskip("triton.backends.nvidia")
     res = run_compile_script(_SCRIPT, "--quick")
-    assert res.stdout.count("ok ") == 8, res.stdout
+    assert "FAIL" not in res.stdout and _passed(res.stdout) == 8, res.stdout
 
 
 @pytest.mark.slow_interpreter
@@ -28,4 +33,4 @@ def test_every_candidate_config_compiles_for_sm90() -> None:
     """Every config the autotuner may pick, for every dtype / head-dim class (~3 min: --fattn-full)."""
     pytest.importorskip("triton.backends.nvidia")
     res = run_compile_script(_SCRIPT, "--all")
-    assert "FAIL" not in res.stdout and res.stdout.count("ok ") >= 60, res.stdout
+    assert "FAIL" not in res.stdout and _passed(res.stdout) >= 60, res.stdout

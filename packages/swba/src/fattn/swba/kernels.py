@@ -90,23 +90,36 @@ FWD_TABLE = {
     (128, True): [_config(128, 32, 8, 2), _config(64, 32, 4, 2)],
     (256, True): [_config(32, 32, 8, 2), _config(32, 16, 4, 2)],
 }
+# The 64-row dK/dV tiles (16-bit) and the D 64 dQ's (64, 128, 4, 3) come from the autotuner's per-config
+# times on an H100 (session 15; B1 H12 N16384 bs256 w16): dK/dV 64 x 64 / 4 warps 1105 us at D 64 against
+# 1269 for the best earlier candidate (32 x 64 / 4 / 3); 64 x 128 / 8 warps 1684 us at D 128 against 1908
+# (32 x 128 / 8). They spill a little (MEASURED_SPILLS) and are faster anyway.
 DKDV_TABLE = {
-    (64, False): [_config(32, 128, 8, 2), _config(32, 128, 8, 3), _config(32, 64, 4, 3), _config(16, 128, 8, 2)],
-    (128, False): [_config(32, 128, 8, 2), _config(16, 128, 8, 2), _config(32, 64, 8, 2)],
+    (64, False): [_config(64, 64, 4, 2), _config(64, 128, 8, 2), _config(32, 64, 4, 3), _config(32, 64, 4, 2)],
+    (128, False): [_config(32, 128, 8, 2), _config(64, 128, 8, 2), _config(16, 128, 8, 2), _config(32, 64, 8, 2)],
     (256, False): [_config(32, 32, 8, 2), _config(16, 64, 8, 1), _config(16, 32, 8, 2)],
     (64, True): [_config(32, 64, 4, 2), _config(32, 128, 8, 2), _config(16, 64, 4, 2)],
     (128, True): [_config(16, 64, 4, 2)],
     (256, True): [_config(16, 32, 8, 1)],
 }
 DQ_TABLE = {
-    (64, False): [_config(128, 32, 4, 3), _config(128, 64, 8, 3), _config(128, 64, 8, 4), _config(64, 64, 4, 4),
-                  _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
+    (64, False): [_config(128, 32, 4, 3), _config(64, 128, 4, 3), _config(64, 64, 4, 3), _config(128, 64, 8, 3),
+                  _config(64, 32, 4, 2)],
     (128, False): [_config(128, 32, 8, 3), _config(128, 64, 8, 3), _config(128, 64, 8, 2), _config(128, 32, 8, 4),
                    _config(64, 64, 4, 3), _config(64, 32, 4, 2)],
     (256, False): [_config(64, 32, 8, 2), _config(64, 64, 8, 2), _config(32, 32, 4, 2)],
     (64, True): [_config(64, 32, 4, 2), _config(128, 32, 8, 3)],
     (128, True): [_config(32, 32, 4, 2)],
     (256, True): [_config(32, 16, 4, 2)],
+}
+
+
+# Tiles kept although they spill on sm_90, because they were measured faster than every spill-free candidate
+# (see above): (kind, head-dim class) -> {(BLOCK_M, BLOCK_N, num_warps, num_stages): spilled bytes}.
+# tests/compile_check.py accepts these spills (no more than listed) and fails on any other.
+MEASURED_SPILLS = {
+    ("dkdv", (64, False)): {(64, 64, 4, 2): 16, (64, 128, 8, 2): 8},
+    ("dkdv", (128, False)): {(64, 128, 8, 2): 480},
 }
 
 
