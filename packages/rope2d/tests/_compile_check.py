@@ -46,7 +46,7 @@ def _unit_strides(names: list[str]) -> dict[str, int]:
 
 
 def _check(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int, label: str,  # type: ignore[no-untyped-def]
-           spills_allowed: bool) -> int:
+           spills_allowed: bool, maxnreg: int | None = None) -> int:
     jit = kernel
     while not hasattr(jit, "arg_names"):  # @triton.autotune wraps the JITFunction in .fn
         jit = jit.fn
@@ -55,7 +55,7 @@ def _check(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int
     sig, div16 = _signature(names, dtype, ce)
     try:
         rep = compile_kernel(kernel, sig, ce, num_warps=num_warps, num_stages=num_stages, divisible_by_16=div16,
-                             arch=ARCH[0], name=label)
+                             arch=ARCH[0], name=label, maxnreg=maxnreg)
     except Exception as e:  # report every failing config, then fail
         print(f"FAIL {label}: {type(e).__name__}: {str(e)[:400]}", flush=True)
         return 1
@@ -104,10 +104,11 @@ def main(archs: list[int], quick: bool = False, only_dims: tuple[int, ...] = ())
                 for cfg, prerotated, full in pairs:
                     ce = {**base, flag: prerotated, **full, **cfg.kwargs}
                     label = (f"{tag} {name:4s} pre{int(prerotated)}{' full' if full.get('FULL_ROWS') else ''} M{cfg.kwargs['BLOCK_M']:3d} "
-                             f"N{cfg.kwargs['BLOCK_N']:3d} w{cfg.num_warps} s{cfg.num_stages}")
+                             f"N{cfg.kwargs['BLOCK_N']:3d} w{cfg.num_warps} s{cfg.num_stages}"
+                             + (f" cap{cfg.maxnreg}" if cfg.maxnreg else ""))
                     # spills cost speed, not correctness: tolerated for D > 128 and fp32 (not the fast paths)
                     bad += _check(kern, dtype, ce, cfg.num_warps, cfg.num_stages, label,
-                                  spills_allowed=d > 128 or dtype == "fp32")
+                                  spills_allowed=d > 128 or dtype == "fp32", maxnreg=cfg.maxnreg)
             if not quick:
                 # Triton turns scalar int arguments equal to 1 into constants (H=1, N=1, one class token):
                 # every kernel must still compile with them

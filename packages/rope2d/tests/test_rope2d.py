@@ -163,6 +163,23 @@ def test_every_tuned_tile_is_correct(case: dict, mode: str, monkeypatch: pytest.
         kernel.cache.clear()
 
 
+def test_capped_tile_is_its_own_candidate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table row with a 5th entry (maxnreg) becomes a config with that register cap, kept apart from its
+    uncapped twin by the pruner, in the table's order."""
+    from fattn.rope2d import kernels
+
+    monkeypatch.setenv("FATTN_ROPE2D_AUTOTUNE_LIMIT", "0")
+    tiles = [(128, 64, 8, 3, 128), (64, 64, 4, 2), (128, 64, 8, 3)]
+    configs = kernels._configs({32: tiles})
+    assert [c.maxnreg for c in configs] == [128, None, None]
+    prune = kernels._pruner({32: tiles[::-1]})
+    q = torch.empty(0, dtype=torch.bfloat16)
+    kept = prune(configs, {"N": 4096, "q_ptr": q}, BLOCK_DH=32)
+    assert [kernels._tile(c) for c in kept] == tiles[::-1]
+    only_capped = kernels._pruner({32: tiles[:1]})(configs, {"N": 4096, "q_ptr": q}, BLOCK_DH=32)
+    assert [kernels._tile(c) for c in only_capped] == tiles[:1]
+
+
 @pytest.mark.parametrize(("mode", "min_q_tiles", "expected"), [("0", 4, (0, 0)), ("1", 4, (1, 2)),
                                                                ("auto", 4, (0, 2)), ("auto", 1, (1, 2))])
 def test_prerotate_mode_dispatch(mode: str, min_q_tiles: int, expected: tuple[int, int],

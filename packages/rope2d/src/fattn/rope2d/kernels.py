@@ -51,10 +51,18 @@ def pair_block(head_dim: int) -> int:
 # --------------------------------------------------------------------------------------------
 # Autotuning: one small config under the interpreter, a handful of Hopper-friendly ones on a GPU.
 # --------------------------------------------------------------------------------------------
-def _configs(table: dict[int, list[tuple[int, int, int, int]]]) -> list[triton.Config]:
-    """Union of the per-head-dim-class tiles; `_prune` keeps the class's own."""
+def _configs(table: dict[int, list[tuple[int, ...]]]) -> list[triton.Config]:
+    """Union of the per-head-dim-class tiles (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]);
+    `_prune` keeps the class's own."""
     seen = dict.fromkeys(t for tiles in table.values() for t in tiles)
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in seen]
+    return [triton.Config({"BLOCK_M": t[0], "BLOCK_N": t[1]}, num_warps=t[2], num_stages=t[3],
+                          maxnreg=t[4] if len(t) > 4 else None) for t in seen]
+
+
+def _tile(c: triton.Config) -> tuple[int, ...]:
+    """A config's table row (the inverse of `_configs`)."""
+    row = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+    return row + (c.maxnreg,) if c.maxnreg else row
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per pair-block width BLOCK_DH (16/32: D <= 64; 64: D <= 128;
@@ -89,7 +97,11 @@ _DQ_TILES_FP32 = {32: [(64, 64, 8, 3), (128, 64, 8, 3)], 64: [(64, 32, 8, 2)]}
 # Forward tiles that spill registers when k is rotated in the loop, but not when it streams from the
 # pre-rotated slab (one warpgroup on 128 query rows, the tilings that won for fattn-swba's forward): kept
 # only for PREROTATED_K launches (16-bit inputs).
-_FWD_TILES_PREROTATED = {32: [(128, 64, 4, 3), (64, 128, 4, 3)]}
+# Added in session 15, not yet timed: more programs per SM with whole rows (sm_90, D 64 bf16, ptxas):
+# (64, 64, 4, 2) takes 164 registers, three programs per SM (171 with 3 stages: two); (128, 64, 8, 3)
+# capped at 128 registers (5th entry, triton.Config's maxnreg) has no spill and fits two programs per SM
+# instead of one (142 uncapped). Programs out of phase overlap one's softmax with another's products.
+_FWD_TILES_PREROTATED = {32: [(128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3, 128)]}
 # Forward tiles that spill with whole-row products (FULL_ROWS_ENV; the joined q tile costs registers):
 # pruned from those launches. sm_90, D 64 bf16: (128 x 64, 4 warps) 255 registers + 128 bytes of spill.
 _FWD_TILES_SPILL_FULL_ROWS = {32: [(128, 64, 4, 3)]}
@@ -153,9 +165,8 @@ def _pruner(table: dict[int, list[tuple[int, int, int, int]]],  # type: ignore[n
             order = order + (prerotated_table or {}).get(cls, [])
         if full_rows_spill and kwargs.get("FULL_ROWS", named_args.get("FULL_ROWS", False)):
             order = [t for t in order if t not in full_rows_spill.get(cls, [])]
-        kept = [c for c in configs
-                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in order]
-        kept.sort(key=lambda c: order.index((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)))
+        kept = [c for c in configs if _tile(c) in order]
+        kept.sort(key=lambda c: order.index(_tile(c)))
         short = [c for c in kept if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(64, n)]
         kept = short or kept
         # FATTN_ROPE2D_AUTOTUNE_LIMIT=n (older FATTN_ROPE2D_AUTOTUNE=0 means 1): the first n tiles only.
