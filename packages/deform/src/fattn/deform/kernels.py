@@ -229,22 +229,6 @@ def _point_cells(c_t, p0, live_m, P, stride_cp, stride_cc, width, height, ALIGN_
 
 
 @triton.jit
-def _zero_sample_sums(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """The backward's per-block sums over corners, zeroed: the blended keys [BM, BN, BD], and [BM, BN]
-    each of dO . v_sample and the dcoords terms (qk_dx, qk_dy, dov_dx, dov_dy)."""
-    zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
-    return tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE), zero, zero, zero, zero, zero
-
-
-@triton.jit
-def _corner_dcoords(hit, wx, wy, dwx, dwy, qk_c, dov_c, qk_dx, qk_dy, dov_dx, dov_dy):
-    """A corner's share of the dcoords terms: d(w)/d(fx), d(w)/d(fy) times q . K_c and dO . V_c."""
-    dw_dfx = tl.where(hit, dwx * wy, 0.0)
-    dw_dfy = tl.where(hit, wx * dwy, 0.0)
-    return (qk_dx + dw_dfx * qk_c, qk_dy + dw_dfy * qk_c, dov_dx + dw_dfx * dov_c, dov_dy + dw_dfy * dov_c)
-
-
-@triton.jit
 def _softmax_step(m_i, l_i, acc, scores, v_s, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """One block of samples into the online softmax: scores [BM, BN] (base 2, -inf where dead), their
     values v_s [BM, BN, BD]. Returns the new (m_i, l_i, acc)."""
@@ -326,51 +310,6 @@ def _deform_fwd_kernel(
     _store_out_lse(O, LSE, acc, m_i, l_i, b64, s64, h64, S, H, Lq, HEAD_DIM, offs_m64, offs_d, m_mask, d_mask)
 
 
-@triton.jit
-def _bwd_rows(Q, O, DO, LSE, b64, s64, h64, offs_m64, offs_d, m_mask, d_mask, S, H, Lq, HEAD_DIM,
-              stride_qb, stride_qs, stride_qh, stride_qm, stride_qd,
-              stride_gb, stride_gs, stride_gh, stride_gm, stride_gd, ACC_DTYPE: tl.constexpr):
-    """The backward's per-query inputs in their storage dtype (q, dO), and in ACC_DTYPE the lse, the
-    correction term rowsum(dO * O), and the rows of the contiguous out / lse / dq."""
-    q = _load_q(Q, b64, s64, h64, offs_m64, offs_d, m_mask, d_mask, stride_qb, stride_qs, stride_qh, stride_qm,
-                stride_qd)
-    do = _load_q(DO, b64, s64, h64, offs_m64, offs_d, m_mask, d_mask, stride_gb, stride_gs, stride_gh, stride_gm,
-                 stride_gd)
-    row = ((b64 * S + s64) * H + h64) * Lq + offs_m64
-    o = tl.load(O + row[:, None] * HEAD_DIM + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
-                other=0.0).to(ACC_DTYPE)
-    lse = tl.load(LSE + row, mask=m_mask, other=float("-inf")).to(ACC_DTYPE)
-    delta = tl.sum(o * do.to(ACC_DTYPE), 1)  # rowsum(dO * O): the softmax backward's correction term
-    return q, do, lse, delta, row
-
-
-@triton.jit
-def _bwd_block_finish(DC, DS, PR, dc_t, sp_t, offs_p, mn_mask, live, qk, dov, k_s, qk_dx, qk_dy, dov_dx, dov_dy,
-                      dix_dx, diy_dy, lse, delta, dq, qk_scale, NEED_DCOORDS: tl.constexpr):
-    """A block of samples from its sums over corners: stores dcoords (this head's slice), the score
-    gradients and the probabilities; returns dq with the block's share added (unscaled)."""
-    scores = tl.where(live, qk * (qk_scale * LOG2E), float("-inf"))
-    prob = probs_from_lse(scores, lse)  # 0 where masked or the row saw nothing
-    dz = prob * (dov - delta[:, None])  # dL/d(scaled score)
-    dq += tl.sum(dz[:, :, None] * k_s, 1)
-    if NEED_DCOORDS:
-        dfx = dz * qk_scale * qk_dx + prob * dov_dx
-        dfy = dz * qk_scale * qk_dy + prob * dov_dy
-        dc_ptrs = dc_t[:, None] + offs_p[None, :] * 2
-        tl.store(dc_ptrs, (dfx * dix_dx).to(DC.dtype.element_ty), mask=mn_mask)
-        tl.store(dc_ptrs + 1, (dfy * diy_dy).to(DC.dtype.element_ty), mask=mn_mask)
-    sp_ptrs = sp_t[:, None] + offs_p[None, :]
-    tl.store(DS + sp_ptrs, dz.to(DS.dtype.element_ty), mask=mn_mask)
-    tl.store(PR + sp_ptrs, prob.to(PR.dtype.element_ty), mask=mn_mask)
-    return dq
-
-
-@triton.jit
-def _store_dq(DQ, dq, row, offs_d, m_mask, d_mask, HEAD_DIM, qk_scale):
-    tl.store(DQ + row[:, None] * HEAD_DIM + offs_d[None, :], (dq * qk_scale).to(DQ.dtype.element_ty),
-             mask=m_mask[:, None] & d_mask[None, :])
-
-
 @triton.autotune(configs=_bwd_configs(), key=["Lq", "T", "P", "BLOCK_D", "ALIGN_CORNERS", "BORDER", "HAS_VIS",
                                               "NEED_DCOORDS"],
                  prune_configs_by={"early_config_prune": _prune_bwd})
@@ -393,11 +332,15 @@ def _deform_bwd_kernel(
     and the probabilities PR and score gradients DS ([B, H, S, Lq, T*P]) for `_deform_bwd_dkdv_kernel`.
     No atomics."""
     b64, s64, h64, offs_m64, offs_d, m_mask, d_mask = _query_rows(Lq, S, H, HEAD_DIM, BLOCK_M, BLOCK_D, EVEN_D)
-    q, do, lse, delta, row = _bwd_rows(Q, O, DO, LSE, b64, s64, h64, offs_m64, offs_d, m_mask, d_mask, S, H, Lq,
-                                       HEAD_DIM, stride_qb, stride_qs, stride_qh, stride_qm, stride_qd, stride_gb,
-                                       stride_gs, stride_gh, stride_gm, stride_gd, ACC_DTYPE)
-    q = q.to(ACC_DTYPE)
-    do = do.to(ACC_DTYPE)
+    md_mask = m_mask[:, None] & d_mask[None, :]
+    q = _load_q(Q, b64, s64, h64, offs_m64, offs_d, m_mask, d_mask, stride_qb, stride_qs, stride_qh, stride_qm,
+                stride_qd).to(ACC_DTYPE)
+    do = _load_q(DO, b64, s64, h64, offs_m64, offs_d, m_mask, d_mask, stride_gb, stride_gs, stride_gh, stride_gm,
+                 stride_gd).to(ACC_DTYPE)
+    row = ((b64 * S + s64) * H + h64) * Lq + offs_m64  # rows of the contiguous out / lse / dq
+    o = tl.load(O + row[:, None] * HEAD_DIM + offs_d[None, :], mask=md_mask, other=0.0).to(ACC_DTYPE)
+    lse = tl.load(LSE + row, mask=m_mask, other=float("-inf")).to(ACC_DTYPE)
+    delta = tl.sum(o * do, 1)  # rowsum(dO * O): the softmax backward's correction term
     n_keys = T * P
     # Per-query rows of the probabilities / score gradients and of this head's
     # dcoords slice (contiguous [H, B, S, Lq, T, P, 2]); advanced by one view per outer step.
@@ -415,7 +358,12 @@ def _deform_bwd_kernel(
             mn_mask = m_mask[:, None] & (offs_p < P)[None, :]
             # Per corner: q . K_c and dO . V_c give the scores, dO . v_sample and the dcoords terms; the
             # blended key is kept for dq. Off-map corners read pixel 0 with zero weights (as the forward).
-            k_s, dov, qk_dx, qk_dy, dov_dx, dov_dy = _zero_sample_sums(BLOCK_M, BLOCK_N, BLOCK_D, ACC_DTYPE)
+            k_s = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+            dov = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+            qk_dx = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+            qk_dy = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+            dov_dx = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+            dov_dy = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
             for corner in tl.static_range(4):
                 in_map, wx, wy, dwx, dwy, offset = cell_corner(in_x0, in_x1, in_y0, in_y1, wx0, wx1, wy0, wy1,
                                                                width, corner % 2, corner // 2)
@@ -429,16 +377,32 @@ def _deform_bwd_kernel(
                 dov_c = tl.sum(do[:, None, :] * vc, 2)
                 dov += w * dov_c
                 if NEED_DCOORDS:
-                    qk_dx, qk_dy, dov_dx, dov_dy = _corner_dcoords(hit, wx, wy, dwx, dwy, tl.sum(q[:, None, :] * kc, 2),
-                                                                   dov_c, qk_dx, qk_dy, dov_dx, dov_dy)
+                    qk_c = tl.sum(q[:, None, :] * kc, 2)
+                    dw_dfx = tl.where(hit, dwx * wy, 0.0)
+                    dw_dfy = tl.where(hit, wx * dwy, 0.0)
+                    qk_dx += dw_dfx * qk_c
+                    qk_dy += dw_dfy * qk_c
+                    dov_dx += dw_dfx * dov_c
+                    dov_dy += dw_dfy * dov_c
 
-            dq = _bwd_block_finish(DC, DS, PR, dc_t, sp_t, offs_p, mn_mask, live, tl.sum(q[:, None, :] * k_s, 2), dov,
-                                   k_s, qk_dx, qk_dy, dov_dx, dov_dy, dix_dx, diy_dy, lse, delta, dq, qk_scale,
-                                   NEED_DCOORDS)
+            qk = tl.sum(q[:, None, :] * k_s, 2)
+            scores = tl.where(live, qk * (qk_scale * LOG2E), float("-inf"))
+            prob = probs_from_lse(scores, lse)  # 0 where masked or the row saw nothing
+            dz = prob * (dov - delta[:, None])  # dL/d(scaled score)
+            dq += tl.sum(dz[:, :, None] * k_s, 1)
+            if NEED_DCOORDS:
+                dfx = dz * qk_scale * qk_dx + prob * dov_dx
+                dfy = dz * qk_scale * qk_dy + prob * dov_dy
+                dc_ptrs = dc_t[:, None] + offs_p[None, :] * 2
+                tl.store(dc_ptrs, (dfx * dix_dx).to(DC.dtype.element_ty), mask=mn_mask)
+                tl.store(dc_ptrs + 1, (dfy * diy_dy).to(DC.dtype.element_ty), mask=mn_mask)
+            sp_ptrs = sp_t[:, None] + offs_p[None, :]
+            tl.store(DS + sp_ptrs, dz.to(DS.dtype.element_ty), mask=mn_mask)
+            tl.store(PR + sp_ptrs, prob.to(PR.dtype.element_ty), mask=mn_mask)
         k_t, v_t, c_t, w_t = k_t + stride_kt, v_t + stride_vt, c_t + stride_ct, w_t + stride_wt
         sp_t += P
         dc_t += 2 * P
-    _store_dq(DQ, dq, row, offs_d, m_mask, d_mask, HEAD_DIM, qk_scale)
+    tl.store(DQ + row[:, None] * HEAD_DIM + offs_d[None, :], (dq * qk_scale).to(DQ.dtype.element_ty), mask=md_mask)
 
 
 @triton.jit

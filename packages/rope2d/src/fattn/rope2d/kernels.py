@@ -147,10 +147,10 @@ def _head_dim_class(block_dh: int) -> int:
     return 32 if block_dh <= 32 else block_dh
 
 
-def _pruner(table: dict[int, list[tuple[int, int, int, int]]],  # type: ignore[no-untyped-def]
-            fp32_table: dict[int, list[tuple[int, int, int, int]]] | None = None,
-            prerotated_table: dict[int, list[tuple[int, int, int, int]]] | None = None,
-            full_rows_spill: dict[int, list[tuple[int, int, int, int]]] | None = None):
+def _pruner(table: dict[int, list[tuple[int, ...]]],  # type: ignore[no-untyped-def]
+            fp32_table: dict[int, list[tuple[int, ...]]] | None = None,
+            prerotated_table: dict[int, list[tuple[int, ...]]] | None = None,
+            full_rows_spill: dict[int, list[tuple[int, ...]]] | None = None):
     def prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
         """Keep the tiles of this head-dim class (and dtype); for short sequences drop tiles far longer than N."""
         block_dh = kwargs.get("BLOCK_DH", named_args.get("BLOCK_DH"))
