@@ -22,6 +22,7 @@ import torch
 import triton
 
 from fattn.core.compile_check import SHARED_MEMORY_LIMIT, compile_kernel
+from fattn.core.runtime import fma_exp2
 from fattn.swba import kernels
 
 _IO = ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")
@@ -59,6 +60,7 @@ def check(kind: str, dtype: str, head_dim: int, config: triton.Config, arch: int
     consts = {**units, "HEAD_DIM": head_dim, "BLOCK_D": block_d, **config.kwargs}
     if kind == "fwd":
         consts["SCALE_NONNEG"] = True
+        consts["FMA_HALF"] = fma_exp2(_TORCH[dtype])
     tiles = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
     rep = compile_kernel(kernel, sig, consts, arch=arch, num_warps=config.num_warps, num_stages=config.num_stages,
                          divisible_by_16=div16 if head_dim % 16 == 0 else tuple(n for n in div16 if sig[n][0] == "*"),

@@ -26,7 +26,7 @@ from fattn.core import (
     tensor_reasons,
 )
 from fattn.core.launch import launcher
-from fattn.core.runtime import cdiv, interpreter_enabled, seq_bucket
+from fattn.core.runtime import cdiv, fma_exp2, interpreter_enabled, seq_bucket
 from fattn.fp8.kernels import (
     _attn_bwd_dkdv_kernel,
     _attn_bwd_dq_kernel,
@@ -188,6 +188,7 @@ def _fwd_launch(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_descale:
         *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(), *out.stride(),
         h, h // h_kv, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k),
         HEAD_DIM=d, CAUSAL=causal, FP8=True, BWD_PREP=False, K_desc=k_desc, V_desc=v_desc,
+        FMA_HALF=fma_exp2(v8.dtype),
     )
     return out
 
