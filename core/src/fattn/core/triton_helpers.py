@@ -46,14 +46,17 @@ LN2 = tl.constexpr(0.6931471805599453)
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _exp2_poly(x):
-    """2^x for x < 128 on the FMA pipe: 2^floor(x) from the exponent bits times a degree-3 minimax
-    polynomial of the fraction (relative error 1.6e-4, below the rounding of P to 16 bits). x is
-    clamped at -127, where the sum of the bits is exactly 0: masked scores (-inf) give 0."""
+    """2^x for x < 128 on the FMA pipe: 2^j from the exponent bits times a degree-3 minimax polynomial
+    of the fraction f = x - j in [0, 1] (relative error 1.6e-4, below the rounding of P to 16 bits).
+    j is rounded by the 1.5 * 2^23 trick, not floor + float-to-int: those two conversions share the
+    16-per-clock unit with exp2 itself. x is clamped at -127, where the bits add up to exactly 0:
+    masked scores (-inf) give 0."""
     x = tl.maximum(x, -127.0)
-    whole = tl.floor(x)
-    f = x - whole
+    t = (x - 0.49999) + 12582912.0  # the low mantissa bits of t hold j = round(x - 0.49999) (x integer: j = x)
+    f = x - (t - 12582912.0)
     frac = tl.fma(tl.fma(tl.fma(f, 0.07936754662384701, 0.22441680223366045), f, 0.6961452398455097), f, 1.0)
-    bits = frac.to(tl.int32, bitcast=True) + (whole.to(tl.int32) << 23)
+    # t's bits are 0x4B400000 + j; shifted left by 23 the constant part leaves the 32 bits: j << 23.
+    bits = frac.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
     return bits.to(tl.float32, bitcast=True)
 
 
