@@ -145,6 +145,8 @@ def test_every_tuned_tile_is_correct(case: dict, mode: str, monkeypatch: pytest.
     monkeypatch.setenv("FATTN_ROPE2D_PREROTATE", mode)
     cls = 32
     fwd = list(kernels._FWD_TILES[cls]) + (list(kernels._FWD_TILES_PREROTATED.get(cls, [])) if mode == "1" else [])
+    if kernels._full_rows(case["D"]):  # tiles the pruner never launches with whole rows (they spill)
+        fwd = [t for t in fwd if t not in kernels._FWD_TILES_SPILL_FULL_ROWS.get(cls, [])]
     dkdv, dq = list(kernels._DKDV_TILES[cls]), list(kernels._DQ_TILES[cls])
     tuned = (kernels._rope2d_fwd_kernel, kernels._rope2d_bwd_dkdv_kernel, kernels._rope2d_bwd_dq_kernel)
     for i in range(max(len(fwd), len(dkdv), len(dq))):

@@ -77,9 +77,11 @@ _FWD_TILES = {
 }
 # D <= 64 backward: the autotuner's per-config times on an H100 (session 15; ViT-B/16 512 and ViT-L/14 518,
 # bf16, whole rows): dK/dV 64 x 64 / 4 warps 1.53-1.67 ms against 1.98-2.07 (32 x 128 / 8) and 3.46-3.96
-# (64 x 64 / 8); dQ 64 x 64 / 4 warps 0.70-0.77 ms against 1.28-1.48 (64 x 64 / 8).
+# (64 x 64 / 8); dQ 64 x 64 / 4 warps 0.70-0.77 ms against 1.28-1.48 (64 x 64 / 8). Session 16 (ViT-B): dK/dV
+# 32 x 64 / 4 warps / 2 stages 1.37 ms against 1.53 for 64 x 64 (143 registers: three programs per SM
+# instead of two); 16 x 64 1.54, 32 x 64 / 3 stages 1.57, 64 x 64 / 3 stages 1.55 (dropped).
 _DKDV_TILES = {
-    32: [(64, 64, 4, 2), (64, 64, 4, 3), (32, 128, 8, 3)],
+    32: [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 3)],
     64: [(32, 64, 8, 2), (64, 64, 8, 2)],
     128: [(32, 32, 8, 1), (16, 32, 4, 2)],  # D > 128 spills registers in every tile tried
 }
@@ -97,11 +99,11 @@ _DQ_TILES_FP32 = {32: [(64, 64, 8, 3), (128, 64, 8, 3)], 64: [(64, 32, 8, 2)]}
 # Forward tiles that spill registers when k is rotated in the loop, but not when it streams from the
 # pre-rotated slab (one warpgroup on 128 query rows, the tilings that won for fattn-swba's forward): kept
 # only for PREROTATED_K launches (16-bit inputs).
-# Added in session 15, not yet timed: more programs per SM with whole rows (sm_90, D 64 bf16, ptxas):
-# (64, 64, 4, 2) takes 164 registers, three programs per SM (171 with 3 stages: two); (128, 64, 8, 3)
-# capped at 128 registers (5th entry, triton.Config's maxnreg) has no spill and fits two programs per SM
-# instead of one (142 uncapped). Programs out of phase overlap one's softmax with another's products.
-_FWD_TILES_PREROTATED = {32: [(128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3, 128)]}
+# (128, 64, 8, 3) capped at 128 registers (5th entry, triton.Config's maxnreg) has no spill and fits two
+# programs per SM instead of one (142 registers uncapped): programs out of phase overlap one's softmax
+# with another's products. H100, ViT-B/16 512 bf16 whole rows: 671 us against 761 for 64 x 128 / 4 warps
+# (and 913 uncapped); 64 x 64 / 4 warps / 2 stages (three programs per SM) 783, not kept.
+_FWD_TILES_PREROTATED = {32: [(128, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3, 128)]}
 # Forward tiles that spill with whole-row products (FULL_ROWS_ENV; the joined q tile costs registers):
 # pruned from those launches. sm_90, D 64 bf16: (128 x 64, 4 warps) 255 registers + 128 bytes of spill.
 _FWD_TILES_SPILL_FULL_ROWS = {32: [(128, 64, 4, 3)]}
