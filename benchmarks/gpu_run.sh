@@ -12,7 +12,8 @@
 #                                              # overhead: python -m benchmarks.overhead floor <pkgs> (host time
 #                                              # against kernel time per call; overhead.txt)
 #   FATTN_TESTS_K=""                           # pytest -k filter for the tests
-#   FATTN_TEST_WORKERS=4                       # run each package's tests in N processes (pytest-xdist)
+#   FATTN_TEST_WORKERS=4                       # run each package's tests in N processes (pytest-xdist;
+#                                              # default 8 where it is installed, 0 = one process)
 #   FATTN_PKG_TIMEOUT=120                      # seconds allowed to each package's tests / benchmarks
 #   FATTN_SANITIZE_K="not compile"             # pytest -k filter for the compute-sanitizer pass (one process:
 #                                              # under pytest-xdist, memcheck finished no package in 85 s)
@@ -64,7 +65,12 @@ fi
 test_path() { if [ "$1" = core ]; then echo core/tests; else echo "packages/$1/tests"; fi; }
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 
-if [ -n "${FATTN_TEST_WORKERS:-}" ] && ! "$PY" -c "import xdist" 2>/dev/null; then
+# Tests are compile-bound (each new kernel variant is a Triton compile on one CPU core): with pytest-xdist
+# (in the lent machines' image) they run in 8 processes by default; FATTN_TEST_WORKERS=0 for one process.
+if "$PY" -c "import xdist" 2>/dev/null; then
+  FATTN_TEST_WORKERS="${FATTN_TEST_WORKERS-8}"
+  [ "$FATTN_TEST_WORKERS" = 0 ] && unset FATTN_TEST_WORKERS
+elif [ -n "${FATTN_TEST_WORKERS:-}" ]; then
   echo "pytest-xdist is not installed: FATTN_TEST_WORKERS=$FATTN_TEST_WORKERS ignored, tests run in one process"
   unset FATTN_TEST_WORKERS
 fi
