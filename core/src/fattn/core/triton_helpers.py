@@ -62,10 +62,11 @@ def _exp2_poly(x):
 
 @triton.jit
 def exp2_tile(x, FMA_HALF: tl.constexpr):
-    """exp2 of a [rows, cols] tile of values <= 0. FMA_HALF: odd columns by a polynomial on the FMA
-    pipe, the rest by the MUFU unit (16 exp2 per clock and SM on Hopper, the forward's bottleneck at
-    head dim 64 and in FP8), as FlashAttention-4 does. Adjacent columns share a thread in the MMA
-    layouts, so the split moves no data."""
+    """exp2 of a [rows, cols] tile of softmax arguments (below 128: <= 0, or <= 8 with FP8's 2^8 factor on
+    P). FMA_HALF: odd columns by a polynomial on the FMA pipe, the rest by the MUFU unit (16 exp2 per
+    clock and SM on Hopper, about the tensor cores' time per score at head dim 64 and in FP8), as
+    FlashAttention-4 does on Blackwell. Adjacent columns share a thread in the MMA layouts, so the
+    split moves no data."""
     if FMA_HALF:
         even, odd = tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
         return tl.reshape(tl.join(tl.math.exp2(even), _exp2_poly(odd)), [x.shape[0], x.shape[1]])

@@ -416,7 +416,7 @@ def _rope2d_fwd_kernel(
 ):
     """One program per (q tile, batch*head). PREROTATED_K: k points at the rotated scratch slab;
     FULL_ROWS: one product over whole rows per k tile (see FULL_ROWS_ENV); FMA_HALF: see
-    `fattn.core.exp2_tile`."""
+    `fattn.core.triton_helpers.exp2_tile`."""
     start_m, pid_bh = _tile_and_head(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)

@@ -317,7 +317,7 @@ def swba_fwd_kernel(
 ):
     """Grid (B * H, cdiv(n_q, BLOCK_M)). Writes O [B, H, n_q, D] and LSE [B, H, n_q] (fp32, natural log).
     SCALE_NONNEG: qk_scale >= 0 (always, unless a caller passes a negative scale). FMA_HALF: see
-    `fattn.core.exp2_tile`."""
+    `fattn.core.triton_helpers.exp2_tile`."""
     # Last query tiles first: with a window wider than the sequence so far (block-causal start)
     # they see the most keys, and starting the longest programs first balances the tail.
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
