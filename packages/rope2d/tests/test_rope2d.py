@@ -132,6 +132,41 @@ def test_full_rows_prune_spilling_forward_tiles(monkeypatch: pytest.MonkeyPatch)
     assert kept(True) == [8]
 
 
+def _isolated_tiles(tables: dict, mode: str, head_dim: int) -> list[dict]:
+    """The (fwd, dkdv, dq) tiles that test_every_tuned_tile_is_correct runs together, one triple at a time, from
+    the D <= 64 rows of `tables` (kernels._HOPPER_TILES): with k pre-rotated ("1") the forward's pre-rotated-only
+    tiles too; with whole rows not the forward tiles the pruner drops for them (they spill)."""
+    from fattn.rope2d import kernels
+
+    fwd = list(tables["fwd"][32]) + (list(tables["fwd_prerotated"].get(32, [])) if mode == "1" else [])
+    if kernels._full_rows(head_dim):
+        fwd = [t for t in fwd if t not in kernels._FWD_TILES_SPILL_FULL_ROWS.get(32, [])]
+    dkdv, dq = list(tables["dkdv"][32]), list(tables["dq"][32])
+    return [{"fwd": fwd[i % len(fwd)], "dkdv": dkdv[i % len(dkdv)], "dq": dq[i % len(dq)]}
+            for i in range(max(len(fwd), len(dkdv), len(dq)))]
+
+
+@pytest.mark.parametrize("mode", ["0", "1"])
+def test_every_isolated_tile_is_launchable(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each Hopper tile the GPU test below isolates survives its kernel's pruner (built as the kernel's is) for
+    the launch it runs in: a tile pruned away left that test with no config on the GPU (session 16)."""
+    from fattn.rope2d import kernels
+
+    monkeypatch.setenv("FATTN_ROPE2D_AUTOTUNE_LIMIT", "0")
+    q = torch.empty(0, dtype=torch.bfloat16)
+    flags = {"BLOCK_DH": 32, "FULL_ROWS": kernels._full_rows(64)}
+    for tiles in _isolated_tiles(kernels._HOPPER_TILES, mode, 64):
+        for name, tile in tiles.items():
+            table = {32: [tile]}
+            if name == "fwd":  # the narrowed table holds the tile; the pre-rotated extras are emptied
+                prune = kernels._pruner(table, None, {32: []}, kernels._FWD_TILES_SPILL_FULL_ROWS)
+                kept = prune(kernels._configs(table), {"N": 1025, "q_ptr": q}, PREROTATED_K=mode == "1", **flags)
+            else:
+                prune = kernels._pruner(table)
+                kept = prune(kernels._configs(table), {"N": 1025, "q_ptr": q}, PREROTATED=mode == "1", **flags)
+            assert [kernels._tile(c) for c in kept] == [tile], f"{name} tile {tile} (mode {mode}) is pruned away"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["0", "1"])
 @pytest.mark.parametrize("case", cases([GPU_CASES[2], GPU_CASES[3]], gpu_only_dims=lambda row: True))
@@ -144,13 +179,8 @@ def test_every_tuned_tile_is_correct(case: dict, mode: str, monkeypatch: pytest.
 
     monkeypatch.setenv("FATTN_ROPE2D_PREROTATE", mode)
     cls = 32
-    fwd = list(kernels._FWD_TILES[cls]) + (list(kernels._FWD_TILES_PREROTATED.get(cls, [])) if mode == "1" else [])
-    if kernels._full_rows(case["D"]):  # tiles the pruner never launches with whole rows (they spill)
-        fwd = [t for t in fwd if t not in kernels._FWD_TILES_SPILL_FULL_ROWS.get(cls, [])]
-    dkdv, dq = list(kernels._DKDV_TILES[cls]), list(kernels._DQ_TILES[cls])
     tuned = (kernels._rope2d_fwd_kernel, kernels._rope2d_bwd_dkdv_kernel, kernels._rope2d_bwd_dq_kernel)
-    for i in range(max(len(fwd), len(dkdv), len(dq))):
-        tiles = {"fwd": fwd[i % len(fwd)], "dkdv": dkdv[i % len(dkdv)], "dq": dq[i % len(dq)]}
+    for tiles in _isolated_tiles(kernels._HOPPER_TILES, mode, case["D"]):
         monkeypatch.setitem(kernels._FWD_TILES, cls, [tiles["fwd"]])
         monkeypatch.setitem(kernels._FWD_TILES_PREROTATED, cls, [])
         monkeypatch.setitem(kernels._DKDV_TILES, cls, [tiles["dkdv"]])

@@ -109,6 +109,9 @@ _FWD_TILES_PREROTATED = {32: [(128, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3, 
 _FWD_TILES_SPILL_FULL_ROWS = {32: [(128, 64, 4, 3)]}
 _INTERPRETER_TILES = {c: [(16, 16, 1, 1)] for c in (32, 64, 128)}  # one small config: fast CPU tests
 
+# The Hopper tables as written (the interpreter's replace them below): CPU tests check them too.
+_HOPPER_TILES = {"fwd": _FWD_TILES, "fwd_prerotated": _FWD_TILES_PREROTATED, "dkdv": _DKDV_TILES, "dq": _DQ_TILES}
+
 if interpreter_enabled():
     _FWD_TILES = _DKDV_TILES = _DQ_TILES = _INTERPRETER_TILES
     _FWD_TILES_FP32 = _DKDV_TILES_FP32 = _DQ_TILES_FP32 = _FWD_TILES_PREROTATED = {}
