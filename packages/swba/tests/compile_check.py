@@ -61,8 +61,10 @@ def check(kind: str, dtype: str, head_dim: int, config: triton.Config, arch: int
     if kind == "fwd":
         consts["SCALE_NONNEG"] = True
         consts["FMA_HALF"] = fma_exp2(_TORCH[dtype])
-    tiles = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
+    tiles = (f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
+             + (f" cap{config.maxnreg}" if config.maxnreg else ""))
     rep = compile_kernel(kernel, sig, consts, arch=arch, num_warps=config.num_warps, num_stages=config.num_stages,
+                         maxnreg=config.maxnreg,
                          divisible_by_16=div16 if head_dim % 16 == 0 else tuple(n for n in div16 if sig[n][0] == "*"),
                          name=f"{kind} {dtype} D{head_dim} {tiles}")
     # spills measured and accepted (kernels.MEASURED_SPILLS; a padded head dim may spill a few bytes more)
