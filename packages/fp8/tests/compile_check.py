@@ -32,17 +32,18 @@ def _strides(prefixes: list[str], unit: list[str]) -> dict[str, str]:
 
 
 def _compile(kernel, sig: dict[str, str], consts: dict[str, object], name: str, arch: int, warps: int,
-             stages: int):  # type: ignore[no-untyped-def]
+             stages: int, maxnreg: int | None = None):  # type: ignore[no-untyped-def]
     divisible = tuple(k for k, v in sig.items() if v.startswith("*") or k.startswith("stride"))
     # an Autotuner has `arg_names` too, which stops core's unwrapping at it: hand over the JITFunction
     if isinstance(kernel, triton.runtime.Autotuner):
         kernel = kernel.fn
     return compile_kernel(kernel, sig, consts, name=name, arch=arch, num_warps=warps, num_stages=stages,
+                          maxnreg=maxnreg,
                           divisible_by_16=divisible)
 
 
 def forward(q_dtype: str, d: int, bm: int, bn: int, warps: int, stages: int, causal: bool, arch: int = 90,
-            tma: bool = False):
+            tma: bool = False, maxnreg: int | None = None):
     """The FP8 forward: q_dtype "fp8e4nv" (e4m3 inputs) or "bf16" (Q quantized in the kernel); tma: K/V
     through tensor descriptors (what op.py passes on Hopper)."""
     unit = ["stride_qd", "stride_kd", "stride_vn", "stride_od", "stride_dod"]  # V tokens-contiguous
@@ -56,7 +57,8 @@ def forward(q_dtype: str, d: int, bm: int, bn: int, warps: int, stages: int, cau
     else:
         consts.update(K_desc=None, V_desc=None)
     return _compile(kernels._attn_fwd_kernel, sig, consts, f"fwd q={q_dtype} D{d} {bm}x{bn} w{warps} s{stages}"
-                    f"{' causal' if causal else ''}{' tma' if tma else ''}", arch, warps, stages)
+                    f"{' causal' if causal else ''}{' tma' if tma else ''}{f' cap{maxnreg}' if maxnreg else ''}",
+                    arch, warps, stages, maxnreg)
 
 
 def backward(which: str, dtype: str, d: int, bm: int, bn: int, warps: int, stages: int, arch: int = 90):
@@ -116,10 +118,11 @@ def main(full: bool) -> None:
     os.environ["FATTN_FP8_AUTOTUNE_LIMIT"] = "0"  # every config (wins over the tests' limit, under any name)
     reports = []
     if not full:
-        for q_dtype, d, bm, bn, warps, stages, tma in [("fp8e4nv", 128, 128, 64, 8, 3, False),
-                                                        ("bf16", 64, 128, 128, 8, 3, False),
-                                                        ("fp8e4nv", 128, 64, 128, 4, 2, True)]:
-            r = forward(q_dtype, d, bm, bn, warps, stages, causal=True, tma=tma)
+        for q_dtype, d, bm, bn, warps, stages, tma, cap in [("fp8e4nv", 128, 128, 64, 8, 3, False, None),
+                                                             ("bf16", 64, 128, 128, 8, 3, False, None),
+                                                             ("fp8e4nv", 128, 64, 128, 4, 2, True, None),
+                                                             ("fp8e4nv", 64, 128, 64, 8, 3, True, 128)]:
+            r = forward(q_dtype, d, bm, bn, warps, stages, causal=True, tma=tma, maxnreg=cap)
             _check_forward(r, tma)
             assert r.n_spills == 0, str(r)
             reports.append(r)
@@ -130,7 +133,8 @@ def main(full: bool) -> None:
                                             K_desc=True):
                     bm, bn, tma = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs.get("TMA", False)
                     for causal in (True, False):
-                        r = forward(q_dtype, d, bm, bn, c.num_warps, c.num_stages, causal=causal, tma=tma)
+                        r = forward(q_dtype, d, bm, bn, c.num_warps, c.num_stages, causal=causal, tma=tma,
+                                    maxnreg=c.maxnreg)
                         _check_forward(r, tma)
                         reports.append(r)
         reports.append(forward("fp8e4nv", 128, 128, 64, 8, 3, causal=False, arch=89))
