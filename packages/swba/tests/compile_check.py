@@ -70,7 +70,7 @@ def check(kind: str, dtype: str, head_dim: int, config: triton.Config, arch: int
     # spills measured and accepted (kernels.MEASURED_SPILLS; a padded head dim may spill a few bytes more)
     key = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
     accepted = kernels.MEASURED_SPILLS.get((kind, kernels._head_dim_class(block_d, _TORCH[dtype].itemsize)), {})
-    allowed = accepted.get(key, 0)
+    allowed = 0 if config.maxnreg else accepted.get(key, 0)  # (measured uncapped: a capped twin gets none)
     if allowed and head_dim != block_d:
         allowed += 64
     ok = rep.n_spills <= allowed and rep.shared_bytes <= SHARED_MEMORY_LIMIT

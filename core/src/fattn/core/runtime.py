@@ -42,6 +42,9 @@ def env_flag(name: str, default: bool) -> bool:
     raise ValueError(f"{name}={os.environ[name]!r}: expected 1 or 0 (also true/false, yes/no, on/off)")
 
 
+_EXP2_FMA = env_flag("FATTN_EXP2_FMA", False)  # read once, at import
+
+
 def fma_exp2(dtype: torch.dtype) -> bool:
     """Whether forward kernels take half of the softmax's exp2 on the FMA pipe (`exp2_tile`) for
     inputs of this dtype: FATTN_EXP2_FMA (read once, default off) and a 16-bit or FP8 dtype, whose
@@ -168,5 +171,3 @@ def sm_count(index: int | None = None) -> int:
     """Multiprocessors of CUDA device `index` (cached: persistent grids ask on every launch)."""
     return torch.cuda.get_device_properties(index).multi_processor_count
 
-
-_EXP2_FMA = env_flag("FATTN_EXP2_FMA", False)
