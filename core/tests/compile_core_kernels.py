@@ -38,9 +38,7 @@ def main() -> int:
                                       {"ALIGN": True, "BORDER": False, "BP": 32, "BC": 16}, arch=arch))
         sig = {"s_ptr": "*fp32", "v_ptr": "*fp32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "p_ptr": "*fp32",
                "M": "i32", "N": "i32", "D": "i32"}
-        for fma_half in (False, True):  # the exp2 polynomial (exp2_tile) compiles too
-            reports.append(compile_kernel(_softmax_av_kernel, sig, {"BM": 32, "BN": 32, "BD": 64, "FMA_HALF": fma_half},
-                                          arch=arch, name=f"softmax_av fma_half={fma_half}"))
+        reports.append(compile_kernel(_softmax_av_kernel, sig, {"BM": 32, "BN": 32, "BD": 64}, arch=arch))
         for dt in ("fp16", "bf16"):
             sig = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32"}
             rep = compile_kernel(_dot_kernel, sig, {"BM": 64, "BN": 64, "BK": 64}, arch=arch, name=f"dot_{dt}")

@@ -16,11 +16,9 @@ import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
 
-import torch
 import triton
 
 from fattn.core.compile_check import SHARED_MEMORY_LIMIT, compile_kernel
-from fattn.core.runtime import fma_exp2
 from fattn.fp8 import kernels
 
 TAIL = {"H": "i32", "GROUP": "i32", "N_Q": "i32", "N_K": "i32", "sm_scale": "fp32", "Q_BUCKET": "i32",
@@ -51,7 +49,7 @@ def forward(q_dtype: str, d: int, bm: int, bn: int, warps: int, stages: int, cau
            "V_descale": "*fp32", "Out": "*bf16", "Lse": "*fp32", "DO": "*bf16", "Delta": "*fp32",
            **_strides(["q", "k", "v", "o", "do"], unit), **TAIL}
     consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": causal, "FP8": True, "BWD_PREP": False,
-              "TMA": tma, "FMA_HALF": fma_exp2(torch.float8_e4m3fn), **dict.fromkeys(unit, 1)}
+              "TMA": tma, **dict.fromkeys(unit, 1)}
     if tma:
         sig.update(K_desc=f"tensordesc<fp8e4nv[{bn}, {d}]>", V_desc=f"tensordesc<fp8e4nv[{d}, {bn}]>")
     else:
@@ -70,7 +68,7 @@ def backward(which: str, dtype: str, d: int, bm: int, bn: int, warps: int, stage
                "Out": "*fp32", "Lse": "*fp32", "DO": t, "Delta": "*fp32",
                **_strides(["q", "k", "v", "o", "do"], unit), **TAIL}
         consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": True, "FP8": False, "BWD_PREP": True,
-                  "K_desc": None, "V_desc": None, "TMA": False, "FMA_HALF": False}
+                  "K_desc": None, "V_desc": None, "TMA": False}
         kernel = kernels._attn_fwd_kernel
     else:
         outs = ["dk", "dv"] if which == "dkdv" else ["dq"]

@@ -103,8 +103,6 @@ def main(archs: list[int], quick: bool = False, only_dims: tuple[int, ...] = ())
                         pairs += [(cfg, prerotated, {"FULL_ROWS": full}) for cfg in kept]
                 for cfg, prerotated, full in pairs:
                     ce = {**base, flag: prerotated, **full, **cfg.kwargs}
-                    if name == "fwd":
-                        ce["FMA_HALF"] = K.fma_exp2(q.dtype)
                     label = (f"{tag} {name:4s} pre{int(prerotated)}{' full' if full.get('FULL_ROWS') else ''} M{cfg.kwargs['BLOCK_M']:3d} "
                              f"N{cfg.kwargs['BLOCK_N']:3d} w{cfg.num_warps} s{cfg.num_stages}"
                              + (f" cap{cfg.maxnreg}" if cfg.maxnreg else ""))
@@ -120,8 +118,6 @@ def main(archs: list[int], quick: bool = False, only_dims: tuple[int, ...] = ())
                     for prerotated in (False, True):
                         full = {"FULL_ROWS": K._full_rows(d, enabled=True)}
                         ce = {**base, flag: prerotated, **full, "BLOCK_M": 16, "BLOCK_N": 16, **ones}
-                        if flag == "PREROTATED_K":
-                            ce["FMA_HALF"] = False
                         bad += _check(kern, dtype, ce, 4, 2, f"{tag} {kern.fn.__name__} pre{int(prerotated)} H=N=n_prefix=1",
                                       spills_allowed=True)
                 bad += _check(K._rope2d_rotate_kernel, dtype, {**rot, "BLOCK": K._rotate_block(d), **ones}, 4, 1,

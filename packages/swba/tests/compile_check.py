@@ -22,7 +22,6 @@ import torch
 import triton
 
 from fattn.core.compile_check import SHARED_MEMORY_LIMIT, compile_kernel
-from fattn.core.runtime import fma_exp2
 from fattn.swba import kernels
 
 _IO = ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")
@@ -60,7 +59,6 @@ def check(kind: str, dtype: str, head_dim: int, config: triton.Config, arch: int
     consts = {**units, "HEAD_DIM": head_dim, "BLOCK_D": block_d, **config.kwargs}
     if kind == "fwd":
         consts["SCALE_NONNEG"] = True
-        consts["FMA_HALF"] = fma_exp2(_TORCH[dtype])
     tiles = (f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
              + (f" cap{config.maxnreg}" if config.maxnreg else ""))
     rep = compile_kernel(kernel, sig, consts, arch=arch, num_warps=config.num_warps, num_stages=config.num_stages,

@@ -18,7 +18,6 @@ __all__ = [
     "cdiv",
     "device_summary",
     "env_flag",
-    "fma_exp2",
     "interpreter_enabled",
     "is_compiling",
     "kernel_device_reason",
@@ -40,16 +39,6 @@ def env_flag(name: str, default: bool) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{name}={os.environ[name]!r}: expected 1 or 0 (also true/false, yes/no, on/off)")
-
-
-_EXP2_FMA = env_flag("FATTN_EXP2_FMA", False)  # read once, at import
-
-
-def fma_exp2(dtype: torch.dtype) -> bool:
-    """Whether forward kernels take half of the softmax's exp2 on the FMA pipe (`exp2_tile`) for
-    inputs of this dtype: FATTN_EXP2_FMA (read once, default off) and a 16-bit or FP8 dtype, whose
-    rounding of P hides the polynomial's 1.6e-4 relative error."""
-    return _EXP2_FMA and dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 
 
 def interpreter_enabled() -> bool:
@@ -170,4 +159,3 @@ def seq_bucket(n: int) -> int:
 def sm_count(index: int | None = None) -> int:
     """Multiprocessors of CUDA device `index` (cached: persistent grids ask on every launch)."""
     return torch.cuda.get_device_properties(index).multi_processor_count
-

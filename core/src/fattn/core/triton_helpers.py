@@ -27,7 +27,6 @@ __all__ = [
     "bilinear_coords",
     "cell_corner",
     "bilinear_corner",
-    "exp2_tile",
     "interp_upcast",
     "mask_2d",
     "offsets_2d",
@@ -45,51 +44,20 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Online softmax
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _exp2_poly(x):
-    """2^x for x < 128 on the FMA pipe: 2^j from the exponent bits times a degree-3 minimax polynomial
-    of the fraction f = x - j in [0, 1] (relative error 1.6e-4, below the rounding of P to 16 bits).
-    j is rounded by the 1.5 * 2^23 trick, not floor + float-to-int: those two conversions share the
-    16-per-clock unit with exp2 itself. x is clamped at -127, where the bits add up to exactly 0:
-    masked scores (-inf) give 0."""
-    x = tl.maximum(x, -127.0)
-    t = (x - 0.49999) + 12582912.0  # the low mantissa bits of t hold j = round(x - 0.49999) (x integer: j = x)
-    f = x - (t - 12582912.0)
-    frac = tl.fma(tl.fma(tl.fma(f, 0.07936754662384701, 0.22441680223366045), f, 0.6961452398455097), f, 1.0)
-    # t's bits are 0x4B400000 + j; shifted left by 23 the constant part leaves the 32 bits: j << 23.
-    bits = frac.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def exp2_tile(x, FMA_HALF: tl.constexpr):
-    """exp2 of a [rows, cols] tile of softmax arguments (below 128: <= 0, or <= 8 with FP8's 2^8 factor on
-    P). FMA_HALF: odd columns by a polynomial on the FMA pipe, the rest by the MUFU unit (16 exp2 per
-    clock and SM on Hopper, about the tensor cores' time per score at head dim 64 and in FP8), as
-    FlashAttention-4 does on Blackwell. Adjacent columns share a thread in the MMA layouts, so the
-    split moves no data."""
-    if FMA_HALF:
-        even, odd = tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
-        return tl.reshape(tl.join(tl.math.exp2(even), _exp2_poly(odd)), [x.shape[0], x.shape[1]])
-    else:
-        return tl.math.exp2(x)
-
-
-@triton.jit
-def online_softmax_update(m_i, l_i, scores, FMA_HALF: tl.constexpr = False):
+def online_softmax_update(m_i, l_i, scores):
     """One tile of the streaming softmax.
 
     m_i, l_i: [BM] fp32 running max and running sum (start at -inf and 0).
     scores:   [BM, BN] fp32 in base-2 units (scale * log2(e) applied), -inf where masked.
     Returns (m_new, l_new, p, alpha): p = exp2(scores - m_new) [BM, BN] and alpha = exp2(m_i - m_new)
-    [BM], the factor the caller multiplies its accumulator by before adding p @ v. FMA_HALF: see
-    `exp2_tile` (16-bit P only: its error is not below fp32 rounding).
+    [BM], the factor the caller multiplies its accumulator by before adding p @ v.
     """
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     # A row that has seen only masked keys keeps m_new = -inf; subtracting 0 instead of -inf keeps
     # p and alpha at 0 rather than NaN (-inf - -inf).
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_ref)
-    p = exp2_tile(scores - m_ref[:, None], FMA_HALF)
+    p = tl.math.exp2(scores - m_ref[:, None])
     l_new = l_i * alpha + tl.sum(p, 1)
     return m_new, l_new, p, alpha
 

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from fattn.core.runtime import INTERPRET, autotune_limit, interpreter_enabled
-from fattn.core.triton_helpers import LOG2E, exp2_tile, interp_upcast, online_softmax_finalize
+from fattn.core.triton_helpers import LOG2E, interp_upcast, online_softmax_finalize
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn
 # P in [0, 1] is stored in e4m3 times 2^8 (at most 256 < 448): exact (a power of two), and
@@ -81,7 +81,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
                K_desc, V_desc, k_row, v_row,
                offs_m, offs_d, lo, hi, N_K, diag, qk_scale, HEAD_DIM: tl.constexpr,
                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, FP8: tl.constexpr,
-               TMA: tl.constexpr, FMA_HALF: tl.constexpr):
+               TMA: tl.constexpr):
     """Key tiles [lo, hi): MASK says whether they need the bounds / causal mask.
 
     m_i is the running max of the base-2 logits. With FP8, p and l_i carry a factor 2^8 (P_SCALE_LOG2)
@@ -111,7 +111,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         alpha = tl.math.exp2(m_i - m_ref)
         if FP8:
             m_ref = m_ref - P_SCALE_LOG2
-        p = exp2_tile(s * qk_scale[:, None] - m_ref[:, None], FMA_HALF)  # one FMA and one exp2 per logit
+        p = tl.math.exp2(s * qk_scale[:, None] - m_ref[:, None])  # one FMA and one exp2 per logit
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
         if TMA:
@@ -214,7 +214,7 @@ def _attn_fwd_kernel(
     H, GROUP, N_Q, N_K, sm_scale, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, FP8: tl.constexpr, BWD_PREP: tl.constexpr,
-    K_desc=None, V_desc=None, TMA: tl.constexpr = False, FMA_HALF: tl.constexpr = False,
+    K_desc=None, V_desc=None, TMA: tl.constexpr = False,
 ):
     """One program: BLOCK_M queries of one (batch, head).
 
@@ -277,11 +277,11 @@ def _attn_fwd_kernel(
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                K_desc, V_desc, k_row, v_row,
                                offs_m, offs_d, 0, full_hi, N_K, diag, qk_scale,
-                               HEAD_DIM, BLOCK_N, CAUSAL, False, FP8, TMA, FMA_HALF)
+                               HEAD_DIM, BLOCK_N, CAUSAL, False, FP8, TMA)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                K_desc, V_desc, k_row, v_row,
                                offs_m, offs_d, full_hi, hi, N_K, diag, qk_scale,
-                               HEAD_DIM, BLOCK_N, CAUSAL, True, FP8, TMA, FMA_HALF)
+                               HEAD_DIM, BLOCK_N, CAUSAL, True, FP8, TMA)
     out, lse = online_softmax_finalize(acc, m_i, l_i)
     row_ok = offs_m < N_Q
     if FP8:

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from fattn.core import call_signature, empty
 from fattn.core.launch import launcher
-from fattn.core.runtime import autotune_limit, cdiv, env_flag, fma_exp2, interpreter_enabled, next_power_of_2
+from fattn.core.runtime import autotune_limit, cdiv, env_flag, interpreter_enabled, next_power_of_2
 from fattn.core.triton_helpers import (
     LOG2E,
     interp_upcast,
@@ -382,7 +382,7 @@ def _fwd_tile(q_a, q_b, m_i, l_i, acc, k_base, v_base, cos_ptr, sin_ptr, start_n
               stride_kn, stride_kd, stride_vn, stride_vd,
               D: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
               INTERLEAVED: tl.constexpr, PREROTATED_K: tl.constexpr, FULL_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASK_KEYS: tl.constexpr, FMA_HALF: tl.constexpr):
+              MASK_KEYS: tl.constexpr):
     """One k/v tile of the forward's online softmax. Only the last (partial) tile masks its keys: the
     select on every score is ALU work on the softmax path, which bounds flash attention at D=64.
     FULL_ROWS: q_a holds q's whole (a | b) rows (q_b is unused)."""
@@ -394,7 +394,7 @@ def _fwd_tile(q_a, q_b, m_i, l_i, acc, k_base, v_base, cos_ptr, sin_ptr, start_n
         scores = tl.dot(q_b, tl.trans(k_b), tl.dot(q_a, tl.trans(k_a)))
     if MASK_KEYS:
         scores = tl.where((start_n + tl.arange(0, BLOCK_N) < N)[None, :], scores, float("-inf"))
-    m_i, l_i, p, alpha = online_softmax_update(m_i, l_i, scores, FMA_HALF)
+    m_i, l_i, p, alpha = online_softmax_update(m_i, l_i, scores)
     v = interp_upcast(_load_rows(v_base, start_n, N, stride_vn, stride_vd, BLOCK_N, D, BLOCK_D))
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_i, l_i, acc
@@ -414,12 +414,11 @@ def _rope2d_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     H, N, n_prefix, qk_scale,
     D: tl.constexpr, DH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
-    INTERLEAVED: tl.constexpr, PREROTATED_K: tl.constexpr, FULL_ROWS: tl.constexpr, FMA_HALF: tl.constexpr,
+    INTERLEAVED: tl.constexpr, PREROTATED_K: tl.constexpr, FULL_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (q tile, batch*head). PREROTATED_K: k points at the rotated scratch slab;
-    FULL_ROWS: one product over whole rows per k tile (see FULL_ROWS_ENV); FMA_HALF: see
-    `fattn.core.triton_helpers.exp2_tile`."""
+    FULL_ROWS: one product over whole rows per k tile (see FULL_ROWS_ENV)."""
     start_m, pid_bh = _tile_and_head(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -440,11 +439,11 @@ def _rope2d_fwd_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         m_i, l_i, acc = _fwd_tile(q_a, q_b, m_i, l_i, acc, k_base, v_base, cos_ptr, sin_ptr, start_n, N, n_prefix,
                                   stride_kn, stride_kd, stride_vn, stride_vd, D, DH, BLOCK_D, BLOCK_DH,
-                                  INTERLEAVED, PREROTATED_K, FULL_ROWS, BLOCK_N, False, FMA_HALF)
+                                  INTERLEAVED, PREROTATED_K, FULL_ROWS, BLOCK_N, False)
     if n_full < N:
         m_i, l_i, acc = _fwd_tile(q_a, q_b, m_i, l_i, acc, k_base, v_base, cos_ptr, sin_ptr, n_full, N, n_prefix,
                                   stride_kn, stride_kd, stride_vn, stride_vd, D, DH, BLOCK_D, BLOCK_DH,
-                                  INTERLEAVED, PREROTATED_K, FULL_ROWS, BLOCK_N, True, FMA_HALF)
+                                  INTERLEAVED, PREROTATED_K, FULL_ROWS, BLOCK_N, True)
 
     out, lse = online_softmax_finalize(acc, m_i, l_i)
     # o [B, H, N, D] and lse [B, H, N] are contiguous
@@ -684,8 +683,7 @@ def rope2d_fwd_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     def build() -> tuple:  # what the signature fixes: built once per signature (FastLauncher.launch_planned)
         grid = lambda meta: (cdiv(N, meta["BLOCK_M"]) * B * H,)
         args = (*tensors, *q.stride(), *k.stride(), *v.stride(), H, N, n_prefix, scale * 1.4426950408889634)
-        return grid, args, dict(**_meta(D, pairing), PREROTATED_K=prerotate, FULL_ROWS=full_rows,
-                                FMA_HALF=fma_exp2(q.dtype))
+        return grid, args, dict(**_meta(D, pairing), PREROTATED_K=prerotate, FULL_ROWS=full_rows)
 
     full_rows = _full_rows(D)
     signature = call_signature(q, k, v, n_prefix, pairing, scale, prerotate, full_rows)

@@ -28,7 +28,6 @@ import triton.language as tl
 from fattn.core.runtime import autotune_limit, interpreter_enabled
 from fattn.core.triton_helpers import (
     LOG2E,
-    exp2_tile,
     interp_upcast,
     offsets_2d,
     online_softmax_finalize,
@@ -279,7 +278,7 @@ def _visible(q_blk, k_blk, window):
 def _fwd_tiles(acc, m_i, l_i, q, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                offs_d, start, end, n_k, block_size, window, qk_scale,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-               SCALE_NONNEG: tl.constexpr, FMA_HALF: tl.constexpr):
+               SCALE_NONNEG: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -289,18 +288,18 @@ def _fwd_tiles(acc, m_i, l_i, q, q_blk, k_base, v_base, stride_kn, stride_kd, st
         if MASKED:
             vis = _visible(q_blk, offs_n // block_size, window) & (offs_n < n_k)[None, :]
             s = tl.where(vis, qk * qk_scale, float("-inf"))
-            m_i, l_i, p, alpha = online_softmax_update(m_i, l_i, s, FMA_HALF)
+            m_i, l_i, p, alpha = online_softmax_update(m_i, l_i, s)
         elif SCALE_NONNEG:
             # Interior tile: every score is finite, so the running max is finite after it and needs no
             # -inf guard; with scale >= 0, max(qk) * scale = max(qk * scale), so the scaling and the
             # max subtraction fuse into one FMA per score (as in Triton's fused-attention tutorial).
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = exp2_tile(qk * qk_scale - m_new[:, None], FMA_HALF)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
         else:
-            m_i, l_i, p, alpha = online_softmax_update(m_i, l_i, qk * qk_scale, FMA_HALF)
+            m_i, l_i, p, alpha = online_softmax_update(m_i, l_i, qk * qk_scale)
         v = interp_upcast(_load_rows(v_base, start_n, n_k, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D,
                                      MASKED))
         acc = acc * alpha[:, None]
@@ -318,11 +317,10 @@ def swba_fwd_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     n_heads, kv_group, n_q, n_k, block_size, window, qk_scale, q_bucket, k_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SCALE_NONNEG: tl.constexpr, FMA_HALF: tl.constexpr,
+    SCALE_NONNEG: tl.constexpr,
 ):
     """Grid (B * H, cdiv(n_q, BLOCK_M)). Writes O [B, H, n_q, D] and LSE [B, H, n_q] (fp32, natural log).
-    SCALE_NONNEG: qk_scale >= 0 (always, unless a caller passes a negative scale). FMA_HALF: see
-    `fattn.core.triton_helpers.exp2_tile`."""
+    SCALE_NONNEG: qk_scale >= 0 (always, unless a caller passes a negative scale)."""
     # Last query tiles first: with a window wider than the sequence so far (block-causal start)
     # they see the most keys, and starting the longest programs first balances the tail.
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -351,11 +349,11 @@ def swba_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for_tiles = (q, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *for_tiles, lo, full_lo, n_k, block_size, window, qk_scale,
-                               BLOCK_N, HEAD_DIM, BLOCK_D, True, SCALE_NONNEG, FMA_HALF)
+                               BLOCK_N, HEAD_DIM, BLOCK_D, True, SCALE_NONNEG)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *for_tiles, full_lo, full_hi, n_k, block_size, window, qk_scale,
-                               BLOCK_N, HEAD_DIM, BLOCK_D, False, SCALE_NONNEG, FMA_HALF)
+                               BLOCK_N, HEAD_DIM, BLOCK_D, False, SCALE_NONNEG)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *for_tiles, full_hi, hi, n_k, block_size, window, qk_scale,
-                               BLOCK_N, HEAD_DIM, BLOCK_D, True, SCALE_NONNEG, FMA_HALF)
+                               BLOCK_N, HEAD_DIM, BLOCK_D, True, SCALE_NONNEG)
     out, lse = online_softmax_finalize(acc, m_i, l_i)
 
     o_base = O + b * stride_ob + h * stride_oh

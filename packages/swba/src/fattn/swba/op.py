@@ -22,7 +22,7 @@ from fattn.core import (
     tensor_reasons,
 )
 from fattn.core.launch import launcher
-from fattn.core.runtime import cdiv, fma_exp2, next_power_of_2, seq_bucket, sm_count
+from fattn.core.runtime import cdiv, next_power_of_2, seq_bucket, sm_count
 from fattn.swba.kernels import (
     autotune_enabled,
     launch_config,
@@ -118,7 +118,7 @@ def swba_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
 
         args = (*tensors, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
                 h, h // h_kv, n_q, n_k, block_size, window, scale * _LOG2E, seq_bucket(n_q), seq_bucket(n_k))
-        return grid, args, dict(BLOCK_D=block_d, HEAD_DIM=d, SCALE_NONNEG=scale >= 0, FMA_HALF=fma_exp2(q.dtype))
+        return grid, args, dict(BLOCK_D=block_d, HEAD_DIM=d, SCALE_NONNEG=scale >= 0)
 
     _launch_planned(swba_fwd_kernel, "fwd", signature, tensors, build, q, block_d)
     return out, lse
