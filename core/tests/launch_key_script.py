@@ -11,6 +11,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fattn.core.launch import FastLauncher
 
@@ -30,11 +31,15 @@ def main() -> int:
     def key(x=x, y=y, n=100, stride=32, scale=0.5, flag=True, **kw):  # type: ignore[no-untyped-def]
         return fast._key((x, y, n, stride, scale, flag), kw)
 
+    def desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:  # a TMA descriptor over 64 elements
+        return TensorDescriptor.from_tensor(t.view(8, 8), block_shape=block)
+
     same = [
         ("other tensors, same dtype and alignment", key(), key(x=base[128:192], y=base[192:])),
         ("another multiple of 16 for a specialized int", key(), key(stride=48)),
         ("another non-special int", key(stride=33), key(stride=35)),
         ("another float", key(), key(scale=0.25)),
+        ("descriptors over other tensors", key(D=desc(x, [8, 8])), key(D=desc(base[128:192], [8, 8]))),
     ]
     differ = [
         ("dtype", key(), key(x=x.half())),
@@ -49,6 +54,8 @@ def main() -> int:
         ("float against int argument", key(scale=1.0), key(scale=1)),
         ("keyword order", key(A=1, B=2), key(B=1, A=2)),
         ("keyword 1 against True", key(A=1), key(A=True)),
+        ("descriptor block shape", key(D=desc(x, [8, 8])), key(D=desc(x, [4, 8]))),
+        ("descriptor dtype", key(D=desc(x, [8, 8])), key(D=desc(base.half()[:64], [8, 8]))),
     ]
     failures = [f"same key expected: {name}" for name, a, b in same if a != b]
     failures += [f"different keys expected: {name}" for name, a, b in differ if a == b]

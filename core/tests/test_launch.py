@@ -274,3 +274,80 @@ def test_replaced_configs_are_not_served_by_a_plan() -> None:
         _tuned_axpb_kernel.configs = configs
         _tuned_axpb_kernel.cache.clear()
         clear_launch_caches()
+
+
+def _set_desc_block(nargs: dict) -> None:  # type: ignore[type-arg]
+    """Config pre_hook: the descriptor's tile follows the config's BLOCK (as fattn.fp8's does)."""
+    nargs["x_desc"].block_shape = [nargs["BLOCK"], nargs["COLS"]]
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 16}, num_warps=4, pre_hook=_set_desc_block),
+                          triton.Config({"BLOCK": 32}, num_warps=4, pre_hook=_set_desc_block)], key=["n"])
+@triton.jit
+def _desc_scale_kernel(y_ptr, n, a, x_desc=None, BLOCK: tl.constexpr = 16, COLS: tl.constexpr = 16):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, COLS)
+    tile = x_desc.load([tl.program_id(0) * BLOCK, 0])  # rows past n come as zeros
+    tl.store(y_ptr + rows[:, None] * COLS + cols[None, :], a * tile, mask=rows[:, None] < n)
+
+
+def _run_desc_planned(x: torch.Tensor, a: float) -> torch.Tensor:
+    """y = a * x through a TMA descriptor made per call with a placeholder tile (the pre_hook sets it)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n, cols = x.shape
+    y = torch.full_like(x, float("nan"))
+    desc = TensorDescriptor.from_tensor(x, block_shape=[16, cols])
+
+    def build():  # type: ignore[no-untyped-def]
+        return (lambda meta: (triton.cdiv(n, meta["BLOCK"]),)), (y, n, a), dict(x_desc=desc, COLS=cols)
+
+    launcher(_desc_scale_kernel).launch_planned(("desc", n, cols, a), (y, desc), build)
+    return y
+
+
+@pytest.mark.gpu
+def test_planned_launches_with_descriptors_and_pre_hooks() -> None:
+    """Host TMA descriptors (new per call, so a plan takes them as it takes tensors) and configs with a
+    pre_hook (run before every launch): planned launches take the shortcut and give Triton's result,
+    for fresh inputs and descriptors; one of another dtype is not served by the plan."""
+    if not on_gpu() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs a GPU with TMA (sm_90+)")
+    from fattn.core import launch
+
+    clear_launch_caches()
+    fast = launcher(_desc_scale_kernel)
+    with launch.checking_plans(False):
+        for i in range(4):
+            x = torch.randn(100, 16, device=device())
+            hits = fast.hits
+            y = _run_desc_planned(x, 0.5)
+            torch.testing.assert_close(y, 0.5 * x)
+            if i:
+                assert fast.hits == hits + 1, "a repeated signature must take the plan"
+        x = torch.randn(100, 16, device=device()).half()
+        torch.testing.assert_close(_run_desc_planned(x, 0.5), 0.5 * x)
+    clear_launch_caches()
+
+
+def test_plans_with_descriptors_pass_the_signature_check() -> None:
+    """FATTN_CHECK_PLANS compares descriptors by everything but their base's address (fresh descriptors
+    over fresh tensors are the same plan), and tells another shape apart."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from fattn.core import launch
+
+    assert launch._CHECK_PLANS, "the test plugin sets FATTN_CHECK_PLANS=1"
+    clear_launch_caches()
+    fast = launcher(_desc_scale_kernel)
+
+    def build(x: torch.Tensor):  # type: ignore[no-untyped-def]
+        desc = TensorDescriptor.from_tensor(x, block_shape=[16, 16])
+        return (lambda meta: (triton.cdiv(100, meta["BLOCK"]),)), (x, 100, 0.5), dict(x_desc=desc, COLS=16)
+
+    x = torch.zeros(100, 16)
+    fast._check_signature(("d",), *build(x))
+    fast._check_signature(("d",), *build(torch.ones(100, 16)))
+    with pytest.raises(RuntimeError, match="the signature misses something"):
+        fast._check_signature(("d",), *build(torch.zeros(100, 32)[:, :16]))  # other row stride
+    clear_launch_caches()

@@ -12,14 +12,18 @@ is at least as specific as Triton's own cache key, so a hit is always the kernel
 - per tensor argument its dtype and whether its address is 16-byte aligned;
 - per int argument whether it is 1, whether it is a multiple of 16, and whether it fits int32 (else
   its value); floats and bools by type; None;
+- per host tensor descriptor (TMA) its base's dtype, its block shape and padding (what Triton compiles
+  it as; its base address, shape and strides are launch arguments);
 - constexpr arguments, the autotuner's key arguments and all keyword arguments by value (numbers
   tagged with their type), so an equal launch key means an equal autotuner key. On a hit the
   autotuner must still hold the config list the remembered config came from and, for a tuned
   kernel, still cache that very config (a replaced config list, a cleared or a re-tuned autotuner
   sends the call back through the normal path);
 - the device.
-Anything unusual (an argument of another type, a config pre_hook, launch hooks installed by a
-profiler, the interpreter) takes the normal path. On by default; FATTN_FAST_LAUNCH=0 turns it off
+A config's pre_hook (e.g. one that sets the descriptors' block shapes from the config's tiles) runs
+before every launch of that config, with the arguments the autotuner would give it. Anything unusual
+(an argument of another type, launch hooks installed by a profiler, the interpreter) takes the normal
+path. On by default; FATTN_FAST_LAUNCH=0 turns it off
 (every package's GPU suite passes with it on, NVIDIA H200, 2026-11-22).
 """
 
@@ -33,6 +37,7 @@ import torch
 from triton import knobs
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.driver import driver
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fattn.core.runtime import env_flag, interpreter_enabled
 
@@ -101,7 +106,7 @@ def _hooks_installed() -> bool:
 
 
 class _Entry:
-    __slots__ = ("compiled", "config", "configs", "constexprs", "tune_key")
+    __slots__ = ("compiled", "config", "configs", "constexprs", "pre_hook", "tune_key")
 
     def __init__(self, compiled: Any, config: Any, configs: list | None, tune_key: tuple | None,
                  constexprs: dict[str, Any]) -> None:
@@ -110,6 +115,8 @@ class _Entry:
         self.configs = configs  # the autotuner's config list it was picked from (None: not autotuned)
         self.tune_key = tune_key
         self.constexprs = constexprs
+        # the config's pre_hook, run before each launch (as the autotuner runs it), or None
+        self.pre_hook = config.pre_hook if config is not None else None
 
 
 class _Plan:
@@ -118,29 +125,53 @@ class _Plan:
     __slots__ = ("entry", "grid", "slots", "tensor_meta", "values")
 
     def __init__(self, entry: _Entry, grid: tuple[int, int, int], values: list[Any], slots: tuple[int, ...],
-                 tensor_meta: tuple[tuple[torch.dtype, bool, int], ...]) -> None:
+                 tensor_meta: tuple[tuple[Any, ...], ...]) -> None:
         self.entry = entry
         self.grid = grid
         self.values = values  # every parameter's value, the tensors' slots included (replaced per call)
-        self.slots = slots
+        self.slots = slots  # indices into values of the call's tensors (and tensor descriptors)
         self.tensor_meta = tensor_meta
 
 
-def _tensor_pointers(plan: _Plan, tensors: tuple[torch.Tensor, ...]) -> list[Any] | None:
+def _slot_meta(t: torch.Tensor | TensorDescriptor) -> tuple[Any, ...]:
+    """What a plan requires of the tensor (dtype, 16-byte alignment, device) or tensor descriptor
+    (its base's dtype and device, its block shape and padding: what Triton compiled it as) in a slot."""
+    if type(t) is TensorDescriptor:
+        return (TensorDescriptor, t.base.dtype, t.base.get_device(), tuple(t.block_shape), t.padding)
+    return (t.dtype, t.data_ptr() % 16 == 0, t.get_device())
+
+
+def _fixed_part(a: Any) -> Any:
+    """An argument as FATTN_CHECK_PLANS compares it across calls of one signature: a tensor by position
+    only, a tensor descriptor by everything but its base's address, anything else by value."""
+    if isinstance(a, torch.Tensor):
+        return torch.Tensor
+    if type(a) is TensorDescriptor:
+        return (TensorDescriptor, a.base.dtype, tuple(a.shape), tuple(a.strides), tuple(a.block_shape), a.padding)
+    return a
+
+
+def _tensor_pointers(plan: _Plan, tensors: tuple[torch.Tensor | TensorDescriptor, ...]) -> list[Any] | None:
     """The plan's argument values with this call's tensors in place, as device addresses; None when a
     tensor's dtype, 16-byte alignment or device differs from the plan's (the call then takes `run`).
 
     Addresses, not tensors: Triton's launcher asks the driver to confirm every tensor argument's
     address (cuPointerGetAttribute, 1-3 us each on the lent machines' hosts) and calls its data_ptr();
     an int argument skips both. That check exists to catch a CPU tensor, which the device index
-    compared here (-1 for a CPU tensor) catches first."""
+    compared here (-1 for a CPU tensor) catches first. Tensor descriptors go in as themselves (Triton's
+    launcher encodes each into a TMA descriptor)."""
     meta = plan.tensor_meta
     if len(tensors) != len(meta):
         return None
     values = plan.values.copy()
-    for slot, t, (dtype, aligned, device) in zip(plan.slots, tensors, meta):
+    for slot, t, m in zip(plan.slots, tensors, meta):
+        if type(t) is TensorDescriptor:
+            if _slot_meta(t) != m:
+                return None
+            values[slot] = t
+            continue
         address = t.data_ptr()
-        if t.dtype is not dtype or (address % 16 == 0) is not aligned or t.get_device() != device:
+        if t.dtype is not m[0] or (address % 16 == 0) is not m[1] or t.get_device() != m[2]:
             return None
         values[slot] = address
     return values
@@ -196,16 +227,20 @@ class FastLauncher:
             elif tp is float or tp is bool:
                 # by type, or tagged value: 1 == 1.0 == True, but Triton compiles each differently
                 append(tp if by_class else (tp, value))
+            elif tp is TensorDescriptor:
+                append(_slot_meta(value))
             elif not by_class:
                 append(value)
             else:
-                return None  # e.g. a TensorDescriptor, a numpy int: not modelled here
+                return None  # e.g. a numpy int: not modelled here
         if kwargs:
             append(tuple(kwargs))
             for value in kwargs.values():
                 tp = type(value)
                 if tp is tensor or isinstance(value, tensor):
                     append((value.dtype, value.data_ptr() % 16 == 0))
+                elif tp is TensorDescriptor:
+                    append(_slot_meta(value))
                 else:
                     append((tp, value))
         return tuple(parts)
@@ -223,17 +258,18 @@ class FastLauncher:
         return tuple(key)
 
     # Planned launches --------------------------------------------------------------------------
-    def launch_planned(self, signature: tuple | None, tensors: tuple[torch.Tensor, ...],
+    def launch_planned(self, signature: tuple | None, tensors: tuple[torch.Tensor | TensorDescriptor, ...],
                        build: Callable[[], tuple[Any, tuple[Any, ...], dict[str, Any]]]) -> Any:
         """Launch with `build()`'s (grid, args, kwargs), building them once per `signature`.
 
         For ops whose arguments are all derived from a few tensors' metadata: the caller promises that
         `signature` (hashable; e.g. fattn.core.checks.call_signature of the inputs) fixes the grid, every
-        non-tensor argument and every keyword argument, and passes the call's tensors in the order
-        they appear in `build()`'s args (a None signature: no plan, `run`). A hit skips the launch key
-        and argument binding; the tensors' dtypes and 16-byte alignment (what Triton specializes them
-        on) and devices are still checked on every call (then passed as addresses, see
-        `_tensor_pointers`), and a miss or anything unusual takes `run`.
+        non-tensor argument and every keyword argument, and passes the call's tensors (and host tensor
+        descriptors, made before `build` and used by it) in the order they appear in the kernel's
+        parameters (a None signature: no plan, `run`). A hit skips the launch key and argument binding;
+        the tensors' dtypes and 16-byte alignment (what Triton specializes them on) and devices are
+        still checked on every call (then passed as addresses, see `_tensor_pointers`), and a miss or
+        anything unusual takes `run`.
         """
         if _CHECK_PLANS and signature is not None:
             self._check_signature(signature, *build())
@@ -248,13 +284,25 @@ class FastLauncher:
                 entry = plan.entry
                 if self._current(entry):
                     self.hits += 1
+                    if entry.pre_hook is not None:
+                        named = dict(zip(self.names, values))
+                        for slot, t in zip(plan.slots, tensors):
+                            named[self.names[slot]] = t
+                        self._pre_hook(entry, named)
                     return self._launch_values(entry, plan.grid, values)
         grid, args, kwargs = build()
+        # Before the launch: a config pre_hook may change the descriptors (their block shapes), which
+        # the launch key and the plan's checks see as the caller made them.
+        meta = tuple(_slot_meta(t) for t in tensors)
+        try:
+            launch_key = self._key(args, kwargs)
+        except TypeError:
+            launch_key = None
         result = self.run(grid, args, kwargs)
         if plan is None or type(plan) is _Plan:
             if len(self.plans) >= _MAX_ENTRIES:
                 self.plans.clear()
-            self.plans[key] = self._plan(grid, args, kwargs, tensors)
+            self.plans[key] = self._plan(grid, args, kwargs, tensors, meta, launch_key)
         return result
 
     def _check_signature(self, signature: tuple, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -267,7 +315,7 @@ class FastLauncher:
             meta = c.all_kwargs() if c is not None else {}
             grids[tuple(sorted(meta.items()))] = tuple(grid({**named, **meta})) if callable(grid) else tuple(grid)
         # (Tensors by position only: their dtypes and alignment are checked on every planned call.)
-        fixed = (tuple(torch.Tensor if isinstance(a, torch.Tensor) else a for a in args), tuple(sorted(kwargs.items())))
+        fixed = (tuple(_fixed_part(a) for a in args), tuple(sorted((k, _fixed_part(a)) for k, a in kwargs.items())))
         if len(self.built) >= _MAX_ENTRIES:
             self.built.clear()
         earlier_fixed, earlier_grids = self.built.setdefault(signature, (fixed, grids))
@@ -280,22 +328,23 @@ class FastLauncher:
         earlier_grids.update(grids)
 
     def _plan(self, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-              tensors: tuple[torch.Tensor, ...]) -> _Plan | object:
-        """The plan of a launch `run` just made, or _UNCACHEABLE (e.g. `tensors` not the args' tensors)."""
-        try:
-            key = self._key(args, kwargs)
-            entry = self.cache.get((torch.cuda.current_device(), key)) if key is not None else None
-        except TypeError:
-            entry = None
-        slots = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-        if type(entry) is not _Entry or len(slots) != len(tensors) or \
-                any(args[i] is not t for i, t in zip(slots, tensors)):
+              tensors: tuple[torch.Tensor | TensorDescriptor, ...], meta: tuple[tuple[Any, ...], ...],
+              launch_key: tuple | None) -> _Plan | object:
+        """The plan of a launch `run` just made (`meta`, `launch_key`: its tensors' `_slot_meta` and its
+        launch key, taken before it), or _UNCACHEABLE (e.g. `tensors` not the launch's tensors and
+        descriptors in parameter order)."""
+        if len(meta) != len(tensors) or launch_key is None:
+            return _UNCACHEABLE
+        entry = self.cache.get((torch.cuda.current_device(), launch_key))
+        if type(entry) is not _Entry:
             return _UNCACHEABLE
         values = self._values(entry, args, kwargs)
+        slots = tuple(i for i, a in enumerate(values) if isinstance(a, (torch.Tensor, TensorDescriptor)))
+        if len(slots) != len(tensors) or any(values[i] is not t for i, t in zip(slots, tensors)):
+            return _UNCACHEABLE
         grid = self._grid3(grid, values)
         for i in slots:
             values[i] = None  # the plan keeps no tensor alive
-        meta = tuple((t.dtype, t.data_ptr() % 16 == 0, t.get_device()) for t in tensors)
         return _Plan(entry, grid, values, slots, meta)  # type: ignore[arg-type]
 
     # Launch ------------------------------------------------------------------------------------
@@ -339,8 +388,7 @@ class FastLauncher:
             self.cache.clear()
         compiled = self.kernel[grid](*args, **kwargs)
         config = self.autotuner.best_config if self.autotuner is not None else None
-        if compiled is None or not hasattr(compiled, "packed_metadata") or (
-                config is not None and config.pre_hook is not None):
+        if compiled is None or not hasattr(compiled, "packed_metadata"):
             self.cache[key] = _UNCACHEABLE
             return compiled
         constexprs = dict(config.all_kwargs()) if config is not None else {}
@@ -366,7 +414,15 @@ class FastLauncher:
 
     def _launch(self, entry: _Entry, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         values = self._values(entry, args, kwargs)
+        if entry.pre_hook is not None:
+            self._pre_hook(entry, dict(zip(self.names, values)))
         return self._launch_values(entry, self._grid3(grid, values), values)
+
+    @staticmethod
+    def _pre_hook(entry: _Entry, named: dict[str, Any]) -> None:
+        """The config's pre_hook, given what Autotuner.run gives it: every argument by name and the
+        config's own keyword arguments."""
+        entry.pre_hook({**named, **entry.config.all_kwargs()})
 
     def _launch_values(self, entry: _Entry, grid: tuple[int, int, int], values: list[Any]) -> Any:
         if self.autotuner is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import torch
@@ -13,7 +13,9 @@ import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fattn.core import (
+    CheckedSignatures,
     Reason,
+    call_signature,
     choice_reasons,
     empty,
     fused_op,
@@ -26,7 +28,7 @@ from fattn.core import (
     tensor_reasons,
 )
 from fattn.core.launch import launcher
-from fattn.core.runtime import cdiv, fma_exp2, interpreter_enabled, seq_bucket
+from fattn.core.runtime import cdiv, interpreter_enabled, seq_bucket
 from fattn.fp8.kernels import (
     _attn_bwd_dkdv_kernel,
     _attn_bwd_dq_kernel,
@@ -79,15 +81,22 @@ def _quantize_launch(x0: torch.Tensor, x1: torch.Tensor | None, center0: bool, t
     col_min = empty([count, b * h, n_tiles, d], dtype=torch.float32, device=x0.device)
     col_sum = empty([count, b * h, n_tiles, d], dtype=torch.float32, device=x0.device) if center0 else col_max
     mean = empty([count, b * h, d], dtype=torch.float32, device=x0.device) if center0 else descale
-    launcher(_quant_stats_kernel)[(b * h, n_tiles, count)](
-        x0, x1_in, col_sum, col_max, col_min, h, n, n_tiles, *x0.stride(), *x1_in.stride(),
-        D=d, BLOCK_N=block, CENTER0=center0, num_warps=4)
-    launcher(_quant_finalize_kernel)[(b * h, count)](
-        col_sum, col_max, col_min, mean, descale, n, n_tiles,
-        D=d, BLOCK_T=8 if interpreter_enabled() else 32, CENTER0=center0, num_warps=4)
-    launcher(_quant_apply_kernel)[(b * h, n_tiles, count)](
-        x0, x1_in, mean, descale, y0, y1, h, n, *x0.stride(), *x1_in.stride(), *y0.stride(), *y1.stride(),
-        D=d, BLOCK_N=block, CENTER0=center0, num_warps=4)
+    # Every launch below is fixed by x0's and x1's metadata and the flags (FastLauncher.launch_planned).
+    signature = call_signature(x0, x1, center0, tokens_contiguous0, tokens_contiguous1)
+    block_t = 8 if interpreter_enabled() else 32
+    launcher(_quant_stats_kernel).launch_planned(
+        signature, (x0, x1_in, col_sum, col_max, col_min),
+        lambda: ((b * h, n_tiles, count), (x0, x1_in, col_sum, col_max, col_min, h, n, n_tiles, *x0.stride(),
+                                           *x1_in.stride()), dict(D=d, BLOCK_N=block, CENTER0=center0, num_warps=4)))
+    launcher(_quant_finalize_kernel).launch_planned(
+        signature, (col_sum, col_max, col_min, mean, descale),
+        lambda: ((b * h, count), (col_sum, col_max, col_min, mean, descale, n, n_tiles),
+                 dict(D=d, BLOCK_T=block_t, CENTER0=center0, num_warps=4)))
+    launcher(_quant_apply_kernel).launch_planned(
+        signature, (x0, x1_in, mean, descale, y0, y1),
+        lambda: ((b * h, n_tiles, count), (x0, x1_in, mean, descale, y0, y1, h, n, *x0.stride(), *x1_in.stride(),
+                                           *y0.stride(), *y1.stride()),
+                 dict(D=d, BLOCK_N=block, CENTER0=center0, num_warps=4)))
     return results
 
 
@@ -142,6 +151,18 @@ def _launch(name: str, kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Non
         launcher(kernel.fn)[grid](*args, **kwargs, **config.all_kwargs())
 
 
+def _launch_planned(name: str, kernel: Any, signature: tuple | None, tensors: tuple[Any, ...],
+                    build: Callable[[], tuple[Any, tuple[Any, ...], dict[str, Any]]]) -> None:
+    """Launch `build()`'s (grid, args, kwargs), built once per `signature` (FastLauncher.launch_planned:
+    `tensors` are the call's tensors and descriptors in parameter order); a forced config (tests) takes
+    `_launch`."""
+    if name in _forced_configs:
+        grid, args, kwargs = build()
+        _launch(name, kernel, grid, *args, **kwargs)
+        return
+    launcher(kernel).launch_planned(signature, tensors, build)
+
+
 # FATTN_FP8_TMA: "auto" (default: TMA K/V loads on Hopper when the layout allows), "0" (never), "1" (also
 # under the interpreter: tests of the TMA path).
 _TMA_MODE = os.environ.get("FATTN_FP8_TMA", "auto")
@@ -178,18 +199,21 @@ def _fwd_launch(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_descale:
     if out.numel() == 0:
         return out
 
-    def grid(meta):  # type: ignore[no-untyped-def]
-        return (cdiv(n_q, meta["BLOCK_M"]), b * h)
-
     k_desc, v_desc = _tma_descriptors(k8, v8)
-    _launch(
-        "fwd", _attn_fwd_kernel, grid,
-        q8, k8, v8, q_descale, k_descale, v_descale, out, out, out, out,
-        *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(), *out.stride(),
-        h, h // h_kv, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k),
-        HEAD_DIM=d, CAUSAL=causal, FP8=True, BWD_PREP=False, K_desc=k_desc, V_desc=v_desc,
-        FMA_HALF=fma_exp2(v8.dtype),
-    )
+    tensors = (q8, k8, v8, q_descale, k_descale, v_descale, out, out, out, out)
+    # Whether K and V go through TMA descriptors also depends on their addresses' 16-byte alignment.
+    signature = call_signature(*tensors[:7], causal, scale, k8.data_ptr() % 16 == 0, v8.data_ptr() % 16 == 0)
+
+    def build() -> tuple:  # what the signature fixes
+        def grid(meta):  # type: ignore[no-untyped-def]
+            return (cdiv(n_q, meta["BLOCK_M"]), b * h)
+
+        args = (*tensors, *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(), *out.stride(),
+                h, h // h_kv, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k))
+        return grid, args, dict(HEAD_DIM=d, CAUSAL=causal, FP8=True, BWD_PREP=False, K_desc=k_desc, V_desc=v_desc)
+
+    _launch_planned("fwd", _attn_fwd_kernel, signature, tensors if k_desc is None else (*tensors, k_desc, v_desc),
+                    build)
     return out
 
 
@@ -244,28 +268,26 @@ def fp8_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     grad_out = grad_out.to(q.dtype)
     lse = empty([b * h, n_q], dtype=torch.float32, device=q.device)
     delta = empty([b * h, n_q], dtype=torch.float32, device=q.device)
+    # Every launch is fixed by the inputs' metadata (FastLauncher.launch_planned; dq, dk, dv, lse and delta
+    # are fresh contiguous tensors of shapes that follow from the inputs').
+    signature = call_signature(grad_out, q, k, v, causal, scale)
+    shared = (h, group, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k))
     # Recompute the full-precision forward's log-sum-exp and delta = rowsum(dO * O).
-    _launch(
-        "bwd_prep", _attn_fwd_kernel, lambda meta: (cdiv(n_q, meta["BLOCK_M"]), b * h),
-        q, k, v, lse, lse, lse, lse, lse, grad_out, delta,
-        *q.stride(), *k.stride(), *v.stride(), 0, 0, 0, 0, *grad_out.stride(),
-        h, group, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k),
-        HEAD_DIM=d, CAUSAL=causal, FP8=False, BWD_PREP=True,
-    )
-    _launch(
-        "dkdv", _attn_bwd_dkdv_kernel, lambda meta: (cdiv(n_k, meta["BLOCK_N"]), b * h_kv),
-        q, k, v, grad_out, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        h, group, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k),
-        HEAD_DIM=d, CAUSAL=causal,
-    )
-    _launch(
-        "dq", _attn_bwd_dq_kernel, lambda meta: (cdiv(n_q, meta["BLOCK_M"]), b * h),
-        q, k, v, grad_out, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-        h, group, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k),
-        HEAD_DIM=d, CAUSAL=causal,
-    )
+    prep = (q, k, v, lse, lse, lse, lse, lse, grad_out, delta)
+    _launch_planned("bwd_prep", _attn_fwd_kernel, signature, prep, lambda: (
+        lambda meta: (cdiv(n_q, meta["BLOCK_M"]), b * h),
+        (*prep, *q.stride(), *k.stride(), *v.stride(), 0, 0, 0, 0, *grad_out.stride(), *shared),
+        dict(HEAD_DIM=d, CAUSAL=causal, FP8=False, BWD_PREP=True)))
+    dkdv = (q, k, v, grad_out, lse, delta, dk, dv)
+    _launch_planned("dkdv", _attn_bwd_dkdv_kernel, signature, dkdv, lambda: (
+        lambda meta: (cdiv(n_k, meta["BLOCK_N"]), b * h_kv),
+        (*dkdv, *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *shared),
+        dict(HEAD_DIM=d, CAUSAL=causal)))
+    dq_args = (q, k, v, grad_out, lse, delta, dq)
+    _launch_planned("dq", _attn_bwd_dq_kernel, signature, dq_args, lambda: (
+        lambda meta: (cdiv(n_q, meta["BLOCK_M"]), b * h),
+        (*dq_args, *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *shared),
+        dict(HEAD_DIM=d, CAUSAL=causal)))
     return dq, dk, dv
 
 
@@ -350,6 +372,10 @@ def _reasons(q: object, k: object, v: object, causal: object, scale: object, q_d
     return out
 
 
+# Signatures (fattn.core.call_signature) of fp8_attention's arguments whose checks passed.
+_CHECKED = CheckedSignatures()
+
+
 def not_supported_reasons(q: object, k: object, v: object, *, causal: object = False, scale: object = None,
                           q_descale: object = None, k_descale: object = None, v_descale: object = None,
                           out_dtype: object = None) -> list[str]:
@@ -390,8 +416,13 @@ def fp8_attention(
     backward (straight-through over the quantization). e4m3 inputs have no backward.
     V whose tokens are contiguous (`quantize(v, tokens_contiguous=True)`) is the fastest layout.
     """
-    raise_if_unsupported("fp8_attention", _reasons(q, k, v, causal, scale, q_descale, k_descale, v_descale,
-                                                   out_dtype))
+    # The checks read nothing but the signature (shapes, strides, dtypes, devices, scalars): once per signature.
+    signature = call_signature(q, k, v, causal, scale, q_descale, k_descale, v_descale,
+                               None if out_dtype is None else str(out_dtype))
+    if signature is None or type(out_dtype) not in (type(None), torch.dtype) or signature not in _CHECKED:
+        raise_if_unsupported("fp8_attention", _reasons(q, k, v, causal, scale, q_descale, k_descale, v_descale,
+                                                       out_dtype))
+        _CHECKED.add(signature)
     d = q.shape[-1]
     scale = float(1.0 / math.sqrt(d) if scale is None else scale)
     if out_dtype is None:
