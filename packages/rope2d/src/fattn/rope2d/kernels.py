@@ -126,8 +126,10 @@ _DQ_CONFIGS = _configs({**_DQ_TILES, -1: [t for tiles in _DQ_TILES_FP32.values()
 # program re-reading the fp32 cos/sin tiles and rotating every k (fwd/dq) or q (dkdv) tile it visits.
 PREROTATE_ENV = "FATTN_ROPE2D_PREROTATE"
 # "auto" pre-rotates k in the forward once a k tile would be rotated by at least this many q-tile programs
-# (N >= 4 * 128): below it the forward is memory-bound and the extra pass costs more than it saves.
-PREROTATE_MIN_Q_TILES = 4
+# of 128 rows. 1 (every N) since session 17: at ViT-S/16 224 (N 197, two q tiles) pre-rotation made the
+# forward 1.32x faster on an H100 (148 against 195 us per call, same run; fwd+bwd 644 against 627, within
+# that A/B's spread); the in-loop path (FATTN_ROPE2D_PREROTATE=0) saves the scratch slab.
+PREROTATE_MIN_Q_TILES = 1
 
 
 # FATTN_ROPE2D_FULL_ROWS (default on; read at import; 0 restores the half products): where D/2 is a power of two
