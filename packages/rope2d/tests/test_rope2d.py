@@ -138,9 +138,9 @@ def _isolated_tiles(tables: dict, mode: str, head_dim: int) -> list[dict]:
     tiles too; with whole rows not the forward tiles the pruner drops for them (they spill)."""
     from fattn.rope2d import kernels
 
-    fwd = list(tables["fwd"][32]) + (list(tables["fwd_prerotated"].get(32, [])) if mode == "1" else [])
-    if kernels._full_rows(head_dim):
-        fwd = [t for t in fwd if t not in kernels._FWD_TILES_SPILL_FULL_ROWS.get(32, [])]
+    fwd = kernels.tile_order(32, False, mode == "1", kernels._full_rows(head_dim), tables["fwd"],
+                             prerotated_table=tables["fwd_prerotated"],
+                             full_rows_spill=kernels._FWD_TILES_SPILL_FULL_ROWS)
     dkdv, dq = list(tables["dkdv"][32]), list(tables["dq"][32])
     return [{"fwd": fwd[i % len(fwd)], "dkdv": dkdv[i % len(dkdv)], "dq": dq[i % len(dq)]}
             for i in range(max(len(fwd), len(dkdv), len(dq)))]

@@ -66,9 +66,8 @@ def check(kind: str, dtype: str, head_dim: int, config: triton.Config, arch: int
                          divisible_by_16=div16 if head_dim % 16 == 0 else tuple(n for n in div16 if sig[n][0] == "*"),
                          name=f"{kind} {dtype} D{head_dim} {tiles}")
     # spills measured and accepted (kernels.MEASURED_SPILLS; a padded head dim may spill a few bytes more)
-    key = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
     accepted = kernels.MEASURED_SPILLS.get((kind, kernels._head_dim_class(block_d, _TORCH[dtype].itemsize)), {})
-    allowed = 0 if config.maxnreg else accepted.get(key, 0)  # (measured uncapped: a capped twin gets none)
+    allowed = accepted.get(kernels.spill_key(config), 0)
     if allowed and head_dim != block_d:
         allowed += 64
     ok = rep.n_spills <= allowed and rep.shared_bytes <= SHARED_MEMORY_LIMIT

@@ -154,6 +154,23 @@ def _head_dim_class(block_dh: int) -> int:
     return 32 if block_dh <= 32 else block_dh
 
 
+def tile_order(cls: int, fp32: bool, prerotated: bool, full_rows: bool, table: dict[int, list[tuple[int, ...]]],
+               fp32_table: dict[int, list[tuple[int, ...]]] | None = None,
+               prerotated_table: dict[int, list[tuple[int, ...]]] | None = None,
+               full_rows_spill: dict[int, list[tuple[int, ...]]] | None = None) -> list[tuple[int, ...]]:
+    """The tiles a kernel may launch for head-dim class `cls`, in preference order: the fp32 table's for
+    fp32 inputs (else the 16-bit table's), plus the pre-rotated-only tiles for pre-rotated 16-bit
+    inputs, less the tiles that spill with whole-row products. (Its pruner and the tests' tile lists
+    both read it.)"""
+    order = (fp32_table or {}).get(cls) if fp32 else None
+    order = order or table[cls]
+    if prerotated and not fp32:
+        order = order + (prerotated_table or {}).get(cls, [])
+    if full_rows_spill and full_rows:
+        order = [t for t in order if t not in full_rows_spill.get(cls, [])]
+    return order
+
+
 def _pruner(table: dict[int, list[tuple[int, ...]]],  # type: ignore[no-untyped-def]
             fp32_table: dict[int, list[tuple[int, ...]]] | None = None,
             prerotated_table: dict[int, list[tuple[int, ...]]] | None = None,
@@ -165,13 +182,9 @@ def _pruner(table: dict[int, list[tuple[int, ...]]],  # type: ignore[no-untyped-
         cls = _head_dim_class(block_dh)
         q = named_args.get("q_ptr")
         fp32 = getattr(q, "dtype", None) == torch.float32
-        order = (fp32_table or {}).get(cls) if fp32 else None
-        order = order or table[cls]
         prerotated = kwargs.get("PREROTATED_K", named_args.get("PREROTATED_K", False))
-        if prerotated and not fp32:
-            order = order + (prerotated_table or {}).get(cls, [])
-        if full_rows_spill and kwargs.get("FULL_ROWS", named_args.get("FULL_ROWS", False)):
-            order = [t for t in order if t not in full_rows_spill.get(cls, [])]
+        full_rows = kwargs.get("FULL_ROWS", named_args.get("FULL_ROWS", False))
+        order = tile_order(cls, fp32, prerotated, full_rows, table, fp32_table, prerotated_table, full_rows_spill)
         kept = [c for c in configs if _tile(c) in order]
         kept.sort(key=lambda c: order.index(_tile(c)))
         short = [c for c in kept if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(64, n)]
