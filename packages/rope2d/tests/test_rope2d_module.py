@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fattn.core.testing import assert_close, device, on_gpu
-from fattn.rope2d import RoPE2dAttention, axial_angles
+from fattn.rope2d import RoPE2dAttention, axial_angles, use_grid_size
 from fattn.rope2d.reference import rope2d_attention_reference
 
 
@@ -70,6 +70,80 @@ def test_from_timm_attention() -> None:
     torch.testing.assert_close(ours(x, angles=zero), attn(x), atol=5e-3 if on_gpu() else 1e-5, rtol=2e-3)
     assert ours.qkv is attn.qkv and ours.proj is attn.proj
     del timm
+
+
+class _ReferenceAttention(torch.nn.Module):
+    """`_reference_block` of a RoPE2dAttention's weights on a fixed grid, callable as a timm block's attention."""
+
+    def __init__(self, m: RoPE2dAttention, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.m, self.grid = m, grid
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return _reference_block(self.m, x, self.grid)
+
+
+class _Block(torch.nn.Module):
+    """timm's ViT Block as far as attention sees it: x + attn(norm(x), attn_mask=None), no grid argument."""
+
+    def __init__(self, attn: torch.nn.Module, dim: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = torch.nn.LayerNorm(dim), attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attn(self.norm1(x), attn_mask=None)
+
+
+def test_use_grid_size_reaches_blocks_that_pass_no_grid() -> None:
+    """A model whose blocks call attention without a grid (as timm's do) runs a non-square grid inside
+    `use_grid_size`, equal to the reference block on that grid; outside it the square rule applies again."""
+    torch.manual_seed(0)
+    grid = (3, 5)
+    model = torch.nn.Sequential(*[_Block(RoPE2dAttention(32, num_heads=2, n_prefix=1), 32) for _ in range(2)])
+    model = model.to(device())
+    x = torch.randn(2, 1 + grid[0] * grid[1], 32, device=device())
+    with use_grid_size(model, grid):
+        out = model(x)
+        assert all(b.attn.grid_size == grid for b in model)
+    assert all(b.attn.grid_size is None for b in model)
+    with pytest.raises(ValueError, match="grid_size is required"):
+        model(x)
+    reference = torch.nn.Sequential(*[_Block(_ReferenceAttention(b.attn, grid), 32) for b in model])
+    for b_ref, b in zip(reference, model):
+        b_ref.norm1 = b.norm1
+    with torch.no_grad():
+        ref = reference(x)
+    torch.testing.assert_close(out, ref, atol=5e-3 if on_gpu() else 1e-4, rtol=2e-3 if on_gpu() else 1e-4)
+    with pytest.raises(ValueError, match="two positive ints"):
+        with use_grid_size(model, (3, 0)):
+            pass
+
+
+def test_module_in_timm_vision_transformer_non_square() -> None:
+    """The README's use: RoPE2dAttention in every block of a timm VisionTransformer with dynamic image size,
+    a non-square image, the grid given by `use_grid_size`; against the same model with the reference
+    attention (RoPE angles on, not zero)."""
+    pytest.importorskip("timm")
+    import copy
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=48, patch_size=16, embed_dim=64, depth=2, num_heads=4, num_classes=0,
+                            dynamic_img_size=True).to(device())
+    for block in vit.blocks:
+        block.attn = RoPE2dAttention.from_timm(block.attn, n_prefix=vit.num_prefix_tokens)
+    grid = (3, 5)  # a 48 x 80 image in 16-pixel patches
+    reference = copy.deepcopy(vit)
+    for block in reference.blocks:
+        block.attn = _ReferenceAttention(block.attn, grid)
+    image = torch.randn(2, 3, 16 * grid[0], 16 * grid[1], device=device())
+    with torch.no_grad(), use_grid_size(vit, grid):
+        out = vit.forward_features(image)
+    with torch.no_grad():
+        ref = reference.forward_features(image)
+    assert out.shape == (2, vit.num_prefix_tokens + grid[0] * grid[1], 64)
+    torch.testing.assert_close(out, ref, atol=5e-3 if on_gpu() else 1e-4, rtol=2e-3 if on_gpu() else 1e-4)
 
 
 def test_module_compiles_fullgraph() -> None:

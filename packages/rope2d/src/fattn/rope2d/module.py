@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from fattn.rope2d.op import AXIS_ORDERS, PAIRINGS, axial_angles, rope2d_attention
 
-__all__ = ["RoPE2dAttention"]
+__all__ = ["RoPE2dAttention", "use_grid_size"]
 
 
 class RoPE2dAttention(nn.Module):
@@ -17,8 +19,10 @@ class RoPE2dAttention(nn.Module):
     2D axial RoPE on the patch tokens.
 
     forward(x [B, N, C], grid_size=(height, width) or None, angles=None) -> [B, N, C], where
-    N = n_prefix + height*width. Without grid_size the grid is taken as square; `angles`
-    ([height*width, head_dim/2]) overrides the axial table (DINOv3 / EVA-02 style tables, jitter).
+    N = n_prefix + height*width. Without grid_size the module's `grid_size` attribute is used (set it,
+    or use `use_grid_size(model, grid)` for every block of a model whose blocks call attention without
+    one, as timm's `Block` does), else the grid is taken as square; `angles` ([height*width,
+    head_dim/2]) overrides the axial table (DINOv3 / EVA-02 style tables, jitter).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False, qk_norm: bool = False,
@@ -46,6 +50,8 @@ class RoPE2dAttention(nn.Module):
         self.norm: nn.Module = nn.Identity()  # timm's optional scale_norm before the projection
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
+        # the grid of calls that pass none (see use_grid_size); None: square
+        self.grid_size: tuple[int, int] | None = None
         # angle tables per (grid, device), so eager calls do not rebuild them in every layer and step
         self._angles_cache: dict[tuple[int, int, str], torch.Tensor] = {}
 
@@ -85,6 +91,8 @@ class RoPE2dAttention(nn.Module):
         B, N, C = x.shape
         if angles is None:
             if grid_size is None:
+                grid_size = self.grid_size
+            if grid_size is None:
                 side = math.isqrt(max(N - self.n_prefix, 0))
                 if side * side != N - self.n_prefix:
                     raise ValueError(f"grid_size is required: N - n_prefix = {N} - {self.n_prefix} is not a square; "
@@ -97,3 +105,26 @@ class RoPE2dAttention(nn.Module):
         out = rope2d_attention(q, k, v, angles, n_prefix=self.n_prefix, pairing=self.pairing, scale=self.scale)
         out = out.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(self.norm(out)))
+
+
+@contextlib.contextmanager
+def use_grid_size(model: nn.Module, grid_size: tuple[int, int]) -> Iterator[None]:
+    """Inside the `with` block, every `RoPE2dAttention` in `model` that is called without a grid_size
+    uses `grid_size` = (height, width) of the patch grid: how non-square inputs run through a model
+    whose blocks call their attention with no grid argument (timm's `Block`, `dynamic_img_size=True`).
+
+        with use_grid_size(vit, (img_h // 16, img_w // 16)):
+            out = vit(images)
+    """
+    if (not isinstance(grid_size, (tuple, list)) or len(grid_size) != 2
+            or not all(type(g) is int and g >= 1 for g in grid_size)):
+        raise ValueError(f"grid_size must be (height, width), two positive ints, got {grid_size!r}")
+    blocks = [m for m in model.modules() if isinstance(m, RoPE2dAttention)]
+    previous = [m.grid_size for m in blocks]
+    for m in blocks:
+        m.grid_size = (grid_size[0], grid_size[1])
+    try:
+        yield
+    finally:
+        for m, g in zip(blocks, previous):
+            m.grid_size = g
