@@ -324,6 +324,8 @@ def test_gpu_without_fp8_tensor_cores_is_a_clear_error(monkeypatch: pytest.Monke
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 0))
     with pytest.raises(ValueError, match=r"compute capability 8.9 or newer"):
         fp8_attention(*_qkv())
+    with pytest.raises(ValueError, match=r"FP8 quantization .* compute capability 8.9 or newer"):
+        quantize(_qkv()[0])
 
 
 @pytest.mark.gpu

@@ -442,6 +442,7 @@ def quantize(x: torch.Tensor, *, granularity: str = "head",
     reasons += choice_reasons("granularity", granularity, GRANULARITIES)
     if not reasons:
         reasons += head_dim_reasons("x", x.shape[-1], allowed=HEAD_DIMS)
+        reasons += gpu_arch_reasons(x, minimum=(8, 9), feature="FP8 quantization (fattn.fp8.quantize)")
     if not isinstance(tokens_contiguous, bool):
         reasons.append(Reason(f"tokens_contiguous must be a bool, got {type(tokens_contiguous).__name__}",
                               TypeError))
