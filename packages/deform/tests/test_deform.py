@@ -74,7 +74,9 @@ def _run_case(case, *, noncontiguous: bool, visibility: bool, deterministic: boo
     kw = dict(padding_mode=case["pad"], align_corners=case["align"], visibility=vis)
 
     def op(q, k, v, coords):  # type: ignore[no-untyped-def]
-        return deform_attention(q, k, v, coords, W, Hh, deterministic=deterministic, **kw)
+        out = deform_attention(q, k, v, coords, W, Hh, deterministic=deterministic, **kw)
+        assert out.dtype == q.dtype == case["dtype"], f"out is {out.dtype} for {q.dtype} inputs"
+        return out
 
     def ref(q, k, v, coords):  # type: ignore[no-untyped-def]
         return deform_attention_reference(q, k, v, coords, W, Hh, **kw)
@@ -273,9 +275,127 @@ def test_query_that_sees_nothing_outputs_zeros() -> None:
     assert torch.equal(q.grad[:, 1], torch.zeros_like(q.grad[:, 1]))
 
 
+_GRAD_NAMES = ("q", "k", "v", "coords")
+
+
+def _check_loss_backward(op, ref, inputs, loss):  # type: ignore[no-untyped-def]
+    """`loss(out).backward()` through op and through ref in float64: the output and the gradients of q, k,
+    v and coords must match. As in check_forward_backward, ref run in the inputs' dtype sets the bound
+    (twice its error, plus error_floor(dtype) of the reference's magnitude). Returns the op's output, its
+    gradients and the float64 output."""
+    dtype = inputs["q"].dtype
+    runs = {}
+    for run, fn, to in (("op", op, None), ("ref64", ref, F64), ("lowp", ref, None)):
+        leaves = [inputs[n].detach().to(to or inputs[n].dtype).clone().requires_grad_(True) for n in _GRAD_NAMES]
+        try:
+            out = fn(*leaves)
+            loss(out).backward()
+        except (RuntimeError, NotImplementedError):
+            if run != "lowp":
+                raise
+            runs[run] = (None, [None] * len(leaves))  # PyTorch lacks this dtype here: the floor alone bounds
+            continue
+        runs[run] = (out, [leaf.grad for leaf in leaves])
+    (out, grads), (ref_out, ref_grads), (lowp_out, lowp_grads) = runs["op"], runs["ref64"], runs["lowp"]
+    assert_close("out", out, ref_out, lowp=lowp_out, dtype=dtype)
+    for name, g, rg, lg in zip(_GRAD_NAMES, grads, ref_grads, lowp_grads):
+        assert g is not None, f"grad_{name}: the op gave no gradient"
+        assert_close(f"grad_{name}", g, rg, lowp=lg, dtype=dtype)
+    return out, grads, ref_out.detach()
+
+
+@pytest.mark.parametrize("case", cases([dict(CPU_CASES[0], vis=False), dict(CPU_CASES[1], vis=True)])
+                         + cases([dict(GPU_CASES[1], vis=True), dict(GPU_CASES[2], vis=False)],
+                                 gpu_only_dims=lambda r: True))
+def test_sum_backward_stride0_grad_is_correct(case, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`out.sum().backward()`: autograd hands the backward an expanded output gradient (every stride 0).
+    The gradients of q, k, v and coords must match those of the float64 reference's `ref_out.sum()`."""
+    import fattn.deform.op as op_module
+
+    W, Hh = case["W"], case["Hh"]
+    inputs, vis = make_inputs(case["B"], case["S"], case["H"], case["Lq"], case["D"], case["T"], case["P"], W, Hh,
+                              case["dtype"], visibility=case["vis"])
+    kw = dict(padding_mode=case["pad"], align_corners=case["align"], visibility=vis)
+    seen = []
+    original = op_module.deform_bwd
+
+    def spy(grad_out, *args):  # type: ignore[no-untyped-def]
+        seen.append(grad_out.stride())
+        return original(grad_out, *args)
+
+    monkeypatch.setattr(op_module, "deform_bwd", spy)
+    out, _, _ = _check_loss_backward(lambda q, k, v, c: deform_attention(q, k, v, c, W, Hh, **kw),
+                                     lambda q, k, v, c: deform_attention_reference(q, k, v, c, W, Hh, **kw),
+                                     inputs, lambda out: out.sum())
+    assert seen == [(0, 0, 0, 0, 0)], f"the backward got output-gradient strides {seen}, not an expanded gradient"
+    assert out.dtype == case["dtype"]
+
+
+def _exact_points(n: int) -> list[float]:
+    """Normalized coordinates along an axis of n pixels that land exactly on something: the edges (0, 1),
+    the pixel centres of align_corners=True (k / (n - 1)) and of False ((k + 0.5) / n, 0.5 / n and
+    1 - 0.5 / n among them), half a pixel and a pixel outside each edge, and points further out."""
+    points = {0.0, 1.0, -0.5 / n, 1 + 0.5 / n, -0.25, 1.25} | {(k + 0.5) / n for k in range(n)}
+    if n > 1:
+        points |= {k / (n - 1) for k in range(n)} | {-1 / (n - 1), 1 + 1 / (n - 1)}
+    return sorted(points)
+
+
+# (width, height) per align_corners: every point of _exact_points that maps to a whole pixel coordinate
+# (ix = x * (width - 1), or x * width - 0.5) is a dyadic fraction mapped without rounding, in the kernel
+# and in grid_sample alike, so both pick the same bilinear cell there (where the coords gradient jumps)
+# and the same clamp gradient on the border. The other points map to fractional pixels.
+_EXACT_SIZES = {True: (5, 3), False: (4, 8)}
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("align", [True, False], ids=["align", "no_align"])
+@pytest.mark.parametrize("pad", ["zeros", "border"])
+def test_points_on_borders_and_pixel_centres(pad, align, dtype) -> None:  # type: ignore[no-untyped-def]
+    """Points exactly on the map's edges, on pixel centres, half a pixel and a pixel outside and further
+    out, every (x, y) pair of them: output and every gradient (coords too) against grid_sample's."""
+    W, Hh = _EXACT_SIZES[align]
+    B, S, H, Lq, D, T, P = 1, 2, 2, 13, 5, 2, 7
+    pairs = torch.tensor([(x, y) for x in _exact_points(W) for y in _exact_points(Hh)], dtype=F64)
+    n = B * S * Lq * T * P
+    assert len(pairs) <= n, "grow the shape: every pair must appear"
+    pairs = pairs.repeat(-(-n // len(pairs)), 1)[:n][torch.randperm(n)]
+    inputs, _ = make_inputs(B, S, H, Lq, D, T, P, W, Hh, dtype, coords_dtype=dtype)
+    inputs["coords"] = pairs.reshape(B, S, Lq, T, P, 2).to(device=device(), dtype=dtype)
+    kw = dict(padding_mode=pad, align_corners=align)
+    check_forward_backward(lambda q, k, v, coords: deform_attention(q, k, v, coords, W, Hh, **kw),
+                           lambda q, k, v, coords: deform_attention_reference(q, k, v, coords, W, Hh, **kw),
+                           inputs, grad_names=list(_GRAD_NAMES))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pad, align", [("zeros", True), ("border", False)], ids=["zeros-align", "border-no_align"])
+def test_bf16_is_stored_natively(pad, align) -> None:  # type: ignore[no-untyped-def]
+    """bf16 k and v around 1e5 (past fp16's largest finite value, 65504) with small q (moderate logits):
+    a kernel that went through fp16 would give inf. The output and gradients stay bf16 and finite, and
+    the output matches the float64 reference to bf16's relative tolerance."""
+    B, S, H, Lq, D, T, P, W, Hh = 1, 2, 3, 37, 32, 3, 4, 9, 6
+    inputs, _ = make_inputs(B, S, H, Lq, D, T, P, W, Hh, BF16, coords_dtype=BF16)
+    inputs["q"] = randn([B, S, H, Lq, D], BF16, scale=1e-5)  # q . k ~ sqrt(D): logits ~ 1
+    inputs["k"] = randn([B, T, H, W * Hh, D], BF16, scale=1e5)
+    inputs["v"] = (randn([B, T, H, W * Hh, D], F32, scale=1e5) + 2e5).to(BF16)
+    kw = dict(padding_mode=pad, align_corners=align)
+    grad = randn([B, S, H, Lq, D], F32)
+    out, grads, ref = _check_loss_backward(
+        lambda q, k, v, c: deform_attention(q, k, v, c, W, Hh, **kw),
+        lambda q, k, v, c: deform_attention_reference(q, k, v, c, W, Hh, **kw),
+        inputs, lambda out: (out * grad.to(out.dtype)).sum())
+    assert float(ref.abs().max()) > 65504 * 2, "the test needs outputs fp16 cannot hold"
+    assert out.dtype == BF16 and bool(torch.isfinite(out).all())
+    for name, g in zip(_GRAD_NAMES, grads):
+        assert g.dtype == BF16 and bool(torch.isfinite(g).all()), f"grad_{name}: {g.dtype}"
+    assert_close("out (bf16 relative)", out, ref, dtype=BF16)  # no slack from PyTorch's own bf16 error
+
+
 def test_default_scale_and_explicit_scale() -> None:
     inputs, _ = make_inputs(1, 1, 2, 5, 9, 2, 3, 3, 5, F32)
     out = deform_attention(*inputs.values(), 3, 5, scale=0.37)
+    assert out.dtype == F32
     ref = deform_attention_reference(*(x.double() for x in inputs.values()), 3, 5, scale=0.37)
     assert_close("out", out, ref)
     out = deform_attention(*inputs.values(), 3, 5)
@@ -286,6 +406,7 @@ def test_default_scale_and_explicit_scale() -> None:
 def test_coords_in_q_dtype() -> None:
     inputs, _ = make_inputs(1, 1, 1, 4, 8, 2, 2, 4, 4, F16, coords_dtype=F16)
     out = deform_attention(*inputs.values(), 4, 4)
+    assert out.dtype == F16
     ref = deform_attention_reference(*(x.double() for x in inputs.values()), 4, 4)
     assert_close("out", out, ref, dtype=F16)
 
