@@ -223,14 +223,20 @@ def test_padded_head_dims_skip_tiles_that_spill() -> None:
 
 
 @pytest.mark.parametrize("case", cases([_case(H=2, Hk=1, Nq=19, Nk=27, D=16, bs=4, w=2),
+                                        _case(H=4, Hk=2, Nq=21, Nk=30, D=16, bs=6, w=2, dtype=F16),
                                         _case(H=2, Nq=40, D=64, bs=16, w=2, dtype=BF16)]))
 def test_lse_gradient(case) -> None:  # type: ignore[no-untyped-def]
-    """Gradients flowing from the returned log-sum-exp (e.g. for merging attention states)."""
+    """Gradients flowing from the returned log-sum-exp (e.g. for merging attention states); out keeps q's
+    dtype and lse is [B, H, Nq] fp32 whatever the input dtype."""
     bs, w = case["bs"], case["w"]
+    inputs = _inputs(case)
+    out, lse = swba_attention(*inputs.values(), bs, w, return_lse=True)
+    assert out.dtype == case["dtype"] and out.shape == inputs["q"].shape
+    assert lse.dtype == F32 and lse.shape == (case["B"], case["H"], case["Nq"])
     check_forward_backward(
         lambda q, k, v: swba_attention(q, k, v, bs, w, return_lse=True)[::-1],
         lambda q, k, v: swba_attention_reference(q, k, v, bs, w, return_lse=True)[::-1],
-        _inputs(case), grad_names=["q", "k", "v"],
+        inputs, grad_names=["q", "k", "v"],
     )
 
 
@@ -278,6 +284,62 @@ def test_out_of_window_tiles_are_never_read() -> None:
     assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
 
 
+def _largest_tile() -> int:
+    """The largest BLOCK_M or BLOCK_N any kernel may run with here: 32 under the interpreter (its one config
+    per kernel), 128 on a GPU (the autotuner may pick any tiling of the tables)."""
+    from fattn.swba import kernels
+
+    configs = (*kernels.FWD_CONFIGS, *kernels.DKDV_CONFIGS, *kernels.DQ_CONFIGS)
+    return max(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the interpreter's max of NaN rows
+@pytest.mark.parametrize("nan_keys", ["last", "first"])
+def test_out_of_window_tiles_are_never_read_in_training(nan_keys: str) -> None:
+    """Training shape (Nq = Nk): NaN keys/values at the end (future tokens: the causal side) or at the start
+    (behind every later window) reach no output or gradient outside their window's reach; what they cannot
+    reach equals a run on clean inputs, bit for bit. A visited tile leaks NaN even where fully masked: p = 0
+    times a NaN value (forward, dQ), or times the NaN delta of a query that saw them (dK/dV), as p * (dp - delta).
+
+    Blocks of half the largest tile T and a window of 3 put every boundary below on a multiple of T, so no
+    tile straddles one: the clean sets are exact (no margin), and visiting one block too many fails.
+    The output gradient is 0 on rows that see NaN; their lse and delta are NaN all the same, which is why
+    the keys they see (not only the NaN ones) get NaN dK/dV legitimately.
+    """
+    t = _largest_tile()  # interpreter: fwd/dQ tiles 16 x 32, dK/dV 32 x 16: 10 to 19 tiles a side
+    bs, w, d = t // 2, 3, 16
+    n = 9 * t + 13  # 301 under the interpreter: ragged in every tile size
+    if nan_keys == "last":
+        nan = slice(7 * t, n)  # blocks 14 on; query block i sees key blocks i - 2 .. i
+        rows = slice(0, 7 * t)  # queries of blocks <= 13 see no NaN key
+        keys = slice(0, 6 * t)  # keys of blocks <= 11 are seen by query blocks <= 13 only
+    else:
+        nan = slice(0, 2 * t)  # blocks 0..3, seen by query blocks 0..5
+        rows = keys = slice(3 * t, n)  # blocks 6 on: they see, and are seen by, blocks 4 on only
+    q = randn([1, 2, n, d])
+    k = randn([1, 1, n, d])  # MQA: dK/dV also sum over the query heads (split over two programs)
+    v = randn([1, 1, n, d])
+    g = torch.zeros_like(q)
+    g[:, :, rows] = randn([1, 2, rows.stop - rows.start, d])
+
+    def run(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+        out = swba_attention(*leaves, bs, w)
+        out.backward(g)
+        return (out.detach(), *(x.grad for x in leaves))
+
+    clean = run(k, v)
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[:, :, nan] = float("nan")
+    v_nan[:, :, nan] = float("nan")
+    dirty = run(k_nan, v_nan)
+    assert not torch.isfinite(dirty[0]).all()  # the NaN keys did reach the queries that see them
+    for name, index, a, b in zip(("out", "dq", "dk", "dv"), (rows, rows, keys, keys), dirty, clean):
+        a, b = a[:, :, index], b[:, :, index]
+        assert torch.isfinite(a).all(), f"{name}: NaN at positions {index.start}..{index.stop - 1}, outside its reach"
+        assert torch.equal(a, b), f"{name}: differs from the clean run at positions {index.start}..{index.stop - 1}"
+
+
 def test_backward_is_deterministic() -> None:
     q, k, v = (randn([1, 4, 45, 16], F16) for _ in range(3))
     k, v = k[:, :2], v[:, :2]  # GQA: dk/dv sum over query heads, still without atomics
@@ -289,6 +351,31 @@ def test_backward_is_deterministic() -> None:
         return (out, *torch.autograd.grad(out, (qq, kk, vv), g))
 
     assert_deterministic(run, runs=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", cases([_case(B=1, H=8, Hk=2, Nq=1000, D=64, bs=96, w=3, dtype=BF16),
+                                        _case(B=1, H=8, Hk=2, Nq=1000, D=128, bs=96, w=3, dtype=F16)]))
+def test_backward_is_deterministic_gpu(case) -> None:  # type: ignore[no-untyped-def]
+    """Three backwards of the same inputs and output gradient give bit-identical dq, dk, dv at a GPU size:
+    GQA (dK/dV sum over 4 query heads, split over programs and the fp32 partials added in a fixed order)
+    with many programs a kernel (no atomics anywhere)."""
+    inputs = _inputs(case, noncontiguous=False)
+    g = randn(inputs["q"].shape, case["dtype"])
+    bs, w = case["bs"], case["w"]
+
+    def run() -> list[torch.Tensor]:
+        leaves = [x.detach().clone().requires_grad_(True) for x in inputs.values()]
+        out = swba_attention(*leaves, bs, w)
+        out.backward(g)
+        return [x.grad for x in leaves]
+
+    first = run()
+    assert all(torch.isfinite(x).all() for x in first)
+    for i in (1, 2):
+        for name, a, b in zip(("dq", "dk", "dv"), first, run()):
+            # (the bits: torch.equal on the values would take -0.0 for +0.0)
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"{name} differs between run 0 and run {i}"
 
 
 def test_mask_semantics() -> None:
