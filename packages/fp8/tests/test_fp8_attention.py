@@ -69,6 +69,11 @@ FWD_CASES = cases(
         dict(B=2, H=8, Hkv=8, Nq=777, Nk=1537, D=128, causal=True, dtype=torch.bfloat16),
         dict(B=1, H=4, Hkv=1, Nq=1024, Nk=1024, D=256, causal=True, dtype=torch.float16),
         dict(B=4, H=6, Hkv=6, Nq=197, Nk=197, D=64, causal=False, dtype=torch.bfloat16),
+        # D = 256 beyond causal Nq == Nk: non-causal GQA with Nq != Nk, and causal with Nq > Nk
+        # (bottom-right diagonal: the first Nq - Nk queries see no key)
+        dict(B=1, H=4, Hkv=2, Nq=35, Nk=53, D=256, causal=False, dtype=torch.float16),
+        dict(B=1, H=2, Hkv=1, Nq=50, Nk=19, D=256, causal=True, dtype=torch.float16),  # rows with no key
+        dict(B=2, H=8, Hkv=2, Nq=333, Nk=1000, D=256, causal=False, dtype=torch.bfloat16),
     ],
     gpu_only_dims=_cpu_or_gpu,
 )
@@ -80,6 +85,8 @@ def test_forward_accuracy_full_precision_inputs(case: dict, outliers: bool) -> N
     q, k, v = make_qkv(case, noncontiguous=True, outliers=outliers)
     out = fp8_attention(q, k, v, causal=case["causal"])
     assert out.dtype == q.dtype and out.shape == q.shape
+    if case["causal"] and case["Nq"] > case["Nk"]:  # bottom-right alignment: these queries see no key
+        assert (out[:, :, : case["Nq"] - case["Nk"]] == 0).all(), "queries that see no key must output 0"
     ref = R.attention(q.double(), k.double(), v.double(), causal=case["causal"])
     deq = R.attention(*R.dequantized_inputs(q, k, v), causal=case["causal"])
     err_deq, err_full = rel_l2(out, deq), rel_l2(out, ref)
@@ -88,7 +95,7 @@ def test_forward_accuracy_full_precision_inputs(case: dict, outliers: bool) -> N
 
 
 @pytest.mark.parametrize("tokens_contiguous", [True, False], ids=["v_tokens_contiguous", "v_rowmajor"])
-@pytest.mark.parametrize("case", FWD_CASES[:5] + FWD_CASES[6:8])
+@pytest.mark.parametrize("case", FWD_CASES[:5] + FWD_CASES[6:8] + FWD_CASES[10:12])
 def test_forward_fp8_inputs(case: dict, tokens_contiguous: bool) -> None:
     q, k, v = make_qkv(case)
     q8, qd = quantize(q)
@@ -115,6 +122,30 @@ def test_fp8_inputs_default_bf16_output() -> None:
     out = fp8_attention(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd)
     assert out.dtype == torch.bfloat16
     assert rel_l2(out, R.fp8_attention_reference(q8, k8, v8, qd, kd, vd)) <= TOL_DEQUANT
+
+
+# The interpreter cannot do bf16 arithmetic, but the kernel only converts its fp32 result to bf16 at
+# the store, which the interpreter can do: the bf16 outputs run on the CPU too.
+@pytest.mark.parametrize("out_dtype", [None, torch.float16, torch.float32, torch.bfloat16],
+                         ids=["out_default", "out_fp16", "out_fp32", "out_bf16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float8_e4m3fn], ids=["fp16", "fp32", "e4m3"])
+def test_out_dtype(dtype: torch.dtype, out_dtype: torch.dtype | None) -> None:
+    """out_dtype picks the output's dtype; None gives bf16 for e4m3 inputs and the input dtype otherwise."""
+    c = dict(B=1, H=4, Hkv=2, Nq=29, Nk=41, D=64, dtype=torch.float32 if dtype == torch.float8_e4m3fn else dtype)
+    q, k, v = make_qkv(c)
+    if dtype == torch.float8_e4m3fn:
+        (q8, qd), (k8, kd), (v8, vd) = quantize(q), quantize(k), quantize(v, tokens_contiguous=True)
+        out = fp8_attention(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd, causal=True, out_dtype=out_dtype)
+        ref = R.fp8_attention_reference(q8, k8, v8, qd, kd, vd, causal=True)
+        default = torch.bfloat16
+    else:
+        out = fp8_attention(q, k, v, causal=True, out_dtype=out_dtype)
+        ref = R.attention(*R.dequantized_inputs(q, k, v), causal=True)
+        assert rel_l2(out, R.attention(q.double(), k.double(), v.double(), causal=True)) <= TOL_FULL
+        default = dtype
+    assert out.dtype == (default if out_dtype is None else out_dtype) and out.shape == q.shape
+    err = rel_l2(out, ref)
+    assert err <= TOL_DEQUANT, f"relative L2 error {err:.4f} against the dequantized reference"
 
 
 GRAD_CASES = cases(

@@ -13,11 +13,12 @@ from fattn.core.testing import (
     check_custom_op,
     check_forward_backward,
     device,
+    error_floor,
     on_gpu,
     rand,
     randn,
 )
-from fattn.msda import ms_deform_attn, ms_deform_attn_reference, msda_fwd
+from fattn.msda import ms_deform_attn, ms_deform_attn_reference, msda_bwd, msda_fwd
 
 
 def level_tensors(levels: list[tuple[int, int]], dev: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -37,11 +38,13 @@ def parse_levels(levels: str | list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def make_inputs(N: int, Lq: int, M: int, D: int, levels: str | list[tuple[int, int]], P: int, dtype: torch.dtype,
-                loc_dtype: torch.dtype | None = None, noncontiguous: bool = False) -> dict:
+                loc_dtype: torch.dtype | None = None, noncontiguous: bool = False,
+                attn_dtype: torch.dtype | None = None) -> dict:
     levels = parse_levels(levels)
     shapes, starts, S = level_tensors(levels)
     L = len(levels)
     loc_dtype = loc_dtype or dtype
+    attn_dtype = attn_dtype or loc_dtype
     value = randn([N, S, M, D], dtype, noncontiguous=noncontiguous)
     # Inside, across the borders and far outside the maps.
     loc = rand([N, Lq, M, L, P, 2], torch.float32, low=-0.3, high=1.3)
@@ -51,7 +54,7 @@ def make_inputs(N: int, Lq: int, M: int, D: int, levels: str | list[tuple[int, i
     # Snap to multiples of 2^-12: then x * W - 0.5 is exact in fp32, so the kernel, the fp32 and the
     # fp64 references all pick the same bilinear cell (a gradient jumps where the cell changes).
     loc = (torch.round(loc * 4096) / 4096).to(loc_dtype)
-    attn = rand([N, Lq, M, L, P], loc_dtype)
+    attn = rand([N, Lq, M, L, P], attn_dtype)
     if noncontiguous:
         from fattn.core.testing import make_noncontiguous
 
@@ -275,23 +278,41 @@ def test_int64_offsets_decision() -> None:
     assert _needs_64bit_offsets(small, long_loc, attn)
 
 
-@pytest.mark.parametrize("value_dtype,loc_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16),
-                                                   pytest.param(torch.bfloat16, torch.float32, marks=pytest.mark.bf16)],
-                         ids=["value_fp16-loc_fp32", "value_fp32-loc_fp16", "value_bf16-loc_fp32"])
-def test_mixed_dtypes(value_dtype: torch.dtype, loc_dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("value_dtype,loc_dtype,attn_dtype", [
+    (torch.float16, torch.float32, torch.float32),
+    (torch.float32, torch.float16, torch.float16),
+    pytest.param(torch.bfloat16, torch.float32, torch.float32, marks=pytest.mark.bf16),
+    (torch.float16, torch.float32, torch.float16),
+], ids=["value_fp16-loc_fp32", "value_fp32-loc_fp16", "value_bf16-loc_fp32", "value_fp16-loc_fp32-attn_fp16"])
+def test_mixed_dtypes(value_dtype: torch.dtype, loc_dtype: torch.dtype, attn_dtype: torch.dtype) -> None:
     # Locations and weights may keep fp32 under autocast while value is half precision: the output
-    # follows value, each gradient its own input's dtype.
-    inputs = make_inputs(2, 13, 2, 8, [(3, 5), (2, 2)], 2, value_dtype, loc_dtype=loc_dtype)
+    # follows value, each gradient its own input's dtype; all of them match float64 to the
+    # tolerance of the least precise input dtype.
+    inputs = make_inputs(2, 13, 2, 8, [(3, 5), (2, 2)], 2, value_dtype, loc_dtype=loc_dtype, attn_dtype=attn_dtype)
+    assert inputs["attention_weights"].dtype == attn_dtype
+    low = max((value_dtype, loc_dtype, attn_dtype), key=error_floor)
     out = ms_deform_attn(**inputs)
     assert out.dtype == value_dtype
     for name in GRADS:
         inputs[name].requires_grad_(True)
     out = ms_deform_attn(**inputs)
-    grads = torch.autograd.grad(out.float().sum(), [inputs[n] for n in GRADS])
-    for name, g in zip(GRADS, grads):
-        assert g.dtype == inputs[name].dtype and g.shape == inputs[name].shape
-    ref64 = ms_deform_attn_reference(**{k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()})
+    g = randn(list(out.shape), value_dtype)
+    grads = torch.autograd.grad(out, [inputs[n] for n in GRADS], g)
+    for name, grad in zip(GRADS, grads):
+        assert grad.dtype == inputs[name].dtype and grad.shape == inputs[name].shape
+    ref_inputs = {k: (v.detach().double().requires_grad_(k in GRADS) if v.is_floating_point() else v)
+                  for k, v in inputs.items()}
+    ref64 = ms_deform_attn_reference(**ref_inputs)
     assert_close("out", out, ref64, dtype=value_dtype)
+    ref_grads = torch.autograd.grad(ref64, [ref_inputs[n] for n in GRADS], g.double())
+    # Each gradient is rounded once from fp32, except bf16 value's: it takes bf16 atomics (op._direct_rows),
+    # so its bound adds PyTorch's own bf16 error, as check_forward_backward's bounds do.
+    lowp_value = None
+    if value_dtype == torch.bfloat16:
+        lowp_inputs = {**inputs, "value": inputs["value"].detach().clone().requires_grad_(True)}
+        lowp_value = torch.autograd.grad(ms_deform_attn_reference(**lowp_inputs), lowp_inputs["value"], g)[0]
+    for name, grad, ref in zip(GRADS, grads, ref_grads):
+        assert_close(f"grad_{name}", grad, ref, lowp=lowp_value if name == "value" else None, dtype=low)
 
 
 def test_gradcheck_fp64() -> None:
@@ -306,14 +327,17 @@ def test_gradcheck_fp64() -> None:
             eps=1e-6, atol=1e-5, fast_mode=True)
 
 
-def test_deterministic_backward_is_bitwise_reproducible() -> None:
+# (fp16 and bf16: on the GPU only, where atomics could reorder additions; the interpreter runs serially)
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float16, marks=pytest.mark.gpu),
+                                   pytest.param(torch.bfloat16, marks=pytest.mark.gpu)], ids=["fp32", "fp16", "bf16"])
+def test_deterministic_backward_is_bitwise_reproducible(dtype: torch.dtype) -> None:
     big = on_gpu()
     inputs = make_inputs(2, 2000 if big else 19, 4 if big else 2, 32 if big else 8,
-                         [(32, 32), (16, 16)] if big else [(3, 4), (2, 2)], 4 if big else 2, torch.float32)
+                         [(32, 32), (16, 16)] if big else [(3, 4), (2, 2)], 4 if big else 2, dtype)
     # Many queries sampling the same few pixels: atomics would add in a different order every run.
-    inputs["sampling_locations"] = rand(list(inputs["sampling_locations"].shape), low=0.4, high=0.6)
+    inputs["sampling_locations"] = rand(list(inputs["sampling_locations"].shape), dtype, low=0.4, high=0.6)
     leaves = [inputs[n].detach().requires_grad_(True) for n in GRADS]
-    g = randn(list(ms_deform_attn(**inputs).shape))
+    g = randn(list(ms_deform_attn(**inputs).shape), dtype)
 
     def grads() -> tuple[torch.Tensor, ...]:
         out = ms_deform_attn(leaves[0], inputs["spatial_shapes"], inputs["level_start_index"], leaves[1], leaves[2],
@@ -333,13 +357,18 @@ def test_empty_queries() -> None:
     assert float(grads[0].abs().sum()) == 0.0
 
 
-def test_custom_op_opcheck_and_compile() -> None:
+@pytest.mark.parametrize("padding, det", [("zeros", False), ("border", True)], ids=["zeros-no_det", "border-det"])
+def test_custom_op_opcheck_and_compile(padding: str, det: bool) -> None:
     inputs = make_inputs(1, 11, 2, 4, [(3, 4), (2, 1)], 2, torch.float32)
     for name in GRADS:
         inputs[name].requires_grad_(True)
     args = (inputs["value"], inputs["spatial_shapes"], inputs["level_start_index"], inputs["sampling_locations"],
             inputs["attention_weights"])
-    check_custom_op(msda_fwd, args + ("zeros", False, False), public_fn=ms_deform_attn, public_args=args)
+    check_custom_op(msda_fwd, args + (padding, False, det),
+                    public_fn=lambda *a: ms_deform_attn(*a, padding_mode=padding, deterministic=det), public_args=args)
+    # the backward op on its own (atomic or sort-based value gradient), on inputs that need no gradient
+    g = randn([1, 11, 2 * 4])
+    torch.library.opcheck(msda_bwd.op, (g, *(a.detach() for a in args), padding, False, det))
 
 
 @pytest.mark.gpu

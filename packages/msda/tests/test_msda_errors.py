@@ -65,6 +65,30 @@ def test_level_start_index_wrong_length() -> None:
     _expect(ValueError, r"level_start_index must have shape \[L\] = \[2\]", level_start_index=_index([0]))
 
 
+def test_spatial_shapes_wrong_columns() -> None:
+    s = _index([[3, 4, 1], [2, 2, 1]])
+    _expect(ValueError, r"spatial_shapes must have shape \[L, 2\] .*got \[2, 3\]", spatial_shapes=s)
+
+
+def test_level_start_index_2d() -> None:
+    _expect(ValueError, r"level_start_index must be 1-D, got 2-D", level_start_index=_index([[0, 12]]))
+
+
+def test_sampling_locations_last_dim_not_2() -> None:
+    loc = _good()["sampling_locations"]
+    loc3 = torch.cat([loc, loc[..., :1]], dim=-1)
+    _expect(ValueError, r"sampling_locations must have shape \[N, Lq, M, L, P, 2\] .*got \[2, 5, 2, 2, 2, 3\]",
+            sampling_locations=loc3)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32], ids=["int64", "int32"])
+@pytest.mark.parametrize("name", ["sampling_locations", "attention_weights"])
+def test_integer_locations_or_weights(name: str, dtype: torch.dtype) -> None:
+    t = _good()[name]
+    _expect(TypeError, rf"{name} must have dtype in \(.*\), got {str(dtype).removeprefix('torch.')}",
+            **{name: t.to(dtype)})
+
+
 def test_nonpositive_level() -> None:
     s = _index([[4, 4], [0, 3]])
     _expect(ValueError, r"spatial_shapes must hold positive", spatial_shapes=s)

@@ -87,6 +87,33 @@ def test_forward_matches_reference(coords: int) -> None:
     assert m.sampling_offsets.weight.grad is not None and m.value_proj.weight.grad.abs().sum() > 0
 
 
+def test_pixel_offsets_are_normalized_by_width_and_height() -> None:
+    """Offsets are in pixels of each level: +1 in x moves a point by 1/W, +1 in y by 1/H (not the
+    other way round). One non-square level whose values are ramps in x and in y, identity projections
+    and one point per head (its softmax weight is 1): the output reads the sampled pixel coordinates."""
+    h, w = 3, 7
+    shapes, starts, S = level_tensors([(h, w)])
+    m = MSDeformAttn(4, 1, 2, 1).to(device())  # two heads of dim 2: (x ramp, y ramp) each
+    with torch.no_grad():
+        for proj in (m.value_proj, m.output_proj):
+            proj.weight.copy_(torch.eye(4))
+            proj.bias.zero_()
+        m.sampling_offsets.weight.zero_()
+        m.sampling_offsets.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 1.0]))  # head 0: +1 px in x; head 1: +1 px in y
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    ramp = torch.stack([xs, ys], -1).reshape(1, S, 2).repeat(1, 1, 2).to(device())  # [x, y, x, y] per pixel
+    n, lq = 1, 9
+    # Reference points whose shifted samples stay inside the map, where bilinear sampling of a ramp is exact.
+    ref_points = torch.stack([rand([n, lq, 1], low=0.1, high=0.6), rand([n, lq, 1], low=0.2, high=0.5)], -1)
+    with torch.no_grad():
+        out = m(randn([n, lq, 4]), ref_points, ramp, shapes, starts)
+    # pixel coordinates of a normalized location (align_corners=False): x * W - 0.5, y * H - 0.5
+    px = ref_points[..., 0, 0] * w - 0.5
+    py = ref_points[..., 0, 1] * h - 0.5
+    expected = torch.stack([px + 1, py, px, py + 1], -1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
+
+
 def test_bad_reference_points() -> None:
     shapes, starts, S = level_tensors([(3, 3)])
     m = MSDeformAttn(8, 1, 2, 1).to(device())
