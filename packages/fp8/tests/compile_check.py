@@ -41,22 +41,24 @@ def _compile(kernel, sig: dict[str, str], consts: dict[str, object], name: str, 
 
 
 def forward(q_dtype: str, d: int, bm: int, bn: int, warps: int, stages: int, causal: bool, arch: int = 90,
-            tma: bool = False, maxnreg: int | None = None):
+            tma: bool = False, maxnreg: int | None = None, blocks: bool = False):
     """The FP8 forward: q_dtype "fp8e4nv" (e4m3 inputs) or "bf16" (Q quantized in the kernel); tma: K/V
-    through tensor descriptors (what op.py passes on Hopper)."""
+    through tensor descriptors (what op.py passes on Hopper); blocks: per-64-token-block descales for K
+    and, with e4m3 Q, for Q (Q_BLOCK_SCALES / K_BLOCK_SCALES)."""
     unit = ["stride_qd", "stride_kd", "stride_vn", "stride_od", "stride_dod"]  # V tokens-contiguous
     sig = {"Q": f"*{q_dtype}", "K": "*fp8e4nv", "V": "*fp8e4nv", "Q_descale": "*fp32", "K_descale": "*fp32",
            "V_descale": "*fp32", "Out": "*bf16", "Lse": "*fp32", "DO": "*bf16", "Delta": "*fp32",
            **_strides(["q", "k", "v", "o", "do"], unit), **TAIL}
     consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": causal, "FP8": True, "BWD_PREP": False,
-              "TMA": tma, **dict.fromkeys(unit, 1)}
+              "TMA": tma, "Q_BLOCK_SCALES": blocks and q_dtype == "fp8e4nv", "K_BLOCK_SCALES": blocks,
+              **dict.fromkeys(unit, 1)}
     if tma:
         sig.update(K_desc=f"tensordesc<fp8e4nv[{bn}, {d}]>", V_desc=f"tensordesc<fp8e4nv[{d}, {bn}]>")
     else:
         consts.update(K_desc=None, V_desc=None)
     return _compile(kernels._attn_fwd_kernel, sig, consts, f"fwd q={q_dtype} D{d} {bm}x{bn} w{warps} s{stages}"
-                    f"{' causal' if causal else ''}{' tma' if tma else ''}{f' cap{maxnreg}' if maxnreg else ''}",
-                    arch, warps, stages, maxnreg)
+                    f"{' causal' if causal else ''}{' tma' if tma else ''}{f' cap{maxnreg}' if maxnreg else ''}"
+                    f"{' blocks' if blocks else ''}", arch, warps, stages, maxnreg)
 
 
 def backward(which: str, dtype: str, d: int, bm: int, bn: int, warps: int, stages: int, arch: int = 90):
@@ -68,7 +70,7 @@ def backward(which: str, dtype: str, d: int, bm: int, bn: int, warps: int, stage
                "Out": "*fp32", "Lse": "*fp32", "DO": t, "Delta": "*fp32",
                **_strides(["q", "k", "v", "o", "do"], unit), **TAIL}
         consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": True, "FP8": False, "BWD_PREP": True,
-                  "K_desc": None, "V_desc": None, "TMA": False}
+                  "K_desc": None, "V_desc": None, "TMA": False, "Q_BLOCK_SCALES": False, "K_BLOCK_SCALES": False}
         kernel = kernels._attn_fwd_kernel
     else:
         outs = ["dk", "dv"] if which == "dkdv" else ["dq"]
@@ -83,7 +85,9 @@ def backward(which: str, dtype: str, d: int, bm: int, bn: int, warps: int, stage
                     stages)
 
 
-def quantization(dtype: str, d: int, arch: int = 90) -> list:  # type: ignore[type-arg]
+def quantization(dtype: str, d: int, arch: int = 90, blocks: bool = False) -> list:  # type: ignore[type-arg]
+    """The three fused quantization kernels (K centred, V tokens-contiguous); blocks: K per 64-token block
+    (the apply kernel's BLOCK_SCALES0)."""
     unit_in = ["stride_x0d", "stride_x1d"]
     stats = {"X0": f"*{dtype}", "X1": f"*{dtype}", "ColSum": "*fp32", "ColMax": "*fp32", "ColMin": "*fp32",
              "H": "i32", "N": "i32", "n_tiles": "i32", **_strides(["x0", "x1"], unit_in)}
@@ -92,13 +96,19 @@ def quantization(dtype: str, d: int, arch: int = 90) -> list:  # type: ignore[ty
              "Y1": "*fp8e4nv", "H": "i32", "N": "i32", **_strides(["x0", "x1", "y0", "y1"], unit_out)}
     final = {"ColSum": "*fp32", "ColMax": "*fp32", "ColMin": "*fp32", "Mean": "*fp32", "Descale": "*fp32",
              "N": "i32", "n_tiles": "i32"}
+    apply_consts: dict[str, object] = {"D": d, "BLOCK_N": 64, "CENTER0": True, **dict.fromkeys(unit_out, 1)}
+    if blocks:
+        apply.update(ColMax="*fp32", ColMin="*fp32", BlockDescale="*fp32")
+        apply_consts["BLOCK_SCALES0"] = True
+    else:
+        apply_consts.update(ColMax=None, ColMin=None, BlockDescale=None, BLOCK_SCALES0=False)
     return [
         _compile(kernels._quant_stats_kernel, stats, {"D": d, "BLOCK_N": 64, "CENTER0": True,
                                                       **dict.fromkeys(unit_in, 1)}, f"quant stats {dtype}", arch, 4, 1),
         _compile(kernels._quant_finalize_kernel, final, {"D": d, "BLOCK_T": 32, "CENTER0": True},
                  "quant finalize", arch, 4, 1),
-        _compile(kernels._quant_apply_kernel, apply, {"D": d, "BLOCK_N": 64, "CENTER0": True,
-                                                      **dict.fromkeys(unit_out, 1)}, f"quant apply {dtype}", arch, 4, 1),
+        _compile(kernels._quant_apply_kernel, apply, apply_consts,
+                 f"quant apply {dtype}{' blocks' if blocks else ''}", arch, 4, 1),
     ]
 
 
@@ -112,9 +122,16 @@ def _check_forward(report, tma: bool = False) -> None:  # type: ignore[no-untype
         assert "cp.async" in ptx, f"{report.name}: K/V loads are not pipelined"
 
 
+def _check_blocks(per_block, per_head, failures: list[str]) -> None:  # type: ignore[no-untyped-def]
+    """A per-block variant must not spill where its per-head twin does not."""
+    if per_block.n_spills and not per_head.n_spills:
+        failures.append(f"{per_block} spills where {per_head} does not")
+
+
 def main(full: bool) -> None:
     os.environ["FATTN_FP8_AUTOTUNE_LIMIT"] = "0"  # every config (wins over the tests' limit, under any name)
     reports = []
+    failures: list[str] = []
     if not full:
         for q_dtype, d, bm, bn, warps, stages, tma, cap in [("fp8e4nv", 128, 128, 64, 8, 3, False, None),
                                                              ("bf16", 64, 128, 128, 8, 3, False, None),
@@ -124,17 +141,33 @@ def main(full: bool) -> None:
             _check_forward(r, tma)
             assert r.n_spills == 0, str(r)
             reports.append(r)
+            if q_dtype == "fp8e4nv" and d == 128:
+                # per-block q and k descales: 128 x 64 (one K descale per key tile), TMA 64 x 128 (one per column)
+                rb = forward(q_dtype, d, bm, bn, warps, stages, causal=True, tma=tma, maxnreg=cap, blocks=True)
+                _check_forward(rb, tma)
+                assert rb.n_spills == 0, str(rb)
+                reports.append(rb)
+        reports += quantization("bf16", 128, blocks=True)[2:]  # the apply kernel with K's per-block descales
     else:
         for d in (32, 64, 128, 256):
             for q_dtype in ("fp8e4nv", "bf16"):
-                for c in kernels._fwd_prune(kernels._fwd_configs(), {"Q": _Elem(1)}, HEAD_DIM=d, FP8=True,
-                                            K_desc=True):
+                configs = kernels._fwd_configs()
+                # the configs tuned with per-block K descales (a subset)
+                with_blocks = kernels._fwd_prune(configs, {"Q": _Elem(1)}, HEAD_DIM=d, FP8=True, K_desc=True,
+                                                 K_BLOCK_SCALES=True)
+                for c in kernels._fwd_prune(configs, {"Q": _Elem(1)}, HEAD_DIM=d, FP8=True, K_desc=True):
                     bm, bn, tma = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs.get("TMA", False)
                     for causal in (True, False):
                         r = forward(q_dtype, d, bm, bn, c.num_warps, c.num_stages, causal=causal, tma=tma,
                                     maxnreg=c.maxnreg)
                         _check_forward(r, tma)
                         reports.append(r)
+                        if d in (64, 128) and any(b is c for b in with_blocks):  # per-block descales (K, and Q when e4m3)
+                            rb = forward(q_dtype, d, bm, bn, c.num_warps, c.num_stages, causal=causal, tma=tma,
+                                         maxnreg=c.maxnreg, blocks=True)
+                            _check_forward(rb, tma)
+                            _check_blocks(rb, r, failures)
+                            reports.append(rb)
         reports.append(forward("fp8e4nv", 128, 128, 64, 8, 3, causal=False, arch=89))
         for dtype, elem in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
             for d in (64, 128, 256):
@@ -147,9 +180,11 @@ def main(full: bool) -> None:
                                                 c.num_warps, c.num_stages))
         for dtype in ("bf16", "fp16", "fp32"):
             reports += quantization(dtype, 128)
+            reports += quantization(dtype, 128, blocks=True)[2:]
     for r in reports:
         assert r.shared_bytes <= SHARED_MEMORY_LIMIT, str(r)
         print(r, "SPILLS" if r.n_spills else "")
+    assert not failures, "\n".join(failures)
     print("OK")
 
 

@@ -14,7 +14,10 @@ K and V (`_quant_stats_kernel`, `_quant_finalize_kernel`, `_quant_apply_kernel`)
 (batch, head), optionally after centring each channel on its mean over the tokens (used for K: it
 shifts every logit of a query row by the same amount, so the softmax is unchanged, and it removes
 the per-channel offsets that make outlier channels), in three deterministic launches that each
-handle K and V together (grid axis 2 picks the tensor).
+handle K and V together (grid axis 2 picks the tensor). With BLOCK_SCALES0, tensor 0 (K) gets one
+amax per QUANT_BLOCK = 64 tokens instead (the token tiles are then the blocks); the forward reads
+such per-block descales for Q and K with Q_BLOCK_SCALES / K_BLOCK_SCALES (V's must stay per head:
+P @ V sums over keys of every block).
 
 Backward (`_attn_bwd_dkdv_kernel`, `_attn_bwd_dq_kernel`): the flash-attention backward of the
 full-precision attention (straight-through over the quantization); one program per key block owns
@@ -34,6 +37,9 @@ FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn
 # P in [0, 1] is stored in e4m3 times 2^8 (at most 256 < 448): exact (a power of two), and
 # probabilities down to 2^-14 stay normal numbers instead of flushing into e4m3's subnormals.
 P_SCALE_LOG2 = tl.constexpr(8.0)
+# Tokens per quantization block of the per-block granularity (op.QUANT_BLOCK): descales [B, H, ceil(N / 64)].
+# Every kernel tile is a power of two: a tile of <= 64 tokens lies inside one block, a 128 tile spans two.
+QUANT_BLOCK = tl.constexpr(64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,9 +85,9 @@ def _load_tile_t(base, offs_n, n_limit, offs_d, stride_n, stride_d, MASK: tl.con
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                K_desc, V_desc, k_row, v_row,
-               offs_m, offs_d, lo, hi, N_K, diag, qk_scale, HEAD_DIM: tl.constexpr,
+               offs_m, offs_d, lo, hi, N_K, diag, qk_scale, k_scales, HEAD_DIM: tl.constexpr,
                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, FP8: tl.constexpr,
-               TMA: tl.constexpr):
+               TMA: tl.constexpr, K_BLOCK_SCALES: tl.constexpr):
     """Key tiles [lo, hi): MASK says whether they need the bounds / causal mask.
 
     m_i is the running max of the base-2 logits. With FP8, p and l_i carry a factor 2^8 (P_SCALE_LOG2)
@@ -90,7 +96,14 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
     as [rows, N_K] rows v_row + d): no per-thread addresses, so fewer registers (one-warpgroup programs
     fit two or three to an SM, and run out of phase: one's softmax overlaps another's tensor-core
     work; the warpgroups of one program still meet at a barrier every tile).
+    K_BLOCK_SCALES: k_scales points at this (batch, KV head)'s K descales, one per QUANT_BLOCK keys.
+    A tile of <= QUANT_BLOCK keys lies inside one block: its descale joins the row scale. A tile of
+    2 * QUANT_BLOCK keys spans two: each half of the tile has its own row scale, picked per register by
+    a split known at compile time (no per-logit multiply, no column vector: a loaded per-column descale
+    vector spills at 128 x 128 / 8 warps and takes 54 more registers at 64 x 128 / 4 warps, sm_90).
     """
+    # Tiles are powers of two, so no tile straddles a block boundary except at its middle.
+    tl.static_assert(not K_BLOCK_SCALES or BLOCK_N <= 2 * QUANT_BLOCK)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if TMA:
@@ -100,18 +113,39 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         else:
             k_t = interp_upcast(_load_tile_t(k_base, offs_n, N_K, offs_d, stride_kn, stride_kd, MASK))
         s = tl.dot(q, k_t)  # raw logits, fp32; qk_scale [BLOCK_M] > 0 is applied inside the exp2 below
+        tile_scale = qk_scale
+        if K_BLOCK_SCALES:
+            # start_n is a multiple of BLOCK_N: the tile's first key is in block start_n // QUANT_BLOCK
+            tile_scale = qk_scale * tl.load(k_scales + start_n // QUANT_BLOCK)
+            if BLOCK_N > QUANT_BLOCK:
+                # its second half: the next block (descale > 0, so each half's row max commutes with it)
+                if MASK:
+                    k_d1 = tl.load(k_scales + start_n // QUANT_BLOCK + 1, mask=start_n + QUANT_BLOCK < N_K,
+                                   other=1.0)
+                else:
+                    k_d1 = tl.load(k_scales + start_n // QUANT_BLOCK + 1)
+                second_scale = qk_scale * k_d1
+                first_half = (tl.arange(0, BLOCK_N) < QUANT_BLOCK)[None, :]
         if MASK:
             keep = (offs_n < N_K)[None, :]
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
             s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        if K_BLOCK_SCALES and BLOCK_N > QUANT_BLOCK:
+            # (the selects pick whole registers: each half reduces only its own)
+            m_new = tl.maximum(m_i, tl.maximum(tl.max(tl.where(first_half, s, float("-inf")), 1) * tile_scale,
+                                               tl.max(tl.where(first_half, float("-inf"), s), 1) * second_scale))
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * tile_scale)
         # rows that have seen only masked keys keep m_new = -inf: subtract 0 there (no -inf - -inf)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_ref)
         if FP8:
             m_ref = m_ref - P_SCALE_LOG2
-        p = tl.math.exp2(s * qk_scale[:, None] - m_ref[:, None])  # one FMA and one exp2 per logit
+        if K_BLOCK_SCALES and BLOCK_N > QUANT_BLOCK:
+            p = tl.math.exp2(s * tl.where(first_half, tile_scale[:, None], second_scale[:, None]) - m_ref[:, None])
+        else:
+            p = tl.math.exp2(s * tile_scale[:, None] - m_ref[:, None])  # one FMA and one exp2 per logit
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
         if TMA:
@@ -178,16 +212,21 @@ def _fwd_configs() -> list[triton.Config]:
 def _fwd_prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
     """Drop configs whose pipelined K/V tiles exceed Hopper's 227 KB of shared memory, BLOCK_N < 32
     for FP8 (the P @ V product needs a reduction of at least 32), tiles over 64 at D = 256 (they
-    spill registers, ptxas sm_90), TMA configs when the launch has no descriptors, and register-capped
-    configs above D = 64 or outside the FP8 forward (they spill there)."""
+    spill registers, ptxas sm_90), TMA configs when the launch has no descriptors, register-capped
+    configs above D = 64 or outside the FP8 forward (they spill there), and with per-block K descales
+    the pointer-load 128-key tiles from D = 128 (128 x 128 / 8 warps spills 64 bytes with e4m3 Q, sm_90,
+    where per head it does not)."""
     d = kwargs["HEAD_DIM"]
     fp8 = kwargs["FP8"]
     tma = kwargs.get("K_desc") is not None
+    k_blocks = kwargs.get("K_BLOCK_SCALES", False)
     elem = 1 if fp8 else named_args["Q"].element_size()
     out = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         if (c.kwargs.get("TMA", False) and not tma) or (c.maxnreg is not None and (d > 64 or not fp8)):
+            continue
+        if k_blocks and bn > QUANT_BLOCK and d >= 128 and not c.kwargs.get("TMA", False):
             continue
         smem = bm * d * elem + c.num_stages * 2 * bn * d * elem  # Q, then K and V per pipeline stage
         # one warpgroup (4 warps) holds a 64-row tile: only for FP8 at D <= 128 (it spills beyond)
@@ -201,7 +240,8 @@ def _fwd_prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
     return out or [_SMALLEST]
 
 
-@triton.autotune(configs=_fwd_configs(), key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "FP8", "BWD_PREP"],
+@triton.autotune(configs=_fwd_configs(), key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "FP8", "BWD_PREP",
+                                              "Q_BLOCK_SCALES", "K_BLOCK_SCALES"],
                  prune_configs_by={"early_config_prune": _fwd_prune})
 @triton.jit
 def _attn_fwd_kernel(
@@ -215,11 +255,14 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, FP8: tl.constexpr, BWD_PREP: tl.constexpr,
     K_desc=None, V_desc=None, TMA: tl.constexpr = False,
+    Q_BLOCK_SCALES: tl.constexpr = False, K_BLOCK_SCALES: tl.constexpr = False,
 ):
     """One program: BLOCK_M queries of one (batch, head).
 
     FP8: K/V are e4m3 with fp32 descales per (batch, head), Q too, or Q is full precision and
-    quantized per row here; writes Out.
+    quantized per row here; writes Out. Q_BLOCK_SCALES (e4m3 Q) / K_BLOCK_SCALES: Q_descale
+    [B, H, ceil(N_Q / 64)] / K_descale [B, Hkv, ceil(N_K / 64)], one descale per QUANT_BLOCK tokens
+    (contiguous), instead of [B, H] / [B, Hkv].
     BWD_PREP (full precision): writes Lse [B*H, N_Q] (natural log) and Delta = rowsum(dO * O).
     """
     pid_m = tl.program_id(0)
@@ -247,7 +290,12 @@ def _attn_fwd_kernel(
     qk_scale = tl.full([BLOCK_M], sm_scale * LOG2E, dtype=tl.float32)
     if FP8:
         if Q.dtype.element_ty == tl.float8e4nv:
-            q_d = tl.load(Q_descale + pid_bh)
+            if Q_BLOCK_SCALES:
+                # per query row, its block's descale (a BLOCK_M of 128 spans two blocks)
+                q_d = tl.load(Q_descale + pid_bh.to(tl.int64) * tl.cdiv(N_Q, QUANT_BLOCK) + offs_m // QUANT_BLOCK,
+                              mask=offs_m < N_Q, other=1.0)
+            else:
+                q_d = tl.load(Q_descale + pid_bh)
         else:
             # Full-precision Q is quantized here, one scale per query row (amax over D): no extra
             # pass over Q, and a finer scale than one per head.
@@ -257,7 +305,13 @@ def _attn_fwd_kernel(
             q_inv = 1.0 / q_d
             # clamp: the scaled amax can land a rounding step above 448, and the cast does not saturate
             q = _to_e4m3(tl.minimum(tl.maximum(q_f * q_inv[:, None], -FP8_MAX), FP8_MAX))
-        qk_scale = qk_scale * q_d * tl.load(K_descale + b * hkv_total + hk)
+        if K_BLOCK_SCALES:
+            qk_scale = qk_scale * q_d  # K's descales are applied per key tile (_fwd_inner)
+        else:
+            qk_scale = qk_scale * q_d * tl.load(K_descale + b * hkv_total + hk)
+    k_scales = K_descale
+    if K_BLOCK_SCALES:
+        k_scales = K_descale + bhk.to(tl.int64) * tl.cdiv(N_K, QUANT_BLOCK)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -276,12 +330,12 @@ def _attn_fwd_kernel(
     full_hi = (tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                K_desc, V_desc, k_row, v_row,
-                               offs_m, offs_d, 0, full_hi, N_K, diag, qk_scale,
-                               HEAD_DIM, BLOCK_N, CAUSAL, False, FP8, TMA)
+                               offs_m, offs_d, 0, full_hi, N_K, diag, qk_scale, k_scales,
+                               HEAD_DIM, BLOCK_N, CAUSAL, False, FP8, TMA, K_BLOCK_SCALES)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                K_desc, V_desc, k_row, v_row,
-                               offs_m, offs_d, full_hi, hi, N_K, diag, qk_scale,
-                               HEAD_DIM, BLOCK_N, CAUSAL, True, FP8, TMA)
+                               offs_m, offs_d, full_hi, hi, N_K, diag, qk_scale, k_scales,
+                               HEAD_DIM, BLOCK_N, CAUSAL, True, FP8, TMA, K_BLOCK_SCALES)
     out, lse = online_softmax_finalize(acc, m_i, l_i)
     row_ok = offs_m < N_Q
     if FP8:
@@ -373,12 +427,16 @@ def _quant_finalize_kernel(ColSum, ColMax, ColMin, Mean, Descale, N, n_tiles,
 
 @triton.jit
 def _quant_apply_tile(x_base, stride_xn, stride_xd, y_base, stride_yn, stride_yd, mean_ptr, descale_ptr,
-                      offs_n, N, D: tl.constexpr, CENTER0: tl.constexpr):
+                      offs_n, N, D: tl.constexpr, CENTER0: tl.constexpr, descale=None):
+    """descale: the tile's descale as a value (per-block scales), else it is read at descale_ptr."""
     offs_d = tl.arange(0, D)
     x = _load_tile(x_base, offs_n, N, offs_d, stride_xn, stride_xd, True).to(tl.float32)
     if CENTER0:
         x = x - tl.load(mean_ptr + offs_d)[None, :]
-    inv = 1.0 / tl.load(descale_ptr)
+    if descale is None:
+        inv = 1.0 / tl.load(descale_ptr)
+    else:
+        inv = 1.0 / descale
     # Clamp: x * (448 / amax) can land a rounding step above 448, and the cast does not saturate.
     y = tl.minimum(tl.maximum(x * inv, -FP8_MAX), FP8_MAX)
     y_ptrs = y_base + offs_n.to(tl.int64)[:, None] * stride_yn + offs_d[None, :] * stride_yd
@@ -391,8 +449,13 @@ def _quant_apply_kernel(X0, X1, Mean, Descale, Y0, Y1, H, N,
                         stride_x1b, stride_x1h, stride_x1n, stride_x1d,
                         stride_y0b, stride_y0h, stride_y0n, stride_y0d,
                         stride_y1b, stride_y1h, stride_y1n, stride_y1d,
-                        D: tl.constexpr, BLOCK_N: tl.constexpr, CENTER0: tl.constexpr):
-    """Y = e4m3((X - mean) / descale), written through Y's strides (e.g. tokens-contiguous for V)."""
+                        D: tl.constexpr, BLOCK_N: tl.constexpr, CENTER0: tl.constexpr,
+                        ColMax=None, ColMin=None, BlockDescale=None, BLOCK_SCALES0: tl.constexpr = False):
+    """Y = e4m3((X - mean) / descale), written through Y's strides (e.g. tokens-contiguous for V).
+
+    BLOCK_SCALES0: tensor 0 gets one descale per token tile instead (BLOCK_N = QUANT_BLOCK: tile t is
+    block t), amax / 448 of its tile's (centred) values from the stats kernel's per-tile channel max
+    and min, written to BlockDescale [BH, n_tiles]; tensor 1 keeps its per-(batch, head) descale."""
     pid_bh = tl.program_id(0)
     t = tl.program_id(1)
     which = tl.program_id(2)
@@ -403,13 +466,36 @@ def _quant_apply_kernel(X0, X1, Mean, Descale, Y0, Y1, H, N,
     # Two code paths rather than picked strides, so that each store keeps its known unit stride
     # (coalesced, vectorized stores also for the tokens-contiguous V layout).
     if which == 0:
-        _quant_apply_tile(X0 + b * stride_x0b + h * stride_x0h, stride_x0n, stride_x0d,
-                          Y0 + b * stride_y0b + h * stride_y0h, stride_y0n, stride_y0d,
-                          Mean + slot * D, Descale + slot, offs_n, N, D, CENTER0)
+        if BLOCK_SCALES0:
+            descale0 = _quant_block_descale(ColMax, ColMin, Mean + slot * D, slot * tl.num_programs(1) + t,
+                                            D, CENTER0)
+            tl.store(BlockDescale + pid_bh.to(tl.int64) * tl.num_programs(1) + t, descale0)
+            _quant_apply_tile(X0 + b * stride_x0b + h * stride_x0h, stride_x0n, stride_x0d,
+                              Y0 + b * stride_y0b + h * stride_y0h, stride_y0n, stride_y0d,
+                              Mean + slot * D, Descale + slot, offs_n, N, D, CENTER0, descale0)
+        else:
+            _quant_apply_tile(X0 + b * stride_x0b + h * stride_x0h, stride_x0n, stride_x0d,
+                              Y0 + b * stride_y0b + h * stride_y0h, stride_y0n, stride_y0d,
+                              Mean + slot * D, Descale + slot, offs_n, N, D, CENTER0)
     else:
         _quant_apply_tile(X1 + b * stride_x1b + h * stride_x1h, stride_x1n, stride_x1d,
                           Y1 + b * stride_y1b + h * stride_y1h, stride_y1n, stride_y1d,
                           Mean + slot * D, Descale + slot, offs_n, N, D, CENTER0)
+
+
+@triton.jit
+def _quant_block_descale(ColMax, ColMin, mean_ptr, tile, D: tl.constexpr, CENTER0: tl.constexpr):
+    """amax / 448 of one token tile's (centred) values, from its per-channel max and min (stats kernel;
+    rows past N were left out there); 1 for an all-zero tile."""
+    offs_d = tl.arange(0, D)
+    col_max = tl.load(ColMax + tile * D + offs_d)
+    col_min = tl.load(ColMin + tile * D + offs_d)
+    if CENTER0:
+        mean = tl.load(mean_ptr + offs_d)
+        col_max = col_max - mean
+        col_min = col_min - mean
+    amax = tl.max(tl.maximum(tl.abs(col_max), tl.abs(col_min)), 0)
+    return tl.where(amax > 0.0, amax / FP8_MAX, 1.0)
 
 
 # --------------------------------------------------------------------------------------------

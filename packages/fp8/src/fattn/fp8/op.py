@@ -29,6 +29,7 @@ from fattn.core import (
 )
 from fattn.core.launch import launcher
 from fattn.core.runtime import cdiv, interpreter_enabled, seq_bucket
+from fattn.fp8 import kernels
 from fattn.fp8.kernels import (
     _attn_bwd_dkdv_kernel,
     _attn_bwd_dq_kernel,
@@ -39,13 +40,21 @@ from fattn.fp8.kernels import (
 )
 
 __all__ = ["fp8_attention", "quantize", "not_supported_reasons", "scaled_dot_product_attention", "fp8_fwd", "fp8_bwd", "fp8_quantize",
-           "FP8_DTYPE", "HEAD_DIMS", "FULL_PRECISION_DTYPES", "OUT_DTYPES"]
+           "FP8_DTYPE", "HEAD_DIMS", "FULL_PRECISION_DTYPES", "OUT_DTYPES", "GRANULARITIES", "QUANT_BLOCK"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 FULL_PRECISION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 HEAD_DIMS = (32, 64, 128, 256)
-GRANULARITIES = ("head",)
+# "head": one descale per (batch, head); "block": one per QUANT_BLOCK consecutive tokens of a (batch, head).
+GRANULARITIES = ("head", "block")
+# Tokens per block of the per-block granularity (the kernels' QUANT_BLOCK): descales [B, H, ceil(N / 64)].
+QUANT_BLOCK: int = kernels.QUANT_BLOCK.value
+
+
+def n_blocks(n: int) -> int:
+    """Quantization blocks of n tokens: ceil(n / QUANT_BLOCK) (works on SymInts too)."""
+    return (n + QUANT_BLOCK - 1) // QUANT_BLOCK
 
 
 def _quant_block() -> int:
@@ -56,12 +65,13 @@ def _quant_block() -> int:
 # quantization
 # --------------------------------------------------------------------------------------------
 def _quantize_launch(x0: torch.Tensor, x1: torch.Tensor | None, center0: bool, tokens_contiguous0: bool,
-                     tokens_contiguous1: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                                                 torch.Tensor | None]:
+                     tokens_contiguous1: bool = False, blocks0: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Quantize x0 (and x1, same shape, e.g. K and V) [B, H, N, D], in one launch per pass.
 
     Returns (x0_8, descale0 [B, H], x1_8 or None, descale1 or None); x0 is centred per channel first
-    when center0 (x0 - mean ~= x0_8 * descale0).
+    when center0 (x0 - mean ~= x0_8 * descale0). blocks0: descale0 is [B, H, ceil(N / 64)] instead, one
+    per QUANT_BLOCK tokens (after the centring: its mean is still per (batch, head)); x1 stays per head.
     """
     b, h, n, d = x0.shape
     count = 1 if x1 is None else 2
@@ -69,20 +79,24 @@ def _quantize_launch(x0: torch.Tensor, x1: torch.Tensor | None, center0: bool, t
     y0 = _alloc_fp8(x0.shape, tokens_contiguous0, x0.device)
     y1 = _alloc_fp8(x0.shape, tokens_contiguous1, x0.device) if x1 is not None else y0
     descale = empty([count, b, h], dtype=torch.float32, device=x0.device)
-    results = (y0, descale[0], y1 if x1 is not None else None, descale[1] if x1 is not None else None)
+    # per-block: the token tiles below are the blocks (written by the apply kernel)
+    block_descale = empty([b, h, n_blocks(n)], dtype=torch.float32, device=x0.device) if blocks0 else None
+    results = (y0, descale[0] if block_descale is None else block_descale, y1 if x1 is not None else None,
+               descale[1] if x1 is not None else None)
     if b * h == 0:
         return results
     if n == 0:  # no tokens: nothing to quantize; a unit scale keeps descale finite
         descale.fill_(1.0)
         return results
-    block = _quant_block()
+    # Per-block: 64-token tiles also under the interpreter (tile t is block t).
+    block = QUANT_BLOCK if blocks0 else _quant_block()
     n_tiles = cdiv(n, block)
     col_max = empty([count, b * h, n_tiles, d], dtype=torch.float32, device=x0.device)
     col_min = empty([count, b * h, n_tiles, d], dtype=torch.float32, device=x0.device)
     col_sum = empty([count, b * h, n_tiles, d], dtype=torch.float32, device=x0.device) if center0 else col_max
     mean = empty([count, b * h, d], dtype=torch.float32, device=x0.device) if center0 else descale
     # Every launch below is fixed by x0's and x1's metadata and the flags (FastLauncher.launch_planned).
-    signature = call_signature(x0, x1, center0, tokens_contiguous0, tokens_contiguous1)
+    signature = call_signature(x0, x1, center0, tokens_contiguous0, tokens_contiguous1, blocks0)
     block_t = 8 if interpreter_enabled() else 32
     launcher(_quant_stats_kernel).launch_planned(
         signature, (x0, x1_in, col_sum, col_max, col_min),
@@ -92,11 +106,16 @@ def _quantize_launch(x0: torch.Tensor, x1: torch.Tensor | None, center0: bool, t
         signature, (col_sum, col_max, col_min, mean, descale),
         lambda: ((b * h, count), (col_sum, col_max, col_min, mean, descale, n, n_tiles),
                  dict(D=d, BLOCK_T=block_t, CENTER0=center0, num_warps=4)))
+    apply_tensors: tuple[torch.Tensor, ...] = (x0, x1_in, mean, descale, y0, y1)
+    apply_extra: dict[str, Any] = {}
+    if block_descale is not None:
+        apply_tensors += (col_max, col_min, block_descale)
+        apply_extra = dict(ColMax=col_max, ColMin=col_min, BlockDescale=block_descale, BLOCK_SCALES0=True)
     launcher(_quant_apply_kernel).launch_planned(
-        signature, (x0, x1_in, mean, descale, y0, y1),
+        signature, apply_tensors,
         lambda: ((b * h, n_tiles, count), (x0, x1_in, mean, descale, y0, y1, h, n, *x0.stride(), *x1_in.stride(),
                                            *y0.stride(), *y1.stride()),
-                 dict(D=d, BLOCK_N=block, CENTER0=center0, num_warps=4)))
+                 dict(D=d, BLOCK_N=block, CENTER0=center0, num_warps=4, **apply_extra)))
     return results
 
 
@@ -111,15 +130,19 @@ def _alloc_fp8(shape: torch.Size | list[int], tokens_contiguous: bool, device: t
     return alloc([b, h, n, d])
 
 
-def _quantize_fake(x: torch.Tensor, tokens_contiguous: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    b, h, _, _ = x.shape
-    return _alloc_fp8(x.shape, tokens_contiguous, x.device, fake=True), x.new_empty([b, h], dtype=torch.float32)
+def _quantize_fake(x: torch.Tensor, tokens_contiguous: bool,
+                   granularity: str = "head") -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, n, _ = x.shape
+    shape = [b, h, n_blocks(n)] if granularity == "block" else [b, h]
+    return _alloc_fp8(x.shape, tokens_contiguous, x.device, fake=True), x.new_empty(shape, dtype=torch.float32)
 
 
 @fused_op("fp8_quantize", fake=_quantize_fake)
-def fp8_quantize(x: torch.Tensor, tokens_contiguous: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, H, N, D] -> (x8 [B, H, N, D] float8_e4m3fn, descale [B, H] fp32) with x ~= x8 * descale."""
-    x8, descale, _, _ = _quantize_launch(x, None, False, tokens_contiguous)
+def fp8_quantize(x: torch.Tensor, tokens_contiguous: bool,
+                 granularity: str = "head") -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, H, N, D] -> (x8 [B, H, N, D] float8_e4m3fn, descale fp32) with x ~= x8 * descale: descale
+    [B, H] for granularity "head", [B, H, ceil(N / 64)] (one per 64-token block) for "block"."""
+    x8, descale, _, _ = _quantize_launch(x, None, False, tokens_contiguous, blocks0=granularity == "block")
     return x8, descale
 
 
@@ -200,6 +223,10 @@ def _fwd_launch(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_descale:
         return out
 
     k_desc, v_desc = _tma_descriptors(k8, v8)
+    # Per-block descales ([B, H, ceil(N / 64)]; Q's only with e4m3 Q, else Q is quantized per row in the
+    # kernel). Both flags always go in: they are part of the autotuner's key, which holds values, not names.
+    block_scales = dict(Q_BLOCK_SCALES=q8.dtype == FP8_DTYPE and q_descale.dim() == 3,
+                        K_BLOCK_SCALES=k_descale.dim() == 3)
     tensors = (q8, k8, v8, q_descale, k_descale, v_descale, out, out, out, out)
     # Whether K and V go through TMA descriptors also depends on their addresses' 16-byte alignment.
     signature = call_signature(*tensors[:7], causal, scale, k8.data_ptr() % 16 == 0, v8.data_ptr() % 16 == 0)
@@ -210,7 +237,8 @@ def _fwd_launch(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_descale:
 
         args = (*tensors, *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(), *out.stride(),
                 h, h // h_kv, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k))
-        return grid, args, dict(HEAD_DIM=d, CAUSAL=causal, FP8=True, BWD_PREP=False, K_desc=k_desc, V_desc=v_desc)
+        return grid, args, dict(HEAD_DIM=d, CAUSAL=causal, FP8=True, BWD_PREP=False, K_desc=k_desc, V_desc=v_desc,
+                                **block_scales)
 
     _launch_planned("fwd", _attn_fwd_kernel, signature, tensors if k_desc is None else (*tensors, k_desc, v_desc),
                     build)
@@ -219,26 +247,28 @@ def _fwd_launch(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_descale:
 
 def _fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale: Optional[torch.Tensor],
               k_descale: Optional[torch.Tensor], v_descale: Optional[torch.Tensor], causal: bool, scale: float,
-              out_dtype: torch.dtype) -> torch.Tensor:
+              out_dtype: torch.dtype, granularity: str = "head") -> torch.Tensor:
     return q.new_empty(q.shape, dtype=out_dtype)
 
 
 @fused_op("fp8_fwd", fake=_fwd_fake)
 def fp8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale: Optional[torch.Tensor],
             k_descale: Optional[torch.Tensor], v_descale: Optional[torch.Tensor], causal: bool, scale: float,
-            out_dtype: torch.dtype) -> torch.Tensor:
+            out_dtype: torch.dtype, granularity: str = "head") -> torch.Tensor:
     """FP8 attention. q [B, H, Nq, D], k, v [B, Hkv, Nk, D] -> out [B, H, Nq, D] of out_dtype.
 
-    e4m3 inputs come with descales ([B, H], [B, Hkv], [B, Hkv]); full-precision inputs are quantized
-    here: K and V per (batch, head) (K centred per channel first, V written tokens-contiguous), Q per
-    row inside the attention kernel.
+    e4m3 inputs come with descales (q_descale [B, H] or [B, H, ceil(Nq / 64)], k_descale [B, Hkv] or
+    [B, Hkv, ceil(Nk / 64)], v_descale [B, Hkv]; granularity is not used); full-precision inputs are
+    quantized here: K and V per (batch, head) (K centred per channel first, V written tokens-contiguous),
+    or with granularity "block" K (still centred per (batch, head)) per 64-token block; Q per row inside
+    the attention kernel.
     """
     if q.dtype == FP8_DTYPE:
         assert q_descale is not None and k_descale is not None and v_descale is not None
         return _fwd_launch(q, k, v, q_descale.float().contiguous(), k_descale.float().contiguous(),
                            v_descale.float().contiguous(), causal, scale, out_dtype)
-    # Q is quantized inside the attention kernel (per row); K and V here, per (batch, head).
-    k8, kd, v8, vd = _quantize_launch(k, v, True, False, True)
+    # Q is quantized inside the attention kernel (per row); K and V here, per (batch, head) or K per block.
+    k8, kd, v8, vd = _quantize_launch(k, v, True, False, True, blocks0=granularity == "block")
     assert v8 is not None and vd is not None
     return _fwd_launch(q, k8, v8, kd, kd, vd, causal, scale, out_dtype)
 
@@ -292,7 +322,8 @@ def fp8_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 
 def _setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
-    q, k, v, _, _, _, causal, scale, _ = inputs
+    q, k, v, _, _, _, causal, scale = inputs[:8]
+    ctx.n_inputs = len(inputs)
     ctx.causal = causal
     ctx.scale = scale
     ctx.fp8_inputs = q.dtype == FP8_DTYPE
@@ -308,7 +339,7 @@ def _backward(ctx, grad_out):  # type: ignore[no-untyped-def]
         )
     q, k, v = ctx.saved_tensors
     dq, dk, dv = fp8_bwd(grad_out, q, k, v, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
 register_autograd(fp8_fwd, setup_context=_setup_context, backward=_backward)
@@ -317,19 +348,40 @@ register_autograd(fp8_fwd, setup_context=_setup_context, backward=_backward)
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
-def _descale_reasons(name: str, t: object, expected: list[int], meaning: str) -> list[Reason]:
+def _descale_reasons(name: str, t: object, expected: list[int], dims: str, n: int | None = None,
+                     n_name: str = "") -> list[Reason]:
+    """A descale [`dims`] of shape `expected` or, given `n` (its tokens, called `n_name`), one per 64-token
+    block [`dims`, ceil(n / 64)]."""
+    blocks = None if n is None else [*expected, n_blocks(n)]
+    what = f"descales [{dims}]" + ("" if n is None else f" or [{dims}, ceil({n_name} / {QUANT_BLOCK})]")
     if t is None:
-        return [Reason(f"{name} is required when q, k, v are float8_e4m3fn (fp32 {meaning}, e.g. from "
+        return [Reason(f"{name} is required when q, k, v are float8_e4m3fn (fp32 {what}, e.g. from "
                        "fattn.fp8.quantize)")]
-    out = tensor_reasons(name, t, ndim=2, dtypes=(torch.float32,))
+    out = tensor_reasons(name, t, dtypes=(torch.float32,))
     if out:
         return out
     assert isinstance(t, torch.Tensor)
-    return shape_reasons(name, t, expected, meaning)
+    shape = list(t.shape)
+    if shape == expected or shape == blocks:
+        return []
+    if blocks is None:
+        if name == "v_descale" and t.dim() == 3:
+            return [Reason(f"v_descale must have shape {_shape_str(expected)} (descales [{dims}]), got {shape}: "
+                           "per-block V scales are not supported (out = P @ V sums over the keys of every "
+                           "block, so one scale per block of V cannot be factored out of the product; "
+                           "quantize v with granularity='head')")]
+        return [Reason(f"{name} must have shape {_shape_str(expected)} ({what}), got {shape}")]
+    return [Reason(f"{name} must have shape {_shape_str(expected)} (descales [{dims}], per head) or "
+                   f"{_shape_str(blocks)} (descales [{dims}, ceil({n_name} / {QUANT_BLOCK})], one per "
+                   f"{QUANT_BLOCK}-token block), got {shape}")]
+
+
+def _shape_str(shape: list[int]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
 
 
 def _reasons(q: object, k: object, v: object, causal: object, scale: object, q_descale: object,
-             k_descale: object, v_descale: object, out_dtype: object) -> list[Reason]:
+             k_descale: object, v_descale: object, out_dtype: object, granularity: object = "head") -> list[Reason]:
     dtypes = (FP8_DTYPE, *FULL_PRECISION_DTYPES)
     out: list[Reason] = []
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -358,10 +410,17 @@ def _reasons(q: object, k: object, v: object, causal: object, scale: object, q_d
             out.append(Reason(f"out_dtype must be a torch.dtype or None, got {type(out_dtype).__name__}", TypeError))
         else:
             out += [Reason(r.message, TypeError) for r in choice_reasons("out_dtype", out_dtype, OUT_DTYPES)]
+    granularity_ok = not choice_reasons("granularity", granularity, GRANULARITIES)
+    if not granularity_ok:
+        out += choice_reasons("granularity", granularity, GRANULARITIES)
     if q.dtype == FP8_DTYPE:
-        out += _descale_reasons("q_descale", q_descale, [b, h], "descales [B, H]")
-        out += _descale_reasons("k_descale", k_descale, [b, h_kv], "descales [B, Hkv]")
-        out += _descale_reasons("v_descale", v_descale, [b, h_kv], "descales [B, Hkv]")
+        out += _descale_reasons("q_descale", q_descale, [b, h], "B, H", n_q, "Nq")
+        out += _descale_reasons("k_descale", k_descale, [b, h_kv], "B, Hkv", n_k, "Nk")
+        out += _descale_reasons("v_descale", v_descale, [b, h_kv], "B, Hkv")
+        if granularity_ok and granularity != "head":
+            out.append(Reason(f"granularity={granularity!r} is for fp16/bf16/fp32 inputs (the op's own "
+                              "quantization); float8_e4m3fn inputs give theirs by the descales' shapes "
+                              "(leave granularity at 'head')"))
     else:
         given = [n for n, t in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))
                  if t is not None]
@@ -378,9 +437,10 @@ _CHECKED = CheckedSignatures()
 
 def not_supported_reasons(q: object, k: object, v: object, *, causal: object = False, scale: object = None,
                           q_descale: object = None, k_descale: object = None, v_descale: object = None,
-                          out_dtype: object = None) -> list[str]:
+                          out_dtype: object = None, granularity: object = "head") -> list[str]:
     """Why `fp8_attention` would reject these arguments (empty when it accepts them)."""
-    return [r.message for r in _reasons(q, k, v, causal, scale, q_descale, k_descale, v_descale, out_dtype)]
+    return [r.message for r in _reasons(q, k, v, causal, scale, q_descale, k_descale, v_descale, out_dtype,
+                                        granularity)]
 
 
 def fp8_attention(
@@ -394,20 +454,28 @@ def fp8_attention(
     k_descale: torch.Tensor | None = None,
     v_descale: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    granularity: str = "head",
 ) -> torch.Tensor:
     """Attention softmax(q k^T * scale) v with both matrix products in FP8 (e4m3) on tensor cores.
 
     Args:
         q: [B, H, Nq, D] queries; k, v: [B, Hkv, Nk, D] keys and values, H a multiple of Hkv (GQA/MQA).
             Either float8_e4m3fn with descales, or fp16/bf16/fp32, which the op quantizes itself with a
-            fused kernel (per batch and head; K centred per channel, which leaves the softmax unchanged).
-            D in 32, 64, 128, 256.
+            fused kernel (Q per row; K and V per batch and head, K centred per channel first, which
+            leaves the softmax unchanged). D in 32, 64, 128, 256.
         causal: mask keys after the query; with Nq != Nk the diagonal is aligned to the bottom right
             (query i sees keys j <= i + Nk - Nq); a query that sees no key gets a zero output.
         scale: softmax scale, default 1/sqrt(D).
         q_descale: [B, H] fp32, k_descale, v_descale: [B, Hkv] fp32, only with e4m3 inputs:
             logits = (q8 . k8) * q_descale * k_descale * scale; out = (P . v8) * v_descale.
+            q_descale may also be [B, H, ceil(Nq / 64)] and k_descale [B, Hkv, ceil(Nk / 64)], one per
+            64-token block (`quantize(x, granularity="block")`): token i uses descale[..., i // 64].
+            v_descale is per head only (a per-block V scale cannot be factored out of P @ V).
         out_dtype: bf16, fp16 or fp32; default bf16 for e4m3 inputs and the input dtype otherwise.
+        granularity: for fp16/bf16/fp32 inputs, how finely K is quantized: "head" (one scale per batch
+            and head) or "block" (after the per-(batch, head) centring, one scale per 64-token block:
+            keys of very different magnitudes in one head keep their precision). V stays per head, Q
+            per row. e4m3 inputs take theirs from the descales' shapes (leave it at "head").
 
     Returns:
         [B, H, Nq, D] in out_dtype.
@@ -418,25 +486,29 @@ def fp8_attention(
     """
     # The checks read nothing but the signature (shapes, strides, dtypes, devices, scalars): once per signature.
     signature = call_signature(q, k, v, causal, scale, q_descale, k_descale, v_descale,
-                               None if out_dtype is None else str(out_dtype))
+                               None if out_dtype is None else str(out_dtype), granularity)
     if signature is None or type(out_dtype) not in (type(None), torch.dtype) or signature not in _CHECKED:
         raise_if_unsupported("fp8_attention", _reasons(q, k, v, causal, scale, q_descale, k_descale, v_descale,
-                                                       out_dtype))
+                                                       out_dtype, granularity))
         _CHECKED.add(signature)
     d = q.shape[-1]
     scale = float(1.0 / math.sqrt(d) if scale is None else scale)
     if out_dtype is None:
         out_dtype = torch.bfloat16 if q.dtype == FP8_DTYPE else q.dtype
-    return fp8_fwd(q, k, v, q_descale, k_descale, v_descale, causal, scale, out_dtype)
+    return fp8_fwd(q, k, v, q_descale, k_descale, v_descale, causal, scale, out_dtype, granularity)
 
 
 def quantize(x: torch.Tensor, *, granularity: str = "head",
              tokens_contiguous: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize x [B, H, N, D] to float8_e4m3fn with one fp32 descale per (batch, head).
+    """Quantize x [B, H, N, D] to float8_e4m3fn with fp32 descales per (batch, head) or per block of tokens.
 
-    Returns (x8 [B, H, N, D] float8_e4m3fn, descale [B, H] fp32) with x ~= x8.float() * descale[..., None, None]
-    (descale = amax / 448). `tokens_contiguous=True` stores x8 with the token dimension contiguous
-    (a transposed view), the layout in which `fp8_attention` reads V fastest.
+    granularity "head": returns (x8 [B, H, N, D] float8_e4m3fn, descale [B, H] fp32) with
+    x ~= x8.float() * descale[..., None, None] (descale = amax / 448 over the head's tokens and channels).
+    granularity "block": descale [B, H, ceil(N / 64)], one per block of 64 consecutive tokens (the last
+    one may be shorter), with x[..., i, :] ~= x8[..., i, :] * descale[..., i // 64] (amax over the
+    block's tokens and channels / 448; an all-zero block gets 1). For q and k of `fp8_attention`; not v
+    (its descale must be per head). `tokens_contiguous=True` stores x8 with the token dimension
+    contiguous (a transposed view), the layout in which `fp8_attention` reads V fastest.
     """
     reasons = tensor_reasons("x", x, ndim=4, dtypes=FULL_PRECISION_DTYPES)
     reasons += choice_reasons("granularity", granularity, GRANULARITIES)
@@ -447,7 +519,7 @@ def quantize(x: torch.Tensor, *, granularity: str = "head",
         reasons.append(Reason(f"tokens_contiguous must be a bool, got {type(tokens_contiguous).__name__}",
                               TypeError))
     raise_if_unsupported("quantize", reasons)
-    return fp8_quantize(x, tokens_contiguous)
+    return fp8_quantize(x, tokens_contiguous, granularity)
 
 
 def scaled_dot_product_attention(

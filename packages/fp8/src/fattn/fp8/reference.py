@@ -2,11 +2,14 @@
 
 - `attention`: full-precision attention with fattn-fp8's semantics (GQA, bottom-right causal, rows
   that see no key give 0).
-- `quantize_reference`: per-(batch, head) e4m3 quantization, as `fattn.fp8.quantize` does it.
+- `quantize_reference`: per-(batch, head) or per-64-token-block e4m3 quantization, as
+  `fattn.fp8.quantize` does it.
 - `dequantized_inputs`: exactly the dequantized q, k, v the FP8 kernel consumes for full-precision
-  inputs (Q per row, K centred per channel and V per head), so `attention(*dequantized_inputs(q, k, v))` isolates the error of
-  the kernel's own FP8 math (P's quantization) from the error of quantizing the inputs.
-- `fp8_attention_reference`: attention on e4m3 inputs with their descales.
+  inputs (Q per row, K centred per channel and quantized per head or per block, V per head), so
+  `attention(*dequantized_inputs(q, k, v))` isolates the error of the kernel's own FP8 math (P's
+  quantization) from the error of quantizing the inputs.
+- `fp8_attention_reference`: attention on e4m3 inputs with their descales (per head, or per block
+  for q and k).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import math
 
 import torch
 
-__all__ = ["attention", "quantize_reference", "dequantized_inputs", "fp8_attention_reference"]
+__all__ = ["attention", "quantize_reference", "dequantized_inputs", "fp8_attention_reference", "expand_descale",
+           "QUANT_BLOCK"]
 
 FP8_MAX = 448.0
+QUANT_BLOCK = 64  # tokens per block of the per-block granularity
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -40,38 +45,63 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     return torch.matmul(p, v)
 
 
-def quantize_reference(x: torch.Tensor, *, center: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [B, H, N, D] -> (x8 e4m3, descale [B, H] fp32, mean [B, H, 1, D]) with x - mean ~= x8 * descale."""
+def expand_descale(descale: torch.Tensor, n: int) -> torch.Tensor:
+    """A descale [B, H] or [B, H, ceil(n / 64)] (per 64-token block) as [B, H, n, 1] float64, to multiply
+    the n tokens of an e4m3 tensor [B, H, n, D] with."""
+    d = descale.double()
+    if d.dim() == 2:
+        return d[:, :, None, None].expand(*d.shape, n, 1)
+    return d.repeat_interleave(QUANT_BLOCK, dim=2)[:, :, :n, None]
+
+
+def quantize_reference(x: torch.Tensor, *, center: bool = False,
+                       granularity: str = "head") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, H, N, D] -> (x8 e4m3, descale fp32, mean [B, H, 1, D]) with x - mean ~= x8 * descale:
+    descale [B, H] for granularity "head", [B, H, ceil(N / 64)] for "block" (amax of each block of 64
+    tokens, after the centring on the per-(batch, head) channel means; 1 for an all-zero block)."""
+    if granularity not in ("head", "block"):
+        raise ValueError(f"granularity must be 'head' or 'block', got {granularity!r}")
+    b, h, n, d = x.shape
     xf = x.double()
-    mean = xf.mean(dim=2, keepdim=True) if center and x.shape[2] > 0 else torch.zeros_like(xf[:, :, :1])
+    mean = xf.mean(dim=2, keepdim=True) if center and n > 0 else torch.zeros_like(xf[:, :, :1])
     xc = xf - mean
-    amax = xc.abs().amax(dim=(2, 3)).float() if x.shape[2] > 0 else torch.zeros(x.shape[:2], device=x.device)
+    if granularity == "head":
+        amax = xc.abs().amax(dim=(2, 3)).float() if n > 0 else torch.zeros(x.shape[:2], device=x.device)
+    else:
+        nb = -(-n // QUANT_BLOCK)
+        padded = torch.zeros([b, h, nb * QUANT_BLOCK, d], dtype=torch.float64, device=x.device)
+        padded[:, :, :n] = xc.abs()
+        amax = padded.view(b, h, nb, QUANT_BLOCK * d).amax(dim=-1).float() if nb > 0 else \
+            torch.zeros([b, h, 0], device=x.device)
     descale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    x8 = (xc / descale.double()[:, :, None, None]).clamp(-FP8_MAX, FP8_MAX).float().to(torch.float8_e4m3fn)
+    x8 = (xc / expand_descale(descale, n)).clamp(-FP8_MAX, FP8_MAX).float().to(torch.float8_e4m3fn)
     return x8, descale, mean
 
 
-def dequantized_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+def dequantized_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, granularity: str = "head"
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The float64 q, k, v the FP8 kernel works on for full-precision inputs: Q quantized per row, K
-    centred per channel then quantized per (batch, head), V per (batch, head)."""
+    centred per channel then quantized per (batch, head) or, for granularity "block", per 64-token
+    block, V per (batch, head) (`fp8_attention(q, k, v, granularity=...)`)."""
     # Q: one scale per query row (amax over D), as the attention kernel quantizes it
     qf = q.double()
     amax = qf.abs().amax(dim=-1, keepdim=True).float()
     q_descale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     q8 = (qf / q_descale.double()).clamp(-FP8_MAX, FP8_MAX).float().to(torch.float8_e4m3fn)
     out = [q8.double() * q_descale.double()]
-    for x, center in ((k, True), (v, False)):
-        x8, descale, _ = quantize_reference(x, center=center)
-        out.append(x8.double() * descale.double()[:, :, None, None])
+    for x, center, gran in ((k, True, granularity), (v, False, "head")):
+        x8, descale, _ = quantize_reference(x, center=center, granularity=gran)
+        out.append(x8.double() * expand_descale(descale, x.shape[2]))
     return out[0], out[1], out[2]
 
 
 def fp8_attention_reference(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_descale: torch.Tensor,
                             k_descale: torch.Tensor, v_descale: torch.Tensor, *, causal: bool = False,
                             scale: float | None = None) -> torch.Tensor:
-    """float64 attention on the dequantized e4m3 inputs: q8 * q_descale etc. -> [B, H, Nq, D] float64."""
+    """float64 attention on the dequantized e4m3 inputs: q8 * q_descale etc. -> [B, H, Nq, D] float64.
+    q_descale [B, H] or [B, H, ceil(Nq / 64)], k_descale [B, Hkv] or [B, Hkv, ceil(Nk / 64)] (per
+    64-token block), v_descale [B, Hkv]."""
     def deq(x8: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return x8.double() * s.double()[:, :, None, None]
+        return x8.double() * expand_descale(s, x8.shape[2])
 
     return attention(deq(q8, q_descale), deq(k8, k_descale), deq(v8, v_descale), causal=causal, scale=scale)
