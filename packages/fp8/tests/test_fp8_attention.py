@@ -13,6 +13,7 @@ from fattn.core.testing import (
     device,
     make_noncontiguous,
     randn,
+    rel_l2,
 )
 from fattn.fp8 import FP8Attention, fp8_attention, not_supported_reasons, op, quantize, scaled_dot_product_attention
 from fattn.fp8 import reference as R
@@ -22,13 +23,6 @@ from fattn.fp8.op import fp8_bwd, fp8_fwd, fp8_quantize
 # left is P's quantization), 7% against full precision.
 TOL_DEQUANT = 0.03
 TOL_FULL = 0.07
-
-
-def rel_l2(actual: torch.Tensor, ref: torch.Tensor) -> float:
-    a = actual.detach().double().cpu()
-    r = ref.detach().double().cpu()
-    assert torch.isfinite(a).all(), "non-finite values in the output (unwritten, NaN-poisoned elements?)"
-    return float((a - r).norm() / r.norm().clamp_min(1e-30))
 
 
 def make_qkv(c: dict, *, noncontiguous: bool = False, outliers: bool = False, requires_grad: bool = False):

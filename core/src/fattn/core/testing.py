@@ -39,6 +39,7 @@ __all__ = [
     "on_gpu",
     "rand",
     "randn",
+    "rel_l2",
     "test_dtypes",
     "zero_fills_during",
 ]
@@ -204,6 +205,15 @@ class Comparison:
         lowp = "n/a" if self.lowp_error is None else f"{self.lowp_error:.3g}"
         return (f"{self.name}: max error {self.error:.3g} vs bound {self.bound:.3g} "
                 f"(torch low-precision error {lowp}, ref scale {self.scale:.3g}){self.detail}")
+
+
+def rel_l2(actual: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative L2 error ||actual - ref|| / ||ref|| in float64 (the error measure of an accuracy bound
+    such as fattn-fp8's 3%); asserts `actual` is finite (a NaN-poisoned output element left unwritten)."""
+    a = actual.detach().double().cpu()
+    r = ref.detach().double().cpu()
+    assert torch.isfinite(a).all(), "non-finite values in the output (unwritten, NaN-poisoned elements?)"
+    return float((a - r).norm() / r.norm().clamp_min(1e-30))
 
 
 def assert_close(
