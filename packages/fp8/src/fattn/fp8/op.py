@@ -410,9 +410,9 @@ def _reasons(q: object, k: object, v: object, causal: object, scale: object, q_d
             out.append(Reason(f"out_dtype must be a torch.dtype or None, got {type(out_dtype).__name__}", TypeError))
         else:
             out += [Reason(r.message, TypeError) for r in choice_reasons("out_dtype", out_dtype, OUT_DTYPES)]
-    granularity_ok = not choice_reasons("granularity", granularity, GRANULARITIES)
-    if not granularity_ok:
-        out += choice_reasons("granularity", granularity, GRANULARITIES)
+    granularity_problems = choice_reasons("granularity", granularity, GRANULARITIES)
+    granularity_ok = not granularity_problems
+    out += granularity_problems
     if q.dtype == FP8_DTYPE:
         out += _descale_reasons("q_descale", q_descale, [b, h], "B, H", n_q, "Nq")
         out += _descale_reasons("k_descale", k_descale, [b, h_kv], "B, Hkv", n_k, "Nk")
