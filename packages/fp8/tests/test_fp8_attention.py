@@ -233,6 +233,11 @@ def test_module_matches_function() -> None:
     mod = FP8Attention(causal=True, scale=0.2)
     assert "causal=True" in repr(mod)
     torch.testing.assert_close(mod(q, k, v), fp8_attention(q, k, v, causal=True, scale=0.2), rtol=0, atol=0)
+    block = FP8Attention(granularity="block")
+    assert "granularity='block'" in repr(block)
+    torch.testing.assert_close(block(q, k, v), fp8_attention(q, k, v, granularity="block"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="granularity"):
+        FP8Attention(granularity="channel")
 
 
 def test_sdpa_drop_in() -> None:

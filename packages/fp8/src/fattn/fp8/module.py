@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fattn.fp8.op import fp8_attention
+from fattn.core.checks import choice_reasons, raise_if_unsupported
+from fattn.fp8.op import GRANULARITIES, fp8_attention
 
 __all__ = ["FP8Attention"]
 
@@ -17,15 +18,19 @@ class FP8Attention(nn.Module):
     forward(q [B, H, Nq, D], k, v [B, Hkv, Nk, D]) -> [B, H, Nq, D] in q's dtype (fp16/bf16/fp32
     inputs; trains with full-precision gradients, straight-through over the quantization).
     Hkv may divide H (GQA/MQA), like SDPA's `enable_gqa=True`.
+    granularity: how finely K is quantized, "head" (one scale per batch and head) or "block" (one per
+    64 keys; for keys of very different magnitudes within a head), see `fp8_attention`.
     """
 
-    def __init__(self, *, causal: bool = False, scale: float | None = None) -> None:
+    def __init__(self, *, causal: bool = False, scale: float | None = None, granularity: str = "head") -> None:
         super().__init__()
+        raise_if_unsupported("FP8Attention", choice_reasons("granularity", granularity, GRANULARITIES))
         self.causal = causal
         self.scale = scale
+        self.granularity = granularity
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return fp8_attention(q, k, v, causal=self.causal, scale=self.scale)
+        return fp8_attention(q, k, v, causal=self.causal, scale=self.scale, granularity=self.granularity)
 
     def extra_repr(self) -> str:
-        return f"causal={self.causal}, scale={self.scale}"
+        return f"causal={self.causal}, scale={self.scale}, granularity={self.granularity!r}"
