@@ -188,3 +188,29 @@ def test_checked_signature_still_checks_index_values() -> None:
     bad = {**good, "spatial_shapes": _index([[3, 4], [1, 2]])}
     with pytest.raises(ValueError, match="cover sum"):
         ms_deform_attn(**bad)
+
+
+@pytest.mark.parametrize("bad", ["shapes_sum", "nonpositive", "starts"])
+def test_index_values_checked_under_compile(bad: str) -> None:
+    """torch.compile(fullgraph=True) cannot read the index tensors on the host: their values are
+    asserted on the device instead (a RuntimeError on the CPU; on a GPU a device-side assert, which
+    would end the test process's CUDA context, so CPU only)."""
+    if device().type == "cuda":
+        pytest.skip("a failed device assert ends the CUDA context: checked on the CPU")
+    from fattn.msda.op import INDEX_VALUES_MESSAGE
+
+    torch._dynamo.reset()
+    compiled = torch.compile(ms_deform_attn, fullgraph=True)
+    inputs = make_inputs(1, 5, 2, 4, [(3, 4), (2, 1)], 2, torch.float32)
+    args = [inputs[k] for k in ("value", "spatial_shapes", "level_start_index", "sampling_locations",
+                                "attention_weights")]
+    torch.testing.assert_close(compiled(*args), ms_deform_attn(*args), rtol=0, atol=0)
+    if bad == "shapes_sum":  # (3, 4) + (2, 2) covers 16 positions, value has 14
+        args[1] = torch.tensor([[3, 4], [2, 2]], dtype=args[1].dtype, device=args[1].device)
+    elif bad == "nonpositive":  # (7, 2) + (0, 5) covers 14, but a level is empty
+        args[1] = torch.tensor([[7, 2], [0, 5]], dtype=args[1].dtype, device=args[1].device)
+    else:
+        args[2] = torch.tensor([0, 13], dtype=args[2].dtype, device=args[2].device)
+    with pytest.raises(RuntimeError, match="spatial_shapes must hold positive"):
+        compiled(*args)
+    assert "level_start_index" in INDEX_VALUES_MESSAGE

@@ -343,6 +343,21 @@ def _index_value_reasons(spatial_shapes: torch.Tensor, level_start_index: torch.
     return out, levels
 
 
+INDEX_VALUES_MESSAGE = ("ms_deform_attn: spatial_shapes must hold positive (H, W) pairs with sum(H * W) == S "
+                        "(value's dim 1) and level_start_index their running sum (checked on the device under "
+                        "torch.compile; run eagerly for the values found)")
+
+
+def _assert_index_values(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, s: int) -> None:
+    """Under torch.compile: the checks of `_index_value_reasons` as an asynchronous device assert (no host
+    read, no graph break). On a GPU a failure stops the CUDA context before the kernels run (no
+    out-of-bounds read); on the CPU it raises a RuntimeError with INDEX_VALUES_MESSAGE at once."""
+    hw = spatial_shapes.to(torch.int64)
+    sizes = hw[:, 0] * hw[:, 1]
+    ok = (hw > 0).all() & (sizes.sum() == s) & (level_start_index.to(torch.int64) == sizes.cumsum(0) - sizes).all()
+    torch._assert_async(ok, INDEX_VALUES_MESSAGE)
+
+
 # A bf16 value gradient takes bf16 atomics (half the L2 bytes of fp32 ones: the backward kernel is bound
 # by them) on the levels whose rows receive at most this many bilinear contributions on average
 # (queries * points * 4 corners over the level's H * W rows). Rounding the running sum to bf16 at each
@@ -413,6 +428,9 @@ def ms_deform_attn(
     """
     signature = call_signature(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                                padding_mode, align_corners, deterministic)
+    if is_compiling():
+        # The host cannot read the index tensors inside a graph: check their values on the device instead.
+        _assert_index_values(spatial_shapes, level_start_index, value.shape[1])
     if signature in _CHECKED:  # the same shapes, dtypes and devices passed before: only the values are new
         if not is_compiling():
             raise_if_unsupported("ms_deform_attn", _index_reasons(spatial_shapes, level_start_index, value.shape[1]))
