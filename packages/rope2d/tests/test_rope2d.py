@@ -60,10 +60,16 @@ def _inputs(case: dict, *, noncontiguous: bool = False) -> dict:
 def _run(case: dict, noncontiguous: bool) -> None:
     inputs = _inputs(case, noncontiguous=noncontiguous)
     kw = dict(n_prefix=case["prefix"], pairing=case["pairing"])
+    # fp16 gradients on the CPU: PyTorch's CPU SDPA (the low-precision reference) keeps P in fp32, while the
+    # kernel rounds P to fp16 for its tensor-core products (as GPU flash kernels do); on tiny grids that
+    # alone reached 2.4 fp16 ulps of dV (seed 897968070), past 2x the reference's error plus the 1e-3 floor.
+    floor = None
+    if case["dtype"] == torch.float16 and device().type == "cpu":
+        floor = {f"grad_{name}": 2e-3 for name in ("q", "k", "v")}
     check_forward_backward(
         lambda q, k, v, angles: rope2d_attention(q, k, v, angles, **kw),
         lambda q, k, v, angles: rope2d_attention_reference(q, k, v, angles, **kw),
-        inputs, grad_names=["q", "k", "v"],
+        inputs, grad_names=["q", "k", "v"], floor=floor,
     )
 
 
