@@ -21,6 +21,7 @@ __all__ = [
     "call_signature",
     "choice_reasons",
     "dtype_name",
+    "format_shape",
     "gpu_arch_reasons",
     "head_dim_reasons",
     "int_reasons",
@@ -97,7 +98,8 @@ def raise_if_unsupported(op: str, reasons: Iterable[Reason]) -> None:
     raise head.error(f"{op}: {len(reasons)} problems with the inputs:\n{listed}")
 
 
-def _fmt_shape(shape: Sequence[object]) -> str:
+def format_shape(shape: Sequence[object]) -> str:
+    """A shape as error messages write it: [2, 3, *] (None: any size)."""
     return "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
 
 
@@ -132,7 +134,7 @@ def shape_reasons(name: str, x: torch.Tensor, expected: Sequence[int | None], me
     if ok:
         return []
     what = f" {meaning}" if meaning else ""
-    return [Reason(f"{name} must have shape {_fmt_shape(expected)}{what}, got {actual}")]
+    return [Reason(f"{name} must have shape {format_shape(expected)}{what}, got {actual}")]
 
 
 def same_device_reasons(**tensors: torch.Tensor) -> list[Reason]:

@@ -18,6 +18,7 @@ from fattn.core import (
     call_signature,
     choice_reasons,
     empty,
+    format_shape,
     fused_op,
     gpu_arch_reasons,
     head_dim_reasons,
@@ -366,18 +367,14 @@ def _descale_reasons(name: str, t: object, expected: list[int], dims: str, n: in
         return []
     if blocks is None:
         if name == "v_descale" and t.dim() == 3:
-            return [Reason(f"v_descale must have shape {_shape_str(expected)} (descales [{dims}]), got {shape}: "
+            return [Reason(f"v_descale must have shape {format_shape(expected)} (descales [{dims}]), got {shape}: "
                            "per-block V scales are not supported (out = P @ V sums over the keys of every "
                            "block, so one scale per block of V cannot be factored out of the product; "
                            "quantize v with granularity='head')")]
-        return [Reason(f"{name} must have shape {_shape_str(expected)} ({what}), got {shape}")]
-    return [Reason(f"{name} must have shape {_shape_str(expected)} (descales [{dims}], per head) or "
-                   f"{_shape_str(blocks)} (descales [{dims}, ceil({n_name} / {QUANT_BLOCK})], one per "
+        return shape_reasons(name, t, expected, f"({what})")
+    return [Reason(f"{name} must have shape {format_shape(expected)} (descales [{dims}], per head) or "
+                   f"{format_shape(blocks)} (descales [{dims}, ceil({n_name} / {QUANT_BLOCK})], one per "
                    f"{QUANT_BLOCK}-token block), got {shape}")]
-
-
-def _shape_str(shape: list[int]) -> str:
-    return "[" + ", ".join(map(str, shape)) + "]"
 
 
 def _reasons(q: object, k: object, v: object, causal: object, scale: object, q_descale: object,
