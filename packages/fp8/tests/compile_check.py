@@ -50,7 +50,7 @@ def forward(q_dtype: str, d: int, bm: int, bn: int, warps: int, stages: int, cau
            "V_descale": "*fp32", "Out": "*bf16", "Lse": "*fp32", "DO": "*bf16", "Delta": "*fp32",
            **_strides(["q", "k", "v", "o", "do"], unit), **TAIL}
     consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": causal, "FP8": True, "BWD_PREP": False,
-              "TMA": tma, "Q_BLOCK_SCALES": blocks and q_dtype == "fp8e4nv", "K_BLOCK_SCALES": blocks,
+              "TMA": tma, "KV_DESC": tma, "Q_BLOCK_SCALES": blocks and q_dtype == "fp8e4nv", "K_BLOCK_SCALES": blocks,
               **dict.fromkeys(unit, 1)}
     if tma:
         sig.update(K_desc=f"tensordesc<fp8e4nv[{bn}, {d}]>", V_desc=f"tensordesc<fp8e4nv[{d}, {bn}]>")
@@ -70,7 +70,7 @@ def backward(which: str, dtype: str, d: int, bm: int, bn: int, warps: int, stage
                "Out": "*fp32", "Lse": "*fp32", "DO": t, "Delta": "*fp32",
                **_strides(["q", "k", "v", "o", "do"], unit), **TAIL}
         consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": True, "FP8": False, "BWD_PREP": True,
-                  "K_desc": None, "V_desc": None, "TMA": False, "Q_BLOCK_SCALES": False, "K_BLOCK_SCALES": False}
+                  "K_desc": None, "V_desc": None, "KV_DESC": False, "TMA": False, "Q_BLOCK_SCALES": False, "K_BLOCK_SCALES": False}
         kernel = kernels._attn_fwd_kernel
     else:
         outs = ["dk", "dv"] if which == "dkdv" else ["dq"]
@@ -153,9 +153,9 @@ def main(full: bool) -> None:
             for q_dtype in ("fp8e4nv", "bf16"):
                 configs = kernels._fwd_configs()
                 # the configs tuned with per-block K descales (a subset)
-                with_blocks = kernels._fwd_prune(configs, {"Q": _Elem(1)}, HEAD_DIM=d, FP8=True, K_desc=True,
+                with_blocks = kernels._fwd_prune(configs, {"Q": _Elem(1)}, HEAD_DIM=d, FP8=True, KV_DESC=True,
                                                  K_BLOCK_SCALES=True)
-                for c in kernels._fwd_prune(configs, {"Q": _Elem(1)}, HEAD_DIM=d, FP8=True, K_desc=True):
+                for c in kernels._fwd_prune(configs, {"Q": _Elem(1)}, HEAD_DIM=d, FP8=True, KV_DESC=True):
                     bm, bn, tma = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs.get("TMA", False)
                     for causal in (True, False):
                         r = forward(q_dtype, d, bm, bn, c.num_warps, c.num_stages, causal=causal, tma=tma,

@@ -375,6 +375,30 @@ def _pruned(prune, configs, q: torch.Tensor, **kwargs):  # type: ignore[no-untyp
     return prune(configs, {"Q": q}, **kwargs)
 
 
+def test_autotune_key_holds_descriptor_presence() -> None:
+    """Whether K / V come through TMA descriptors depends on the call's layout, not only on what the key's
+    length buckets say: KV_DESC must be in the forward's autotuning key (see the next test)."""
+    from fattn.fp8 import kernels
+
+    assert "KV_DESC" in kernels._attn_fwd_kernel.keys
+
+
+@pytest.mark.gpu
+def test_tuned_tma_pick_is_not_replayed_without_descriptors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nk = 256 takes descriptors (a multiple of 16), Nk = 250 cannot (rows of V not 16-byte aligned) but
+    shares its length bucket: the pick tuned for the first (a TMA config) must not launch for the second."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA configs need Hopper")
+    monkeypatch.setenv("FATTN_FP8_AUTOTUNE_LIMIT", "2")  # two candidates: a real tuning, cached per key
+    for n_k in (256, 250):
+        q, k, v = make_qkv(dict(B=1, H=2, Hkv=1, Nq=200, Nk=n_k, D=64, dtype=torch.bfloat16))
+        (q8, qd), (k8, kd), (v8, vd) = quantize(q), quantize(k), quantize(v, tokens_contiguous=True)
+        assert (op._tma_descriptors(k8, v8)[0] is not None) == (n_k == 256)
+        out = fp8_attention(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd, out_dtype=torch.float32)
+        ref8 = R.fp8_attention_reference(q8, k8, v8, qd, kd, vd)
+        assert rel_l2(out, ref8) <= TOL_DEQUANT, f"Nk {n_k}"
+
+
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_every_tuned_config_is_correct(d: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Autotuning may pick any config: run each one (after pruning for this head dim) on its own.
@@ -403,7 +427,7 @@ def test_every_tuned_config_is_correct(d: int, monkeypatch: pytest.MonkeyPatch) 
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
     ref_grads = torch.autograd.grad(R.attention(q64, k64, v64, causal=True), (q64, k64, v64), g.double())
     tma = op._tma_descriptors(k8, v8)[0] is not None
-    fwd = _pruned(kernels._fwd_prune, kernels._fwd_configs(), k8, HEAD_DIM=d, FP8=True, K_desc=tma or None)
+    fwd = _pruned(kernels._fwd_prune, kernels._fwd_configs(), k8, HEAD_DIM=d, FP8=True, KV_DESC=tma)
     if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9 and d <= 128:
         # (at D = 256 the prune keeps no TMA config: every one of them would spill)
         assert tma and any(c.kwargs.get("TMA") for c in fwd), "the TMA configs are not tested"

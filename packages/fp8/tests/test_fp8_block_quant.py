@@ -145,7 +145,7 @@ def _tile_configs(q8: torch.Tensor, tma: bool) -> list[triton.Config]:
     query tiles inside one block and across two, key tiles of 32 and 64 (the per-tile K descale) and
     128 (a descale per column), pointer and TMA loads."""
     if on_gpu():
-        return kernels._fwd_prune(kernels._fwd_configs(), {"Q": q8}, HEAD_DIM=128, FP8=True, K_desc=tma or None,
+        return kernels._fwd_prune(kernels._fwd_configs(), {"Q": q8}, HEAD_DIM=128, FP8=True, KV_DESC=tma,
                                   K_BLOCK_SCALES=True)
     shapes = [(16, 32, False), (128, 64, False), (64, 128, False), (128, 128, False), (16, 128, True), (64, 64, True)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **({"TMA": True} if t else {})}, num_warps=4, num_stages=1,

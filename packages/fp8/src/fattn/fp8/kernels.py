@@ -218,7 +218,7 @@ def _fwd_prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
     where per head it does not)."""
     d = kwargs["HEAD_DIM"]
     fp8 = kwargs["FP8"]
-    tma = kwargs.get("K_desc") is not None
+    tma = bool(kwargs.get("KV_DESC", False))
     k_blocks = kwargs.get("K_BLOCK_SCALES", False)
     elem = 1 if fp8 else named_args["Q"].element_size()
     out = []
@@ -240,8 +240,11 @@ def _fwd_prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
     return out or [_SMALLEST]
 
 
+# KV_DESC is in the key: whether TMA configs may run depends on the call's layout (op._tma_descriptors),
+# and two calls of one length bucket can differ there (Nk 4096 and 4090): a pick cached for one must
+# not be replayed on the other.
 @triton.autotune(configs=_fwd_configs(), key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "FP8", "BWD_PREP",
-                                              "Q_BLOCK_SCALES", "K_BLOCK_SCALES"],
+                                              "Q_BLOCK_SCALES", "K_BLOCK_SCALES", "KV_DESC"],
                  prune_configs_by={"early_config_prune": _fwd_prune})
 @triton.jit
 def _attn_fwd_kernel(
@@ -254,7 +257,7 @@ def _attn_fwd_kernel(
     H, GROUP, N_Q, N_K, sm_scale, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, FP8: tl.constexpr, BWD_PREP: tl.constexpr,
-    K_desc=None, V_desc=None, TMA: tl.constexpr = False,
+    K_desc=None, V_desc=None, KV_DESC: tl.constexpr = False, TMA: tl.constexpr = False,
     Q_BLOCK_SCALES: tl.constexpr = False, K_BLOCK_SCALES: tl.constexpr = False,
 ):
     """One program: BLOCK_M queries of one (batch, head).
@@ -265,6 +268,7 @@ def _attn_fwd_kernel(
     (contiguous), instead of [B, H] / [B, Hkv].
     BWD_PREP (full precision): writes Lse [B*H, N_Q] (natural log) and Delta = rowsum(dO * O).
     """
+    tl.static_assert(not TMA or KV_DESC, "a TMA config needs the K / V tensor descriptors")
     pid_m = tl.program_id(0)
     if CAUSAL:
         # the last query blocks see the most keys: start them first, so the short ones fill the tail

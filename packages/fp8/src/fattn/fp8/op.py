@@ -239,6 +239,7 @@ def _fwd_launch(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_descale:
         args = (*tensors, *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(), *out.stride(),
                 h, h // h_kv, n_q, n_k, scale, seq_bucket(n_q), seq_bucket(n_k))
         return grid, args, dict(HEAD_DIM=d, CAUSAL=causal, FP8=True, BWD_PREP=False, K_desc=k_desc, V_desc=v_desc,
+                                KV_DESC=k_desc is not None,
                                 **block_scales)
 
     _launch_planned("fwd", _attn_fwd_kernel, signature, tensors if k_desc is None else (*tensors, k_desc, v_desc),
