@@ -53,6 +53,8 @@ def test_module_errors() -> None:
         m(x, grid_size=(3, 5))
     with pytest.raises(ValueError, match="attn_mask is not supported"):
         m(x, torch.zeros(13, 13, device=device()), grid_size=(3, 4))
+    with pytest.raises(ValueError, match="is_causal must be False"):
+        m(x, is_causal=True, grid_size=(3, 4))
     with pytest.raises(ValueError, match="multiple of 4"):
         RoPE2dAttention(36, num_heads=6)
 
@@ -79,19 +81,20 @@ class _ReferenceAttention(torch.nn.Module):
         super().__init__()
         self.m, self.grid = m, grid
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         return _reference_block(self.m, x, self.grid)
 
 
 class _Block(torch.nn.Module):
-    """timm's ViT Block as far as attention sees it: x + attn(norm(x), attn_mask=None), no grid argument."""
+    """timm's ViT Block as far as attention sees it: x + attn(norm(x), attn_mask=None, is_causal=False) (timm
+    >= 1.0.20 passes both), no grid argument."""
 
     def __init__(self, attn: torch.nn.Module, dim: int) -> None:
         super().__init__()
         self.norm1, self.attn = torch.nn.LayerNorm(dim), attn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.attn(self.norm1(x), attn_mask=None)
+        return x + self.attn(self.norm1(x), attn_mask=None, is_causal=False)
 
 
 def test_use_grid_size_reaches_blocks_that_pass_no_grid() -> None:

@@ -84,10 +84,14 @@ class RoPE2dAttention(nn.Module):
             self._angles_cache[key] = table
         return table
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False, *,
                 grid_size: tuple[int, int] | None = None, angles: torch.Tensor | None = None) -> torch.Tensor:
+        # attn_mask / is_causal: what timm's Block passes its attention (timm >= 1.0.20); only their defaults.
         if attn_mask is not None:
             raise ValueError("attn_mask is not supported by RoPE2dAttention (full attention only); pass None")
+        if is_causal is not False:
+            raise ValueError(f"is_causal must be False: RoPE2dAttention is full (bidirectional) attention, "
+                             f"got {is_causal!r}")
         B, N, C = x.shape
         if angles is None:
             if grid_size is None:
