@@ -47,7 +47,7 @@ def fwd_signature(dtype: str, acc: str) -> dict[str, str]:
     sig = {"Q": t, "K": t, "V": t, "C": "*fp32", "VIS": "*u8", "O": t, "LSE": acc}
     sig.update(_inputs())
     sig.update({n: "i32" for n in _DIMS})
-    sig["qk_scale"] = "fp32"
+    sig["qk_scale"] = sig["qk_scale_lo"] = "fp32"
     return sig
 
 
@@ -59,7 +59,7 @@ def bwd_signature(dtype: str, acc: str) -> dict[str, str]:
     sig.update(_strides("g", "bshmd"))
     sig["stride_dch"] = "i32"
     sig.update({n: "i32" for n in _DIMS})
-    sig["qk_scale"] = "fp32"
+    sig["qk_scale"] = sig["qk_scale_lo"] = "fp32"
     return sig
 
 
@@ -70,7 +70,7 @@ def dkdv_signature(dtype: str, acc: str) -> dict[str, str]:
     sig.update(_strides("q", "hd"))
     sig.update(_strides("g", "hd"))
     sig.update({n: "i32" for n in ("S", "H", "Lq", "T", "HW", "n_keys", "HEAD_DIM")})
-    sig["qk_scale"] = "fp32"
+    sig["qk_scale"] = sig["qk_scale_lo"] = "fp32"
     return sig
 
 

@@ -34,6 +34,18 @@ from fattn.core.triton_helpers import (
     probs_from_lse,
 )
 
+@triton.jit
+def _softmax_scales(qk_scale, qk_scale_lo, ACC_DTYPE: tl.constexpr):
+    """(scale, scale * log2(e)) in the accumulation dtype. Triton passes a Python float as fp32, so an fp64
+    scale arrives as two fp32 parts, qk_scale + qk_scale_lo (op.split_scale: ~48 bits); its product with
+    the constexpr LOG2E is then taken in fp64 (an fp32 scale alone left fp64 outputs 5e-8 off)."""
+    if ACC_DTYPE == tl.float64:
+        scale = tl.cast(qk_scale, tl.float64) + tl.cast(qk_scale_lo, tl.float64)
+    else:
+        scale = qk_scale
+    return scale, scale * LOG2E
+
+
 # Elements of one gathered [BLOCK_M, BLOCK_N, BLOCK_D] tile per thread: 16 compiles to 80-150 registers
 # and keeps every layout conversion out of the sample loop; at 32 Triton converts the corner offsets and
 # weights through shared memory at every step (checked on sm_90 TTGIR / ptxas, tests/compile_check.py).
@@ -271,7 +283,7 @@ def _deform_fwd_kernel(
     stride_vb, stride_vt, stride_vh, stride_vp, stride_vd,
     stride_cb, stride_cs, stride_cm, stride_ct, stride_cp, stride_cc,
     stride_wb, stride_ws, stride_wm, stride_wt,
-    S, H, Lq, T, P, HEAD_DIM, width, height, qk_scale,
+    S, H, Lq, T, P, HEAD_DIM, width, height, qk_scale, qk_scale_lo,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr,
     HAS_VIS: tl.constexpr, OFFSETS_64: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -279,7 +291,7 @@ def _deform_fwd_kernel(
     q = _load_q(Q, b64, s64, h64, offs_m64, offs_d, m_mask, d_mask, stride_qb, stride_qs, stride_qh, stride_qm,
                 stride_qd).to(ACC_DTYPE)
     # Scores in base 2: one multiply here instead of one per score.
-    q = q * (qk_scale * LOG2E)
+    q = q * _softmax_scales(qk_scale, qk_scale_lo, ACC_DTYPE)[1]
 
     # Views outer, points inner: the view's map base and visibility are per-loop scalars / [BM] vectors
     # (no integer division per sample), and a program reads one view's map at a time.
@@ -323,7 +335,7 @@ def _deform_bwd_kernel(
     stride_wb, stride_ws, stride_wm, stride_wt,
     stride_gb, stride_gs, stride_gh, stride_gm, stride_gd,
     stride_dch,
-    S, H, Lq, T, P, HEAD_DIM, width, height, qk_scale,
+    S, H, Lq, T, P, HEAD_DIM, width, height, qk_scale, qk_scale_lo,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGN_CORNERS: tl.constexpr, BORDER: tl.constexpr,
     HAS_VIS: tl.constexpr, NEED_DCOORDS: tl.constexpr, OFFSETS_64: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -341,6 +353,7 @@ def _deform_bwd_kernel(
     o = tl.load(O + row[:, None] * HEAD_DIM + offs_d[None, :], mask=md_mask, other=0.0).to(ACC_DTYPE)
     lse = tl.load(LSE + row, mask=m_mask, other=float("-inf")).to(ACC_DTYPE)
     delta = tl.sum(o * do, 1)  # rowsum(dO * O): the softmax backward's correction term
+    scale, scale_log2 = _softmax_scales(qk_scale, qk_scale_lo, ACC_DTYPE)
     n_keys = T * P
     # Per-query rows of the probabilities / score gradients and of this head's
     # dcoords slice (contiguous [H, B, S, Lq, T, P, 2]); advanced by one view per outer step.
@@ -386,13 +399,13 @@ def _deform_bwd_kernel(
                     dov_dy += dw_dfy * dov_c
 
             qk = tl.sum(q[:, None, :] * k_s, 2)
-            scores = tl.where(live, qk * (qk_scale * LOG2E), float("-inf"))
+            scores = tl.where(live, qk * scale_log2, float("-inf"))
             prob = probs_from_lse(scores, lse)  # 0 where masked or the row saw nothing
             dz = prob * (dov - delta[:, None])  # dL/d(scaled score)
             dq += tl.sum(dz[:, :, None] * k_s, 1)
             if NEED_DCOORDS:
-                dfx = dz * qk_scale * qk_dx + prob * dov_dx
-                dfy = dz * qk_scale * qk_dy + prob * dov_dy
+                dfx = dz * scale * qk_dx + prob * dov_dx
+                dfy = dz * scale * qk_dy + prob * dov_dy
                 dc_ptrs = dc_t[:, None] + offs_p[None, :] * 2
                 tl.store(dc_ptrs, (dfx * dix_dx).to(DC.dtype.element_ty), mask=mn_mask)
                 tl.store(dc_ptrs + 1, (dfy * diy_dy).to(DC.dtype.element_ty), mask=mn_mask)
@@ -402,7 +415,7 @@ def _deform_bwd_kernel(
         k_t, v_t, c_t, w_t = k_t + stride_kt, v_t + stride_vt, c_t + stride_ct, w_t + stride_wt
         sp_t += P
         dc_t += 2 * P
-    tl.store(DQ + row[:, None] * HEAD_DIM + offs_d[None, :], (dq * qk_scale).to(DQ.dtype.element_ty), mask=md_mask)
+    tl.store(DQ + row[:, None] * HEAD_DIM + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
 
 
 @triton.jit
@@ -444,7 +457,7 @@ def _corner_keys_kernel(
 def _deform_bwd_dkdv_kernel(
     Q, DO, DS, PR, ORDER, W, QOFF, GOFF, OFFSETS, DK, DV,
     stride_qh, stride_qd, stride_gh, stride_gd,
-    S, H, Lq, T, HW, n_keys, HEAD_DIM, qk_scale,
+    S, H, Lq, T, HW, n_keys, HEAD_DIM, qk_scale, qk_scale_lo,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_E: tl.constexpr, ROW_ALIGN: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
@@ -498,5 +511,6 @@ def _deform_bwd_dkdv_kernel(
     pix = pid % HW
     out_row = (bt.to(tl.int64) * H + h64) * HW + pix
     ptrs = out_row * HEAD_DIM + offs_d
-    tl.store(DK + ptrs, (tl.sum(dk, 0) * qk_scale).to(DK.dtype.element_ty), mask=d_mask)
+    scale = _softmax_scales(qk_scale, qk_scale_lo, ACC_DTYPE)[0]
+    tl.store(DK + ptrs, (tl.sum(dk, 0) * scale).to(DK.dtype.element_ty), mask=d_mask)
     tl.store(DV + ptrs, tl.sum(dv, 0).to(DV.dtype.element_ty), mask=d_mask)

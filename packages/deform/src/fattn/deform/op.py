@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from typing import Optional
 
 import torch
@@ -66,6 +67,13 @@ def _needs_64bit_offsets(*maps: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
+def split_scale(scale: float) -> tuple[float, float]:
+    """`scale` as (hi, lo), both exact in fp32, hi + lo = scale to ~48 bits: the kernels take Python floats as
+    fp32, and their fp64 path rebuilds the full scale from the two (kernels._softmax_scales)."""
+    hi = struct.unpack("f", struct.pack("f", scale))[0]
+    return hi, struct.unpack("f", struct.pack("f", scale - hi))[0]
+
+
 def _fwd_fake(q, k, v, coords, visibility, width, height, scale, border, align_corners, deterministic):  # type: ignore[no-untyped-def]
     B, S, H, Lq, D = q.shape
     out = q.new_empty((B, S, H, Lq, D))
@@ -107,7 +115,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Te
             return (cdiv(Lq, meta["BLOCK_M"]) * B * S * H,)
 
         args = (*tensors, *q.stride(), *k.stride(), *v.stride(), *coords.stride(), *vis_strides,
-                S, H, Lq, T, P, D, width, height, float(scale))
+                S, H, Lq, T, P, D, width, height, *split_scale(scale))
         return grid, args, dict(
             BLOCK_D=next_power_of_2(D), EVEN_D=next_power_of_2(D) == D, ALIGN_CORNERS=align_corners, BORDER=border,
             HAS_VIS=visibility is not None, OFFSETS_64=_needs_64bit_offsets(k, v), ACC_DTYPE=_tl_acc(q))
@@ -220,7 +228,7 @@ def deform_bwd(
             return (cdiv(Lq, meta["BLOCK_M"]) * B * S * H,)
 
         args = (*bwd_tensors, *q.stride(), *k.stride(), *v.stride(), *coords.stride(), *vis_strides,
-                *grad_out.stride(), dc.stride(0), S, H, Lq, T, P, D, width, height, float(scale))
+                *grad_out.stride(), dc.stride(0), S, H, Lq, T, P, D, width, height, *split_scale(scale))
         return grid, args, dict(
             BLOCK_D=block_d, EVEN_D=block_d == D, ALIGN_CORNERS=align_corners, BORDER=border,
             HAS_VIS=visibility is not None, NEED_DCOORDS=need_dcoords, OFFSETS_64=_needs_64bit_offsets(k, v),
@@ -233,7 +241,7 @@ def deform_bwd(
 
     def build_dkdv() -> tuple:
         args = (*dkdv_tensors, q.stride(2), q.stride(4), grad_out.stride(2), grad_out.stride(4),
-                S, H, Lq, T, HW, T * P, D, float(scale))
+                S, H, Lq, T, HW, T * P, D, *split_scale(scale))
         return (B * T * HW * H,), args, dict(
             BLOCK_D=block_d, EVEN_D=block_d == D, BLOCK_E=dkdv_block_e(block_d, q.dtype), ROW_ALIGN=row_align,
             ACC_DTYPE=_tl_acc(q), num_warps=4)
