@@ -206,16 +206,27 @@ def _fwd_configs() -> list[triton.Config]:
     # faster on an H100. At D = 128 it spills 1.6 KB. Added in session 16 from sm_90 compiles, not yet timed.
     configs.append(triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "TMA": True}, num_warps=8, num_stages=3, maxnreg=128,
                                  pre_hook=_set_tma_blocks))
+    # D <= 128: one warpgroup on 64 x 128 TMA tiles capped at 168 registers, three programs per SM. Uncapped,
+    # a causal mask (220-222 registers) or Q quantized in the kernel (226-236) leaves room for two: the
+    # bf16-Q pick ran 783 us against e4m3 Q's 661 at B4-H16-N4096-D128 (H100, session 18). sm_90, capped:
+    # e4m3 Q 163-165 registers, no spill; bf16 Q causal no spill, non-causal 32 bytes. Not yet timed.
+    configs += [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "TMA": True}, num_warps=4, num_stages=s, maxnreg=168,
+                              pre_hook=_set_tma_blocks) for s in (2, 3)]
     return configs
+
+
+# The largest head dim at which each register cap (triton.Config.maxnreg) compiles without spilling much.
+_CAP_MAX_HEAD_DIM = {128: 64, 168: 128}
 
 
 def _fwd_prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
     """Drop configs whose pipelined K/V tiles exceed Hopper's 227 KB of shared memory, BLOCK_N < 32
     for FP8 (the P @ V product needs a reduction of at least 32), tiles over 64 at D = 256 (they
     spill registers, ptxas sm_90), TMA configs when the launch has no descriptors, register-capped
-    configs above D = 64 or outside the FP8 forward (they spill there), and with per-block K descales
-    the pointer-load 128-key tiles from D = 128 (128 x 128 / 8 warps spills 64 bytes with e4m3 Q, sm_90,
-    where per head it does not)."""
+    configs above their _CAP_MAX_HEAD_DIM or outside the FP8 forward (they spill there), and with
+    per-block K descales the pointer-load 128-key tiles and the capped ones from D = 128 (128 x 128 /
+    8 warps spills 64 bytes with e4m3 Q, sm_90, where per head it does not; capped 64 x 128 with bf16 Q
+    104-184 bytes)."""
     d = kwargs["HEAD_DIM"]
     fp8 = kwargs["FP8"]
     tma = bool(kwargs.get("KV_DESC", False))
@@ -224,9 +235,12 @@ def _fwd_prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
     out = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if (c.kwargs.get("TMA", False) and not tma) or (c.maxnreg is not None and (d > 64 or not fp8)):
+        if (c.kwargs.get("TMA", False) and not tma) or (c.maxnreg is not None and (d > _CAP_MAX_HEAD_DIM[c.maxnreg]
+                                                                                   or not fp8)):
             continue
         if k_blocks and bn > QUANT_BLOCK and d >= 128 and not c.kwargs.get("TMA", False):
+            continue
+        if k_blocks and c.maxnreg is not None and d >= 128:  # capped at 168 with bf16 Q they spill 104-184 bytes
             continue
         smem = bm * d * elem + c.num_stages * 2 * bn * d * elem  # Q, then K and V per pipeline stage
         # one warpgroup (4 warps) holds a 64-row tile: only for FP8 at D <= 128 (it spills beyond)
