@@ -34,6 +34,7 @@ from fattn.core.triton_helpers import (
     probs_from_lse,
 )
 
+
 @triton.jit
 def _softmax_scales(qk_scale, qk_scale_lo, ACC_DTYPE: tl.constexpr):
     """(scale, scale * log2(e)) in the accumulation dtype. Triton passes a Python float as fp32, so an fp64
