@@ -99,12 +99,13 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--all", action="store_true", help="every dtype, head dim and config")
-    parser.add_argument("--quick", action="store_true", help="bf16, head dim 32, first config only (the test)")
+    parser.add_argument("--quick", action="store_true",
+                        help="bf16 and fp64 (its own scale path), head dim 32, first config only (the test)")
     args = parser.parse_args()
     dtypes = ["fp16", "bf16", "fp32", "fp64"] if args.all else ["bf16", "fp32"]
     head_dims = [32, 64, 128, 256] if args.all else [32, 256]
     if args.quick:
-        dtypes, head_dims = ["bf16"], [32]
+        dtypes, head_dims = ["bf16", "fp64"], [32]
     failures = 0
     for dtype in dtypes:
         acc_tl = tl.float64 if dtype == "fp64" else tl.float32
