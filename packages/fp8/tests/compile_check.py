@@ -103,7 +103,7 @@ def quantization(dtype: str, d: int, arch: int = 90, blocks: bool = False) -> li
     else:
         apply_consts.update(ColMax=None, ColMin=None, BlockDescale=None, BLOCK_SCALES0=False)
     return [
-        _compile(kernels._quant_stats_kernel, stats, {"D": d, "BLOCK_N": 64, "CENTER0": True,
+        _compile(kernels._quant_stats_kernel, stats, {"D": d, "BLOCK_N": 64, "CENTER0": True, "TILES": 1,
                                                       **dict.fromkeys(unit_in, 1)}, f"quant stats {dtype}", arch, 4, 1),
         _compile(kernels._quant_finalize_kernel, final, {"D": d, "BLOCK_T": 32, "CENTER0": True},
                  "quant finalize", arch, 4, 1),

@@ -193,6 +193,24 @@ def test_quantize_matches_reference_and_bounds() -> None:
     assert (x8[1, 2].float() == 0).all()
 
 
+@pytest.mark.parametrize("tokens", [64, 96])
+def test_quantize_stats_spans(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FATTN_FP8_STATS_TOKENS (statistics programs over spans of tokens, an experiment) gives the one-tile
+    path's descales and values: max and min exactly, K's channel means up to summation order. N = 150
+    leaves a partial last span."""
+    k, v = (randn([2, 3, 150, 64], torch.float16) for _ in range(2))
+    k = k + 3.0 * torch.arange(64, device=k.device, dtype=k.dtype)  # per-channel offsets: the centring matters
+    monkeypatch.setattr(op, "_STATS_TOKENS", 0)
+    want = op._quantize_launch(k, v, True, False, True)
+    monkeypatch.setattr(op, "_STATS_TOKENS", tokens)
+    got = op._quantize_launch(k, v, True, False, True)
+    k8, kd, v8, vd = got
+    torch.testing.assert_close(kd, want[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(vd, want[3], rtol=0, atol=0)
+    assert torch.equal(v8.float(), want[2].float())
+    assert (k8.float() != want[0].float()).float().mean() < 0.01  # a rounding tie may flip
+
+
 def test_quantize_tokens_contiguous_layout() -> None:
     x = randn([1, 2, 45, 32], torch.float32)
     a8, ad = quantize(x)

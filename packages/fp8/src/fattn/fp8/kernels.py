@@ -389,8 +389,11 @@ def _pick(which, a, b):
 def _quant_stats_kernel(X0, X1, ColSum, ColMax, ColMin, H, N, n_tiles,
                         stride_x0b, stride_x0h, stride_x0n, stride_x0d,
                         stride_x1b, stride_x1h, stride_x1n, stride_x1d,
-                        D: tl.constexpr, BLOCK_N: tl.constexpr, CENTER0: tl.constexpr):
-    """Per (batch*head, token tile, tensor): per-channel max, min (and sum when CENTER0) -> [2, BH, T, D]."""
+                        D: tl.constexpr, BLOCK_N: tl.constexpr, CENTER0: tl.constexpr, TILES: tl.constexpr = 1):
+    """Per (batch*head, part, tensor): per-channel max, min (and sum when CENTER0) of TILES consecutive
+    BLOCK_N-token tiles -> [2, BH, n_tiles, D] (n_tiles: parts per head). TILES > 1 (op's
+    FATTN_FP8_STATS_TOKENS, an experiment of session 18, untimed): fewer programs, each keeping
+    elementwise running max / min / sum over its tiles and reducing them across rows once."""
     pid_bh = tl.program_id(0)
     t = tl.program_id(1)
     which = tl.program_id(2)
@@ -399,16 +402,35 @@ def _quant_stats_kernel(X0, X1, ColSum, ColMax, ColMin, H, N, n_tiles,
     base = _pick(which, X0 + b * stride_x0b + h * stride_x0h, X1 + b * stride_x1b + h * stride_x1h)
     stride_n = _pick(which, stride_x0n, stride_x1n)
     stride_d = _pick(which, stride_x0d, stride_x1d)
-    offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    x = _load_tile(base, offs_n, N, offs_d, stride_n, stride_d, True).to(tl.float32)
-    row_ok = (offs_n < N)[:, None]
-    slot = which.to(tl.int64) * tl.num_programs(0) + pid_bh
-    out = (slot * n_tiles + t) * D + offs_d
-    tl.store(ColMax + out, tl.max(tl.where(row_ok, x, float("-inf")), 0))
-    tl.store(ColMin + out, tl.min(tl.where(row_ok, x, float("inf")), 0))
-    if CENTER0:
-        tl.store(ColSum + out, tl.sum(x, 0))
+    if TILES == 1:  # (the path measured on GPUs: one tile, reduced at once)
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        x = _load_tile(base, offs_n, N, offs_d, stride_n, stride_d, True).to(tl.float32)
+        row_ok = (offs_n < N)[:, None]
+        slot = which.to(tl.int64) * tl.num_programs(0) + pid_bh
+        out = (slot * n_tiles + t) * D + offs_d
+        tl.store(ColMax + out, tl.max(tl.where(row_ok, x, float("-inf")), 0))
+        tl.store(ColMin + out, tl.min(tl.where(row_ok, x, float("inf")), 0))
+        if CENTER0:
+            tl.store(ColSum + out, tl.sum(x, 0))
+    else:
+        col_max = tl.full([BLOCK_N, D], float("-inf"), dtype=tl.float32)
+        col_min = tl.full([BLOCK_N, D], float("inf"), dtype=tl.float32)
+        col_sum = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+        for i in tl.static_range(TILES):
+            offs_n = (t * TILES + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+            x = _load_tile(base, offs_n, N, offs_d, stride_n, stride_d, True).to(tl.float32)
+            row_ok = (offs_n < N)[:, None]
+            col_max = tl.maximum(col_max, tl.where(row_ok, x, float("-inf")))
+            col_min = tl.minimum(col_min, tl.where(row_ok, x, float("inf")))
+            if CENTER0:
+                col_sum += x
+        slot = which.to(tl.int64) * tl.num_programs(0) + pid_bh
+        out = (slot * n_tiles + t) * D + offs_d
+        tl.store(ColMax + out, tl.max(col_max, 0))
+        tl.store(ColMin + out, tl.min(col_min, 0))
+        if CENTER0:
+            tl.store(ColSum + out, tl.sum(col_sum, 0))
 
 
 @triton.jit

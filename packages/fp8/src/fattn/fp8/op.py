@@ -58,6 +58,12 @@ def n_blocks(n: int) -> int:
     return (n + QUANT_BLOCK - 1) // QUANT_BLOCK
 
 
+# FATTN_FP8_STATS_TOKENS=n (a multiple of 32): each K/V statistics program covers n tokens in 32-row chunks
+# instead of one 64-token tile (an experiment, session 18: the one-tile pass read 134 MB in 127 us at
+# B4-H16-N4096-D128 on an H100, a third of the bandwidth). Read at import; 0 (the default) is the measured path.
+_STATS_TOKENS = int(os.environ.get("FATTN_FP8_STATS_TOKENS", "0") or 0)
+
+
 def _quant_block() -> int:
     return 32 if interpreter_enabled() else 64
 
@@ -92,20 +98,25 @@ def _quantize_launch(x0: torch.Tensor, x1: torch.Tensor | None, center0: bool, t
     # Per-block: 64-token tiles also under the interpreter (tile t is block t).
     block = QUANT_BLOCK if blocks0 else _quant_block()
     n_tiles = cdiv(n, block)
-    col_max = empty([count, b * h, n_tiles, d], dtype=torch.float32, device=x0.device)
-    col_min = empty([count, b * h, n_tiles, d], dtype=torch.float32, device=x0.device)
-    col_sum = empty([count, b * h, n_tiles, d], dtype=torch.float32, device=x0.device) if center0 else col_max
+    # Statistics programs: one token tile each (per-block descales need exactly that), or with
+    # FATTN_FP8_STATS_TOKENS a span of that many tokens in 32-row chunks.
+    stats_rows, tiles = (block, 1) if blocks0 or not _STATS_TOKENS else (32, max(1, _STATS_TOKENS // 32))
+    n_parts = cdiv(n, stats_rows * tiles)
+    col_max = empty([count, b * h, n_parts, d], dtype=torch.float32, device=x0.device)
+    col_min = empty([count, b * h, n_parts, d], dtype=torch.float32, device=x0.device)
+    col_sum = empty([count, b * h, n_parts, d], dtype=torch.float32, device=x0.device) if center0 else col_max
     mean = empty([count, b * h, d], dtype=torch.float32, device=x0.device) if center0 else descale
     # Every launch below is fixed by x0's and x1's metadata and the flags (FastLauncher.launch_planned).
-    signature = call_signature(x0, x1, center0, tokens_contiguous0, tokens_contiguous1, blocks0)
+    signature = call_signature(x0, x1, center0, tokens_contiguous0, tokens_contiguous1, blocks0, _STATS_TOKENS)
     block_t = 8 if interpreter_enabled() else 32
     launcher(_quant_stats_kernel).launch_planned(
         signature, (x0, x1_in, col_sum, col_max, col_min),
-        lambda: ((b * h, n_tiles, count), (x0, x1_in, col_sum, col_max, col_min, h, n, n_tiles, *x0.stride(),
-                                           *x1_in.stride()), dict(D=d, BLOCK_N=block, CENTER0=center0, num_warps=4)))
+        lambda: ((b * h, n_parts, count), (x0, x1_in, col_sum, col_max, col_min, h, n, n_parts, *x0.stride(),
+                                           *x1_in.stride()),
+                 dict(D=d, BLOCK_N=stats_rows, CENTER0=center0, TILES=tiles, num_warps=4)))
     launcher(_quant_finalize_kernel).launch_planned(
         signature, (col_sum, col_max, col_min, mean, descale),
-        lambda: ((b * h, count), (col_sum, col_max, col_min, mean, descale, n, n_tiles),
+        lambda: ((b * h, count), (col_sum, col_max, col_min, mean, descale, n, n_parts),
                  dict(D=d, BLOCK_T=block_t, CENTER0=center0, num_warps=4)))
     apply_tensors: tuple[torch.Tensor, ...] = (x0, x1_in, mean, descale, y0, y1)
     apply_extra: dict[str, Any] = {}
