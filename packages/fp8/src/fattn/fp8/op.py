@@ -29,7 +29,7 @@ from fattn.core import (
     tensor_reasons,
 )
 from fattn.core.launch import launcher
-from fattn.core.runtime import cdiv, interpreter_enabled, seq_bucket
+from fattn.core.runtime import cdiv, env_int, interpreter_enabled, seq_bucket
 from fattn.fp8 import kernels
 from fattn.fp8.kernels import (
     _attn_bwd_dkdv_kernel,
@@ -58,10 +58,11 @@ def n_blocks(n: int) -> int:
     return (n + QUANT_BLOCK - 1) // QUANT_BLOCK
 
 
-# FATTN_FP8_STATS_TOKENS=n (a multiple of 32): each K/V statistics program covers n tokens in 32-row chunks
-# instead of one 64-token tile (an experiment, session 18: the one-tile pass read 134 MB in 127 us at
-# B4-H16-N4096-D128 on an H100, a third of the bandwidth). Read at import; 0 (the default) is the measured path.
-_STATS_TOKENS = int(os.environ.get("FATTN_FP8_STATS_TOKENS", "0") or 0)
+# FATTN_FP8_STATS_TOKENS=n: each K/V statistics program covers n tokens (rounded down to a multiple of 32,
+# at least 32) in 32-row chunks instead of one 64-token tile (an experiment, session 18: the one-tile pass
+# read 134 MB in 127 us at B4-H16-N4096-D128 on an H100, a third of the bandwidth). Read at import; 0 (the
+# default) is the measured path.
+_STATS_TOKENS = env_int("FATTN_FP8_STATS_TOKENS", 0, "tokens per K/V statistics program; 0: one 64-token tile")
 
 
 def _quant_block() -> int:
@@ -200,7 +201,9 @@ def _launch_planned(name: str, kernel: Any, signature: tuple | None, tensors: tu
 
 # FATTN_FP8_TMA: "auto" (default: TMA K/V loads on Hopper when the layout allows), "0" (never), "1" (also
 # under the interpreter: tests of the TMA path).
-_TMA_MODE = os.environ.get("FATTN_FP8_TMA", "auto")
+_TMA_MODE = os.environ.get("FATTN_FP8_TMA", "").strip().lower() or "auto"
+if _TMA_MODE not in ("auto", "0", "1"):
+    raise ValueError(f"FATTN_FP8_TMA={os.environ['FATTN_FP8_TMA']!r}: expected auto, 0 or 1")
 
 
 def _tma_descriptors(k8: torch.Tensor, v8: torch.Tensor) -> tuple[Any, Any]:
