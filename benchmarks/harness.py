@@ -1,7 +1,13 @@
 """Shared benchmark machinery: GPU-correct timing, peak memory, TFLOP/s, peers on disk.
 
 Every benchmark goes through `Measure.run`, so all suites time the same way:
-- the timed callable ends with `torch.cuda.synchronize()` (device work is asynchronous);
+- the timed callable ends with `torch.cuda.synchronize()` (device work is asynchronous). It makes a
+  *burst* of back-to-back calls (about `burst_s` of work, as a model's step issues its kernels, the host
+  running ahead of the GPU), and the median is per call: the throughput time that TFLOP/s are about
+  (as Triton's `do_bench` and `torch.utils.benchmark` measure). Each call's own host time is hidden
+  while the GPU is busy with the previous one, and shows when the host is the bottleneck;
+- one call from an idle device, synchronized alone (`latency_ms`, the "1-call ms" column), is recorded
+  beside it: what a lone call costs, host time and launch latency included;
 - warm-up calls first absorb Triton JIT compilation and autotuning, and torch.compile;
 - peak memory is measured on its own call, in bytes requested above what was requested before it;
 - `extra_info` carries op, impl, shape name, size, peak memory, TFLOP/s and GB/s, which the report
@@ -61,6 +67,12 @@ class Measure:
     rounds: int = 20
     min_time_s: float = 0.5
     max_rounds: int = 300
+    # Back-to-back calls per timed burst: about burst_s of work, within [1, max_burst].
+    burst_s: float = 0.01
+    max_burst: int = 50
+    # One-call latencies: enough to fill latency_time_s, within [latency_calls, 4 * latency_calls].
+    latency_calls: int = 10
+    latency_time_s: float = 0.2
 
     def run(
         self,
@@ -116,15 +128,26 @@ class Measure:
             call_s = time.perf_counter() - call_started
             peak_mb = (_requested_bytes("peak") - before) / 2**20
 
+        # A burst is `burst` calls, the last one synchronized; pytest-benchmark times `burst` iterations
+        # per round and keeps the time per call.
+        burst = max(1, min(self.max_burst, round(self.burst_s / max(call_s, 1e-6)))) if cuda else 1
+        calls = [0]
+
         def timed() -> None:
             fn()
-            sync()
+            calls[0] += 1
+            if calls[0] % burst == 0:
+                sync()
 
-        rounds = max(self.rounds, min(self.max_rounds, int(self.min_time_s / max(call_s, 1e-6)))) if cuda else 1
+        rounds = max(self.rounds, min(self.max_rounds, int(self.min_time_s / max(call_s * burst, 1e-6)))) if cuda else 1
         mallocs = _device_mallocs()
-        bench.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1 if cuda else 0)
+        bench.pedantic(timed, rounds=rounds, iterations=burst, warmup_rounds=1 if cuda else 0)
         # cudaMalloc/cudaFree calls while timing (each can synchronize the device): 0 in a steady state.
         info["device_mallocs"] = _device_mallocs() - mallocs
+        info["burst"] = burst
+        if cuda:
+            info["latency_ms"] = _one_call_ms(fn, max(self.latency_calls, min(
+                4 * self.latency_calls, int(self.latency_time_s / max(call_s, 1e-6)))))
         median = _median_seconds(bench)
         if tuned:  # after the timed calls: every kernel has launched for this shape
             info["config"] = "; ".join(f"{name} {describe_config(kernel)}" for name, kernel in tuned.items())
@@ -142,6 +165,18 @@ class Measure:
 
 
 _LOGGED_TIMINGS: dict[int, int] = {}
+
+
+def _one_call_ms(fn: Callable[[], Any], calls: int) -> float:
+    """Median milliseconds of `calls` single calls, each from an idle device and synchronized alone."""
+    times = []
+    for _ in range(calls):
+        sync()
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e3
 
 
 def _tuning_log(case: str, tuned: dict[str, Any]) -> None:
@@ -214,6 +249,8 @@ def _progress(info: dict[str, Any], median: float | None) -> None:
     with open(path, "a") as f:
         config = f"  [{info['config']}]" if info.get("config") else ""
         warmup = f" {info['warmup_s']:6.1f} s warm-up" if info.get("warmup_s") is not None else ""
+        if info.get("latency_ms") is not None:
+            warmup += f" 1-call {info['latency_ms']:.3f} ms"
         if info.get("device_mallocs"):
             warmup += f" {info['device_mallocs']} cudaMalloc/Free while timed"
         f.write(f"{info['op']:<14} {info['shape']:<34} {info['impl']:<18} {ms:>9} ms {tflops:>7} TF/s {peak:>7} MB"

@@ -4,7 +4,8 @@
     python -m benchmarks.report bench-out/*.json --markdown      # table for a README
     python -m benchmarks.report bench-out/*.json --plots bench-out/plots
 
-For every (op, shape) group the table lists each implementation's median time, TFLOP/s or GB/s,
+For every (op, shape) group the table lists each implementation's median time per call (calls back to
+back, see benchmarks/harness.py), one call's latency from an idle device, TFLOP/s or GB/s,
 peak memory and `peer/fattn`: how many times longer the peer takes than fattn (above 1: fattn wins).
 Plots show latency and peak memory against problem size for each op, one line per implementation.
 """
@@ -35,6 +36,7 @@ def load(paths: list[Path]) -> list[dict[str, Any]]:
                 "size": info.get("size"),
                 "median_ms": b["stats"]["median"] * 1e3,
                 "iqr_ms": b["stats"].get("iqr", 0.0) * 1e3,
+                "latency_ms": info.get("latency_ms"),
                 "tflops": info.get("tflops"),
                 "gbps": info.get("gbps"),
                 "peak_mb": info.get("peak_mem_mb"),
@@ -54,13 +56,14 @@ def table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[(r["op"], r["shape"])].append(r)
-    header = ["op", "shape", "impl", "median ms", "TFLOP/s", "GB/s", "peak MB", "peer/fattn"]
+    header = ["op", "shape", "impl", "median ms", "1-call ms", "TFLOP/s", "GB/s", "peak MB", "peer/fattn"]
     lines = []
     for (op, shape), items in sorted(groups.items()):
         fattn = next((r for r in items if r["impl"] == "fattn"), None)
         for r in sorted(items, key=lambda r: (r["impl"] != "fattn", r["median_ms"])):
             ratio = None if fattn is None or r is fattn else r["median_ms"] / fattn["median_ms"]
-            lines.append([op, shape, r["impl"], _fmt(r["median_ms"], ".3f"), _fmt(r["tflops"], ".1f"),
+            lines.append([op, shape, r["impl"], _fmt(r["median_ms"], ".3f"), _fmt(r["latency_ms"], ".3f"),
+                          _fmt(r["tflops"], ".1f"),
                           _fmt(r["gbps"], ".0f"), _fmt(r["peak_mb"], ".1f"), _fmt(ratio, ".2f") + ("x" if ratio else "")])
     devices = sorted({r["device"] for r in rows})
     if markdown:
