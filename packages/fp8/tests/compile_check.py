@@ -41,24 +41,25 @@ def _compile(kernel, sig: dict[str, str], consts: dict[str, object], name: str, 
 
 
 def forward(q_dtype: str, d: int, bm: int, bn: int, warps: int, stages: int, causal: bool, arch: int = 90,
-            tma: bool = False, maxnreg: int | None = None, blocks: bool = False):
+            tma: bool = False, maxnreg: int | None = None, blocks: bool = False, rows: bool = False):
     """The FP8 forward: q_dtype "fp8e4nv" (e4m3 inputs) or "bf16" (Q quantized in the kernel); tma: K/V
     through tensor descriptors (what op.py passes on Hopper); blocks: per-64-token-block descales for K
-    and, with e4m3 Q, for Q (Q_BLOCK_SCALES / K_BLOCK_SCALES)."""
+    and, with e4m3 Q, for Q (Q_BLOCK_SCALES / K_BLOCK_SCALES); rows: e4m3 Q with one descale per row
+    (Q_ROW_SCALES, FATTN_FP8_Q_PREQUANT)."""
     unit = ["stride_qd", "stride_kd", "stride_vn", "stride_od", "stride_dod"]  # V tokens-contiguous
     sig = {"Q": f"*{q_dtype}", "K": "*fp8e4nv", "V": "*fp8e4nv", "Q_descale": "*fp32", "K_descale": "*fp32",
            "V_descale": "*fp32", "Out": "*bf16", "Lse": "*fp32", "DO": "*bf16", "Delta": "*fp32",
            **_strides(["q", "k", "v", "o", "do"], unit), **TAIL}
     consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": causal, "FP8": True, "BWD_PREP": False,
               "TMA": tma, "KV_DESC": tma, "Q_BLOCK_SCALES": blocks and q_dtype == "fp8e4nv", "K_BLOCK_SCALES": blocks,
-              **dict.fromkeys(unit, 1)}
+              "Q_ROW_SCALES": rows, **dict.fromkeys(unit, 1)}
     if tma:
         sig.update(K_desc=f"tensordesc<fp8e4nv[{bn}, {d}]>", V_desc=f"tensordesc<fp8e4nv[{d}, {bn}]>")
     else:
         consts.update(K_desc=None, V_desc=None)
     return _compile(kernels._attn_fwd_kernel, sig, consts, f"fwd q={q_dtype} D{d} {bm}x{bn} w{warps} s{stages}"
                     f"{' causal' if causal else ''}{' tma' if tma else ''}{f' cap{maxnreg}' if maxnreg else ''}"
-                    f"{' blocks' if blocks else ''}", arch, warps, stages, maxnreg)
+                    f"{' blocks' if blocks else ''}{' rows' if rows else ''}", arch, warps, stages, maxnreg)
 
 
 def backward(which: str, dtype: str, d: int, bm: int, bn: int, warps: int, stages: int, arch: int = 90):
@@ -70,7 +71,8 @@ def backward(which: str, dtype: str, d: int, bm: int, bn: int, warps: int, stage
                "Out": "*fp32", "Lse": "*fp32", "DO": t, "Delta": "*fp32",
                **_strides(["q", "k", "v", "o", "do"], unit), **TAIL}
         consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": True, "FP8": False, "BWD_PREP": True,
-                  "K_desc": None, "V_desc": None, "KV_DESC": False, "TMA": False, "Q_BLOCK_SCALES": False, "K_BLOCK_SCALES": False}
+                  "K_desc": None, "V_desc": None, "KV_DESC": False, "TMA": False, "Q_BLOCK_SCALES": False, "K_BLOCK_SCALES": False,
+                  "Q_ROW_SCALES": False}
         kernel = kernels._attn_fwd_kernel
     else:
         outs = ["dk", "dv"] if which == "dkdv" else ["dq"]
@@ -94,6 +96,8 @@ def quantization(dtype: str, d: int, arch: int = 90, blocks: bool = False) -> li
     unit_out = [*unit_in, "stride_y0d", "stride_y1n"]
     apply = {"X0": f"*{dtype}", "X1": f"*{dtype}", "Mean": "*fp32", "Descale": "*fp32", "Y0": "*fp8e4nv",
              "Y1": "*fp8e4nv", "H": "i32", "N": "i32", **_strides(["x0", "x1", "y0", "y1"], unit_out)}
+    rows = {"X": f"*{dtype}", "Y": "*fp8e4nv", "Descale": "*fp32", "H": "i32", "N": "i32",
+            **_strides(["x", "y"], ["stride_xd", "stride_yd"])}
     final = {"ColSum": "*fp32", "ColMax": "*fp32", "ColMin": "*fp32", "Mean": "*fp32", "Descale": "*fp32",
              "N": "i32", "n_tiles": "i32"}
     apply_consts: dict[str, object] = {"D": d, "BLOCK_N": 64, "CENTER0": True, **dict.fromkeys(unit_out, 1)}
@@ -109,6 +113,8 @@ def quantization(dtype: str, d: int, arch: int = 90, blocks: bool = False) -> li
                  "quant finalize", arch, 4, 1),
         _compile(kernels._quant_apply_kernel, apply, apply_consts,
                  f"quant apply {dtype}{' blocks' if blocks else ''}", arch, 4, 1),
+        _compile(kernels._quant_rows_kernel, rows, {"D": d, "BLOCK_N": 64, "stride_xd": 1, "stride_yd": 1},
+                 f"quant rows {dtype}", arch, 4, 1),
     ]
 
 
@@ -147,7 +153,12 @@ def main(full: bool) -> None:
                 _check_forward(rb, tma)
                 assert rb.n_spills == 0, str(rb)
                 reports.append(rb)
-        reports += quantization("bf16", 128, blocks=True)[2:]  # the apply kernel with K's per-block descales
+        for causal in (False, True):  # e4m3 Q with row descales (FATTN_FP8_Q_PREQUANT) in the capped 64 x 128 tile
+            r = forward("fp8e4nv", 128, 64, 128, 4, 3, causal=causal, tma=True, maxnreg=168, rows=True)
+            _check_forward(r, True)
+            assert r.n_spills == 0, str(r)
+            reports.append(r)
+        reports += quantization("bf16", 128, blocks=True)[2:]  # the apply kernel with K's per-block descales, rows
     else:
         for d in (32, 64, 128, 256):
             for q_dtype in ("fp8e4nv", "bf16"):

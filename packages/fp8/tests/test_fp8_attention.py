@@ -211,6 +211,29 @@ def test_quantize_stats_spans(tokens: int, monkeypatch: pytest.MonkeyPatch) -> N
     assert (k8.float() != want[0].float()).float().mean() < 0.01  # a rounding tie may flip
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_q_quantized_before_the_kernel(causal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FATTN_FP8_Q_PREQUANT (an experiment): Q quantized per row by its own kernel, then e4m3 Q with row
+    descales, gives what quantizing it inside the attention kernel gives (the same per-row scales), and
+    the row quantization itself is the reference's. Nq = 70 leaves partial tiles; GQA, non-contiguous q."""
+    c = dict(B=2, H=4, Hkv=2, Nq=70, Nk=45, D=64, dtype=torch.float16)
+    q, k, v = make_qkv(c, noncontiguous=True)
+    q[0, 1, 5] = 0.0  # an all-zero row: descale 1
+    monkeypatch.setattr(op, "_Q_PREQUANT", False)
+    want = fp8_attention(q, k, v, causal=causal)
+    monkeypatch.setattr(op, "_Q_PREQUANT", True)
+    got = fp8_attention(q, k, v, causal=causal)
+    assert rel_l2(got, want) <= 1e-3
+    assert rel_l2(got, R.attention(*R.dequantized_inputs(q, k, v), causal=causal)) <= TOL_DEQUANT
+    q8, qd = op._quantize_rows_launch(q)
+    amax = q.double().abs().amax(-1)
+    want_d = torch.where(amax > 0, amax / 448, torch.ones_like(amax)).float()
+    torch.testing.assert_close(qd, want_d, rtol=1e-6, atol=0)
+    assert qd[0, 1, 5] == 1.0 and (q8[0, 1, 5].float() == 0).all()
+    deq = q8.double() * qd.double()[..., None]
+    assert ((deq - q.double()).abs() <= q.double().abs().amax(-1, keepdim=True) / 16 + 1e-6).all()
+
+
 def test_quantize_tokens_contiguous_layout() -> None:
     x = randn([1, 2, 45, 32], torch.float32)
     a8, ad = quantize(x)

@@ -62,6 +62,17 @@ def _to_e4m3(x):
 
 
 @triton.jit
+def _quantize_rows(x):
+    """fp32 tile [ROWS, D] -> (e4m3 tile, descale [ROWS]) with one scale per row: amax over the row / 448
+    (1 for an all-zero row), how full-precision Q is quantized (in the forward kernel or `_quant_rows_kernel`)."""
+    amax = tl.max(tl.abs(x), 1)
+    descale = tl.where(amax > 0.0, amax / FP8_MAX, 1.0)
+    inv = 1.0 / descale
+    # clamp: the scaled amax can land a rounding step above 448, and the cast does not saturate
+    return _to_e4m3(tl.minimum(tl.maximum(x * inv[:, None], -FP8_MAX), FP8_MAX)), descale
+
+
+@triton.jit
 def _load_tile(base, offs_n, n_limit, offs_d, stride_n, stride_d, MASK: tl.constexpr):
     """[BLOCK, D] tile of rows offs_n (int64 offsets; rows >= n_limit read as 0 when MASK)."""
     ptrs = base + offs_n.to(tl.int64)[:, None] * stride_n + offs_d[None, :] * stride_d
@@ -258,7 +269,7 @@ def _fwd_prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
 # and two calls of one length bucket can differ there (Nk 4096 and 4090): a pick cached for one must
 # not be replayed on the other.
 @triton.autotune(configs=_fwd_configs(), key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "FP8", "BWD_PREP",
-                                              "Q_BLOCK_SCALES", "K_BLOCK_SCALES", "KV_DESC"],
+                                              "Q_BLOCK_SCALES", "K_BLOCK_SCALES", "KV_DESC", "Q_ROW_SCALES"],
                  prune_configs_by={"early_config_prune": _fwd_prune})
 @triton.jit
 def _attn_fwd_kernel(
@@ -272,14 +283,15 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, FP8: tl.constexpr, BWD_PREP: tl.constexpr,
     K_desc=None, V_desc=None, KV_DESC: tl.constexpr = False, TMA: tl.constexpr = False,
-    Q_BLOCK_SCALES: tl.constexpr = False, K_BLOCK_SCALES: tl.constexpr = False,
+    Q_BLOCK_SCALES: tl.constexpr = False, K_BLOCK_SCALES: tl.constexpr = False, Q_ROW_SCALES: tl.constexpr = False,
 ):
     """One program: BLOCK_M queries of one (batch, head).
 
     FP8: K/V are e4m3 with fp32 descales per (batch, head), Q too, or Q is full precision and
     quantized per row here; writes Out. Q_BLOCK_SCALES (e4m3 Q) / K_BLOCK_SCALES: Q_descale
     [B, H, ceil(N_Q / 64)] / K_descale [B, Hkv, ceil(N_K / 64)], one descale per QUANT_BLOCK tokens
-    (contiguous), instead of [B, H] / [B, Hkv].
+    (contiguous), instead of [B, H] / [B, Hkv]. Q_ROW_SCALES (e4m3 Q): Q_descale [B, H, N_Q], one per query
+    row (`_quant_rows_kernel`).
     BWD_PREP (full precision): writes Lse [B*H, N_Q] (natural log) and Delta = rowsum(dO * O).
     """
     tl.static_assert(not TMA or KV_DESC, "a TMA config needs the K / V tensor descriptors")
@@ -312,17 +324,15 @@ def _attn_fwd_kernel(
                 # per query row, its block's descale (a BLOCK_M of 128 spans two blocks)
                 q_d = tl.load(Q_descale + pid_bh.to(tl.int64) * tl.cdiv(N_Q, QUANT_BLOCK) + offs_m // QUANT_BLOCK,
                               mask=offs_m < N_Q, other=1.0)
+            elif Q_ROW_SCALES:
+                # one descale per query row (`_quant_rows_kernel`: full-precision Q quantized before the launch)
+                q_d = tl.load(Q_descale + pid_bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=1.0)
             else:
                 q_d = tl.load(Q_descale + pid_bh)
         else:
             # Full-precision Q is quantized here, one scale per query row (amax over D): no extra
             # pass over Q, and a finer scale than one per head.
-            q_f = q.to(tl.float32)
-            amax = tl.max(tl.abs(q_f), 1)
-            q_d = tl.where(amax > 0.0, amax / FP8_MAX, 1.0)
-            q_inv = 1.0 / q_d
-            # clamp: the scaled amax can land a rounding step above 448, and the cast does not saturate
-            q = _to_e4m3(tl.minimum(tl.maximum(q_f * q_inv[:, None], -FP8_MAX), FP8_MAX))
+            q, q_d = _quantize_rows(q.to(tl.float32))
         if K_BLOCK_SCALES:
             qk_scale = qk_scale * q_d  # K's descales are applied per key tile (_fwd_inner)
         else:
@@ -431,6 +441,26 @@ def _quant_stats_kernel(X0, X1, ColSum, ColMax, ColMin, H, N, n_tiles,
         tl.store(ColMin + out, tl.min(col_min, 0))
         if CENTER0:
             tl.store(ColSum + out, tl.sum(col_sum, 0))
+
+
+@triton.jit
+def _quant_rows_kernel(X, Y, Descale, H, N, stride_xb, stride_xh, stride_xn, stride_xd,
+                       stride_yb, stride_yh, stride_yn, stride_yd, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per (batch*head, token tile): Y = e4m3(X / descale) with one descale per token (`_quantize_rows`,
+    as the forward quantizes full-precision Q itself) -> Descale [B*H, N]. One pass: a row's scale needs
+    nothing but the row."""
+    pid_bh = tl.program_id(0)
+    t = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    x = _load_tile(X + b * stride_xb + h * stride_xh, offs_n, N, offs_d, stride_xn, stride_xd, True)
+    y, descale = _quantize_rows(x.to(tl.float32))
+    row_ok = offs_n < N
+    y_ptrs = Y + b * stride_yb + h * stride_yh + offs_n.to(tl.int64)[:, None] * stride_yn + offs_d[None, :] * stride_yd
+    tl.store(y_ptrs, y, mask=row_ok[:, None])
+    tl.store(Descale + pid_bh.to(tl.int64) * N + offs_n, descale, mask=row_ok)
 
 
 @triton.jit
