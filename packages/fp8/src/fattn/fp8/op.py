@@ -59,18 +59,31 @@ def n_blocks(n: int) -> int:
     return (n + QUANT_BLOCK - 1) // QUANT_BLOCK
 
 
-# FATTN_FP8_STATS_TOKENS=n: each K/V statistics program covers n tokens (rounded down to a multiple of 32,
-# at least 32) in 32-row chunks instead of one 64-token tile (an experiment, session 18: the one-tile pass
-# read 134 MB in 127 us at B4-H16-N4096-D128 on an H100, a third of the bandwidth). Read at import; 0 (the
-# default) is the measured path.
-_STATS_TOKENS = env_int("FATTN_FP8_STATS_TOKENS", 0, "tokens per K/V statistics program; 0: one 64-token tile")
+# K/V statistics programs cover spans of this many tokens (a multiple of 32) in 32-row chunks, reduced across
+# rows once at the end: 65 us against 130 for programs of one 64-token tile (three reductions each) at
+# B4-H16-N4096-D128 bf16, 2.1 against 1.0 TB/s (H100, session 19; 256 tokens: 78 us). FATTN_FP8_STATS_TOKENS=n
+# overrides it (0: one 64-token tile per program, the path per-block K descales always take).
+_STATS_TOKENS = env_int("FATTN_FP8_STATS_TOKENS", 512, "tokens per K/V statistics program; 0: one 64-token tile")
 
 
 # FATTN_FP8_Q_PREQUANT=1: full-precision Q is quantized per row by a kernel of its own before the attention
 # (`_quant_rows_kernel`, one pass over Q), which then runs with e4m3 Q, instead of inside the attention kernel
-# (the same values: one scale per row either way). An experiment (session 19): the bf16-Q attention took 764 us
-# against e4m3 Q's 661 at B4-H16-N4096-D128 on an H100 (236 registers against 168), for ~20 us of extra pass.
+# (the same values: one scale per row either way). An experiment, off by default: at B4-H16-N4096-D128 on an
+# H100 (session 19, one profile each) the attention took 678 us against 717-745 with bf16 Q, and the extra
+# pass 35 us (2.9 TB/s): no clear gain. The benchmark's `fattn-fp8+quant-preq` row times it beside the default.
 _Q_PREQUANT = env_flag("FATTN_FP8_Q_PREQUANT", False)
+
+
+@contextlib.contextmanager
+def q_prequant(enabled: bool = True) -> Iterator[None]:
+    """FATTN_FP8_Q_PREQUANT on (or off) inside a `with` block (the benchmark times both in one process)."""
+    global _Q_PREQUANT
+    previous = _Q_PREQUANT
+    _Q_PREQUANT = bool(enabled)
+    try:
+        yield
+    finally:
+        _Q_PREQUANT = previous
 
 
 def _quant_block() -> int:
