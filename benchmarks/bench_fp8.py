@@ -5,6 +5,8 @@ Impls per shape (all in one run, so ratios compare like with like):
 - `fattn-fp8+quant`: fattn.fp8 on bf16 inputs, its fused quantization included in the timing;
 - `fattn-fp8+quant-preq`: the same with Q quantized by its own kernel before the attention
   (FATTN_FP8_Q_PREQUANT, an experiment), timed beside the default;
+- `fattn-fp8+quant-block`, `fattn-fp8+quant-block-preq`: the same two with `granularity="block"` (K and V
+  quantized in one pass with per-block scales, session 20);
 - `sdpa-cudnn-bf16`, `sdpa-flash-bf16`: F.scaled_dot_product_attention in bf16 with one backend;
 - op "fp8 matmul ceiling": `torch._scaled_mm` on 8192^3 e4m3, the FP8 tensor-core limit of this GPU.
 Every attention row carries `ceiling_tflops` and `fraction_of_ceiling` in extra_info.
@@ -45,7 +47,8 @@ SMOKE_SHAPES = {
 }
 TRAIN_SHAPES = ["B4-H16-N4096-D128", "B4-H16-N4096-D128-causal", "B4-H16-N4096-D64"]
 
-FWD_IMPLS = ["fattn-fp8", "fattn-fp8+quant", "fattn-fp8+quant-preq", "sdpa-cudnn-bf16", "sdpa-flash-bf16"]
+FWD_IMPLS = ["fattn-fp8", "fattn-fp8+quant", "fattn-fp8+quant-preq", "fattn-fp8+quant-block", "fattn-fp8+quant-block-preq",
+             "sdpa-cudnn-bf16", "sdpa-flash-bf16"]
 TRAIN_IMPLS = ["fattn-fp8", "sdpa-cudnn-bf16", "sdpa-flash-bf16"]
 
 
@@ -155,14 +158,17 @@ def test_fp8_forward(measure, smoke: bool, shape: str, impl: str) -> None:  # ty
                                  out_dtype=out_dtype)
 
         bytes_moved = 3 * q.numel() + q.numel() * 2
-    elif impl in ("fattn-fp8+quant", "fattn-fp8+quant-preq"):
+    elif impl.startswith("fattn-fp8+quant"):
         prequant = impl.endswith("-preq")
+        granularity = "block" if "-block" in impl else "head"
 
         def fn() -> torch.Tensor:
             with fp8_op.q_prequant(prequant):
-                return fp8_attention(q, k, v, causal=causal)
+                return fp8_attention(q, k, v, causal=causal, granularity=granularity)
 
-        bytes_moved = 3 * q.numel() * 2 * 2 + 3 * q.numel() + q.numel() * 2
+        # bf16 Q, K, V read, e4m3 K and V written and read, the output written; per head K and V are read twice
+        bytes_moved = (3 * q.numel() * 2 + (0 if granularity == "block" else 2 * q.numel() * 2) + 2 * q.numel() * 2
+                       + q.numel() * 2)
     else:
         if dev.type != "cuda":
             pytest.skip("SDPA backends are measured on the GPU")

@@ -41,25 +41,28 @@ def _compile(kernel, sig: dict[str, str], consts: dict[str, object], name: str, 
 
 
 def forward(q_dtype: str, d: int, bm: int, bn: int, warps: int, stages: int, causal: bool, arch: int = 90,
-            tma: bool = False, maxnreg: int | None = None, blocks: bool = False, rows: bool = False):
+            tma: bool = False, maxnreg: int | None = None, blocks: bool = False, rows: bool = False,
+            vblocks: bool = False):
     """The FP8 forward: q_dtype "fp8e4nv" (e4m3 inputs) or "bf16" (Q quantized in the kernel); tma: K/V
     through tensor descriptors (what op.py passes on Hopper); blocks: per-64-token-block descales for K
     and, with e4m3 Q, for Q (Q_BLOCK_SCALES / K_BLOCK_SCALES); rows: e4m3 Q with one descale per row
-    (Q_ROW_SCALES, FATTN_FP8_Q_PREQUANT)."""
+    (Q_ROW_SCALES, FATTN_FP8_Q_PREQUANT); vblocks: per-128-token V descales (V_BLOCK_SCALES, granularity
+    "block" of full-precision inputs, with blocks)."""
     unit = ["stride_qd", "stride_kd", "stride_vn", "stride_od", "stride_dod"]  # V tokens-contiguous
     sig = {"Q": f"*{q_dtype}", "K": "*fp8e4nv", "V": "*fp8e4nv", "Q_descale": "*fp32", "K_descale": "*fp32",
            "V_descale": "*fp32", "Out": "*bf16", "Lse": "*fp32", "DO": "*bf16", "Delta": "*fp32",
            **_strides(["q", "k", "v", "o", "do"], unit), **TAIL}
     consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": causal, "FP8": True, "BWD_PREP": False,
               "TMA": tma, "KV_DESC": tma, "Q_BLOCK_SCALES": blocks and q_dtype == "fp8e4nv", "K_BLOCK_SCALES": blocks,
-              "Q_ROW_SCALES": rows, **dict.fromkeys(unit, 1)}
+              "Q_ROW_SCALES": rows, "V_BLOCK_SCALES": vblocks, **dict.fromkeys(unit, 1)}
     if tma:
         sig.update(K_desc=f"tensordesc<fp8e4nv[{bn}, {d}]>", V_desc=f"tensordesc<fp8e4nv[{d}, {bn}]>")
     else:
         consts.update(K_desc=None, V_desc=None)
     return _compile(kernels._attn_fwd_kernel, sig, consts, f"fwd q={q_dtype} D{d} {bm}x{bn} w{warps} s{stages}"
                     f"{' causal' if causal else ''}{' tma' if tma else ''}{f' cap{maxnreg}' if maxnreg else ''}"
-                    f"{' blocks' if blocks else ''}{' rows' if rows else ''}", arch, warps, stages, maxnreg)
+                    f"{' blocks' if blocks else ''}{' vblocks' if vblocks else ''}{' rows' if rows else ''}", arch, warps,
+                    stages, maxnreg)
 
 
 def backward(which: str, dtype: str, d: int, bm: int, bn: int, warps: int, stages: int, arch: int = 90):
@@ -72,7 +75,7 @@ def backward(which: str, dtype: str, d: int, bm: int, bn: int, warps: int, stage
                **_strides(["q", "k", "v", "o", "do"], unit), **TAIL}
         consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": True, "FP8": False, "BWD_PREP": True,
                   "K_desc": None, "V_desc": None, "KV_DESC": False, "TMA": False, "Q_BLOCK_SCALES": False, "K_BLOCK_SCALES": False,
-                  "Q_ROW_SCALES": False}
+                  "Q_ROW_SCALES": False, "V_BLOCK_SCALES": False}
         kernel = kernels._attn_fwd_kernel
     else:
         outs = ["dk", "dv"] if which == "dkdv" else ["dq"]
@@ -106,7 +109,14 @@ def quantization(dtype: str, d: int, arch: int = 90, blocks: bool = False) -> li
         apply_consts["BLOCK_SCALES0"] = True
     else:
         apply_consts.update(ColMax=None, ColMin=None, BlockDescale=None, BLOCK_SCALES0=False)
+    centre = {"K": f"*{dtype}", "Centre": "*fp32", "H": "i32", "N": "i32", **_strides(["k"], ["stride_kd"])}
+    one_pass = {"K": f"*{dtype}", "V": f"*{dtype}", "Centre": "*fp32", "K8": "*fp8e4nv", "V8": "*fp8e4nv", "KDescale": "*fp32",
+                "VDescale": "*fp32", "H": "i32", "N": "i32", **_strides(["k", "v", "k8", "v8"], unit_blocks := [
+                    "stride_kd", "stride_vd", "stride_k8d", "stride_v8n"])}
     return [
+        _compile(kernels._quant_blocks_kernel, one_pass, {"D": d, **dict.fromkeys(unit_blocks, 1)},
+                 f"quant one-pass blocks {dtype}", arch, 8, 1),
+        _compile(kernels._quant_centre_kernel, centre, {"D": d, "stride_kd": 1}, f"quant centre {dtype}", arch, 4, 1),
         _compile(kernels._quant_stats_kernel, stats, {"D": d, "BLOCK_N": 64, "CENTER0": True, "TILES": 1,
                                                       **dict.fromkeys(unit_in, 1)}, f"quant stats {dtype}", arch, 4, 1),
         _compile(kernels._quant_finalize_kernel, final, {"D": d, "BLOCK_T": 32, "CENTER0": True},
@@ -158,14 +168,24 @@ def main(full: bool) -> None:
             _check_forward(r, True)
             assert r.n_spills == 0, str(r)
             reports.append(r)
-        reports += quantization("bf16", 128, blocks=True)[2:]  # the apply kernel with K's per-block descales, rows
+        # granularity "block" of bf16 inputs: per-block K and V descales, Q quantized in the kernel
+        for causal in (False, True):
+            for bm, bn, warps, stages in ((64, 128, 4, 2), (128, 128, 8, 3)):
+                r = forward("bf16", 128, bm, bn, warps, stages, causal=causal, tma=True, blocks=True, vblocks=True)
+                _check_forward(r, True)
+                assert r.n_spills == 0, str(r)
+                reports.append(r)
+        q = quantization("bf16", 128, blocks=True)
+        reports += [*q[:2], *q[4:]]  # one-pass blocks, centre, the apply kernel with K's per-block descales, rows
     else:
         for d in (32, 64, 128, 256):
             for q_dtype in ("fp8e4nv", "bf16"):
                 configs = kernels._fwd_configs()
-                # the configs tuned with per-block K descales (a subset)
-                with_blocks = kernels._fwd_prune(configs, {"Q": _Elem(1)}, HEAD_DIM=d, FP8=True, KV_DESC=True,
-                                                 K_BLOCK_SCALES=True)
+                # the configs tuned with per-block descales (a subset): K's and Q's for e4m3 Q, K's and V's for
+                # bf16 Q (granularity "block")
+                vblocks = q_dtype == "bf16"
+                with_blocks = kernels._fwd_prune(configs, {"Q": _Elem(1 if q_dtype == "fp8e4nv" else 2)}, HEAD_DIM=d,
+                                                 FP8=True, KV_DESC=True, K_BLOCK_SCALES=True, V_BLOCK_SCALES=vblocks)
                 for c in kernels._fwd_prune(configs, {"Q": _Elem(1)}, HEAD_DIM=d, FP8=True, KV_DESC=True):
                     bm, bn, tma = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs.get("TMA", False)
                     for causal in (True, False):
@@ -175,7 +195,7 @@ def main(full: bool) -> None:
                         reports.append(r)
                         if d in (64, 128) and any(b is c for b in with_blocks):  # per-block descales (K, and Q when e4m3)
                             rb = forward(q_dtype, d, bm, bn, c.num_warps, c.num_stages, causal=causal, tma=tma,
-                                         maxnreg=c.maxnreg, blocks=True)
+                                         maxnreg=c.maxnreg, blocks=True, vblocks=vblocks)
                             _check_forward(rb, tma)
                             _check_blocks(rb, r, failures)
                             reports.append(rb)
@@ -191,7 +211,7 @@ def main(full: bool) -> None:
                                                 c.num_warps, c.num_stages))
         for dtype in ("bf16", "fp16", "fp32"):
             reports += quantization(dtype, 128)
-            reports += quantization(dtype, 128, blocks=True)[2:]
+            reports += quantization(dtype, 128, blocks=True)[4:]
     for r in reports:
         assert r.shared_bytes <= SHARED_MEMORY_LIMIT, str(r)
         print(r, "SPILLS" if r.n_spills else "")

@@ -100,11 +100,13 @@ def test_forward_fp8_inputs(case: dict, tokens_contiguous: bool) -> None:
     assert out.dtype == torch.float32
     ref = R.fp8_attention_reference(q8, k8, v8, qd, kd, vd, causal=case["causal"])
     assert rel_l2(out, ref) <= TOL_DEQUANT
-    # a user-supplied scale and a non-contiguous (strided) K view
+    # a user-supplied scale and a non-contiguous (strided) K view. (Not a far smaller scale: a flat softmax
+    # puts P's e4m3 rounding at ~2.5% on its own, 3.07% at worst in 150 draws of this test's smallest case
+    # with scale 0.05, the bound being 3%.)
     out2 = fp8_attention(q8, make_noncontiguous(k8), v8,
-                         q_descale=qd, k_descale=kd, v_descale=vd, causal=case["causal"], scale=0.05,
+                         q_descale=qd, k_descale=kd, v_descale=vd, causal=case["causal"], scale=0.3,
                          out_dtype=torch.float16)
-    ref2 = R.fp8_attention_reference(q8, k8, v8, qd, kd, vd, causal=case["causal"], scale=0.05)
+    ref2 = R.fp8_attention_reference(q8, k8, v8, qd, kd, vd, causal=case["causal"], scale=0.3)
     assert out2.dtype == torch.float16
     assert rel_l2(out2, ref2) <= TOL_DEQUANT
 

@@ -227,42 +227,146 @@ def test_self_quantized_block_granularity(case: dict) -> None:
     assert err_full <= TOL_FULL, f"relative L2 error {err_full:.4f} against full precision"
 
 
-@pytest.mark.parametrize("n", [150, 64, 20], ids=["N150", "N64", "N20"])
-def test_fused_quantization_k_per_block_v_per_head(n: int) -> None:
-    """The op's fused K / V quantization with granularity "block" (one launch per pass for both): K
-    centred per channel over all its tokens, then one descale per 64-token block; V per head, written
-    tokens-contiguous, as with granularity "head"."""
-    k = (randn([2, 3, n, 64]) * block_ramp(n) + 3.0).to(torch.float16)  # offsets: the centring matters
-    k[1, 1, : min(n, 64)] = 7.0  # a block that is constant: zero once centred, if all of the head is
-    v = randn([2, 3, n, 64], torch.float16)
-    k8, kd, v8, vd = op._quantize_launch(k, v, True, False, True, blocks0=True)
-    rk8, rkd, _ = R.quantize_reference(k, center=True, granularity="block")
-    rv8, rvd, _ = R.quantize_reference(v)
-    assert kd.shape == (2, 3, n_blocks(n)) and vd.shape == (2, 3) and v8.stride(2) == 1
+def v_block_ramp(n: int) -> torch.Tensor:
+    """[n, 1] per-token factors 1, 8, 1/16, 1, ... by 128-token V block (a V descale read for the wrong block,
+    or per head, scales that block's contribution by 8x-128x)."""
+    return (2.0 ** torch.tensor([0.0, 3.0, -4.0], device=device())[(torch.arange(n, device=device()) // 128) % 3])[:, None]
+
+
+@pytest.mark.parametrize("n", [300, 150, 64, 20], ids=["N300", "N150", "N64", "N20"])
+def test_one_pass_quantization_k_and_v_per_block(n: int) -> None:
+    """granularity "block" of full-precision inputs: one pass over K and V (`_quant_blocks_kernel`). K centred
+    on the channel means of the tokens `centre_sample(N)`, then one descale per 64-token block; V one descale
+    per 128-token block (0 for an all-zero block), written tokens-contiguous. N = 300: the sample is strided,
+    the last blocks partial."""
+    k = (randn([2, 3, n, 64]) * block_ramp(n) + torch.linspace(-6, 6, 64, device=device())).to(torch.float16)
+    k[1, 1, : min(n, 64)] = 7.0  # a constant block
+    v = (randn([2, 3, n, 64]) * v_block_ramp(n)).to(torch.float16)
+    if n > 128:
+        v[0, 2, 128:256] = 0.0  # an all-zero V block (partial when n < 256)
+    k, v = make_noncontiguous(k), make_noncontiguous(v)
+    k8, kd, v8, vd = op._quantize_blocks_launch(k, v)
+    rk8, rkd, rmean = R.quantize_reference(k, center="sample", granularity="block")
+    rv8, rvd, _ = R.quantize_reference(v, granularity="block", block=R.V_QUANT_BLOCK, zero_descale=0.0, pow2=True)
+    assert kd.shape == (2, 3, n_blocks(n)) and vd.shape == (2, 3, -(-n // 128)) and v8.stride(2) == 1
+    assert k8.dtype == v8.dtype == torch.float8_e4m3fn and k8.shape == v8.shape == k.shape
     torch.testing.assert_close(kd, rkd, rtol=1e-5, atol=0)
-    torch.testing.assert_close(vd, rvd, rtol=1e-6, atol=0)
+    torch.testing.assert_close(vd, rvd, rtol=0, atol=0)
+    assert (torch.frexp(vd[vd > 0])[0] == 0.5).all(), "V descales must be powers of two"
+    amax_v = torch.nn.functional.pad(v.double().abs(), (0, 0, 0, -n % 128)).reshape(2, 3, -1, 128 * 64).amax(-1)
+    assert ((vd.double() * 448 >= amax_v) & (vd.double() * 224 < amax_v) | (amax_v == 0)).all()
     assert (k8.float() != rk8.float()).float().mean() < 0.01
-    assert (v8.float() != rv8.float()).float().mean() < 0.01
-    _, vd_head = quantize(v)
-    assert torch.equal(vd, vd_head)
+    assert (v8.float() != rv8.float()).float().mean() < 0.01  # (fp32 against fp64 can flip a rounding tie)
+    if n > 128:
+        assert vd[0, 2, 1] == 0 and (v8[0, 2, 128:256].float() == 0).all()
+    # the centre removes the channel offsets: centred K is within a few sigma of 0 in every channel
+    assert rmean[0, 0, 0, 0] < -4 and rmean[0, 0, 0, -1] > 4
+    # round trip within half an e4m3 step (plus the subnormals' absolute step) of the centred K
+    kc = k.double() - rmean
+    scale = R.expand_descale(kd, n)
+    assert ((k8.double() * scale - kc).abs() <= (2.0 ** -4 * kc.abs() + 2.0 ** -10 * scale) * 1.01 + 1e-6).all()
+
+
+def test_one_pass_centre_is_the_sample_median() -> None:
+    """K's centre is each channel's lower median over exactly the tokens (i * N) // 64: with channel 0 at +5
+    on the sampled tokens and -5 elsewhere, the centre is 5 (every later block's amax is then ~10); one
+    sampled token 640 larger moves no other block's descale (a mean would move by 10)."""
+    n = 320  # sampled tokens 0, 5, 10, ...
+    sampled = torch.tensor(R.centre_sample(n), device=device())
+    assert R.centre_sample(n)[:3] == [0, 5, 10] and len(R.centre_sample(n)) == 64
+    k = randn([1, 1, n, 32], torch.float32) * 0.5
+    k[..., 0] = -5.0
+    k[0, 0, sampled, 0] = 5.0
+    _, kd, _, _ = op._quantize_blocks_launch(k, k)
+    amax = kd[0, 0] * 448
+    assert ((amax > 9.5) & (amax < 10.5)).all(), amax
+    torch.testing.assert_close(kd, R.quantize_reference(k, center="sample", granularity="block")[1], rtol=1e-5, atol=0)
+    outlier = k.clone()
+    outlier[0, 0, 5, 1] += 640.0
+    _, kd_out, _, _ = op._quantize_blocks_launch(outlier, outlier)
+    torch.testing.assert_close(kd_out[..., 1:], kd[..., 1:], rtol=0, atol=0)
+    assert kd_out[0, 0, 0] * 448 > 600
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_v_blocks_of_different_magnitudes(causal: bool) -> None:
+    """V whose 128-token blocks differ by 2^7 in magnitude, one of them all zero: the op's per-block V scales
+    give its dequantized reference within 3% and full precision within 7% (a scale read for the wrong block
+    is off by 8x-128x there)."""
+    c = dict(B=1, H=2, Hkv=1, Nq=70, Nk=400, D=64, dtype=torch.float16)
+    q, k, v = _qkv(c)
+    v = (v.float() * v_block_ramp(400)).to(torch.float16)
+    v[:, :, 256:384] = 0.0
+    err_deq, err_full = _errors(q, k, v, causal, "block")
+    assert err_deq <= TOL_DEQUANT, f"relative L2 error {err_deq:.4f} against the dequantized reference"
+    assert err_full <= TOL_FULL, f"relative L2 error {err_full:.4f} against full precision"
+
+
+def test_all_zero_v_gives_zeros() -> None:
+    """A head whose V is all zero (every V descale 0) outputs exact zeros, not NaN."""
+    c = dict(B=1, H=2, Hkv=2, Nq=33, Nk=150, D=32, dtype=torch.float16)
+    q, k, v = _qkv(c)
+    v = v.clone()
+    v[:, 1] = 0.0
+    out = fp8_attention(q, k, v, granularity="block")
+    assert (out[:, 1] == 0).all() and out[:, 0].abs().sum() > 0
+    deq = R.attention(*R.dequantized_inputs(q, k, v, granularity="block"))
+    assert rel_l2(out[:, 0], deq[:, 0]) <= TOL_DEQUANT
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_every_tiling_with_block_granularity(causal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every forward tiling with the op's own per-block K (64-token) and V (128-token) descales gives the
+    dequantized reference: key tiles of 32, 64 and 128 (one V descale per tile), pointer and TMA loads.
+    Nk = 336 (a multiple of 16 for TMA; 2.6 V blocks of different magnitudes)."""
+    monkeypatch.setenv("FATTN_FP8_AUTOTUNE_LIMIT", "0")
+    if not on_gpu():
+        monkeypatch.setattr(op, "_TMA_MODE", "1")
+    d = 128 if on_gpu() else 64
+    c = dict(B=1, H=2, Hkv=1, Nq=199, Nk=336, D=d, dtype=torch.bfloat16 if on_gpu() else torch.float16)
+    q, k, v = _qkv(c)
+    v = (v.float() * v_block_ramp(336)).to(c["dtype"])
+    deq = R.attention(*R.dequantized_inputs(q, k, v, granularity="block"), causal=causal)
+    if on_gpu():
+        configs = kernels._fwd_prune(kernels._fwd_configs(), {"Q": q}, HEAD_DIM=d, FP8=True, KV_DESC=True,
+                                     K_BLOCK_SCALES=True, V_BLOCK_SCALES=True)
+    else:
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **({"TMA": True} if t else {})}, num_warps=4,
+                                 num_stages=1, pre_hook=kernels._set_tma_blocks)
+                   for bm, bn, t in [(16, 32, False), (64, 64, False), (32, 128, False), (16, 128, True)]]
+    for config in configs:
+        with forced_configs(fwd=config):
+            out = fp8_attention(q, k, v, causal=causal, granularity="block")
+        err = rel_l2(out, deq)
+        assert err <= TOL_DEQUANT, f"{config}: relative L2 error {err:.4f}"
 
 
 def test_token_outliers_30x() -> None:
     """A few tokens of K 30x larger (the issue's example). e4m3 is a floating-point format: a 30x larger
     scale moves the whole head's values down by five binades, which costs no relative precision until
-    they reach e4m3's subnormals (below amax / 28672), so per-head and per-block K give the same error.
-    Measured (CPU, D 64, 3 tokens 30x): 8-11% against full precision for both, the outlier tokens' own
-    e4m3 rounding (their logits are 30x larger) and Q's; per-block is not worse, and within 3% of its
-    dequantized reference."""
+    they reach e4m3's subnormals (below amax / 28672), so per-head and per-block K give about the same
+    error, 8-11% against full precision, most of it the outlier tokens' own e4m3 rounding (their logits are
+    30x larger), which the centre (the head's means, or a sample's medians) moves from draw to draw
+    (per-block / per-head 0.74-1.40 on one draw, 1.035 on average over 30; CPU, D 64, 3 tokens 30x). So: the
+    kernel within 3% of its dequantized reference for one draw, and per-block no worse than per-head on
+    average over 16 draws (the references: the quantization alone)."""
     c = dict(B=1, H=2, Hkv=1, Nq=150, Nk=199, D=64, dtype=torch.float16)
-    q, k, v = _qkv(c)
-    k = k.clone()
-    k[:, :, 150:153] *= 30.0
-    for causal in (False, True):
-        deq_block, full_block = _errors(q, k, v, causal, "block")
-        _, full_head = _errors(q, k, v, causal, "head")
-        assert deq_block <= TOL_DEQUANT, f"relative L2 error {deq_block:.4f} against the dequantized reference"
-        assert full_block <= full_head * 1.05 + 1e-3, f"per-block {full_block:.4f}, per-head {full_head:.4f}"
+    errors: dict[str, list[float]] = {"head": [], "block": []}
+    for draw in range(16):
+        q, k, v = _qkv(c)
+        k = k.clone()
+        k[:, :, 150:153] *= 30.0
+        full = R.attention(q.double(), k.double(), v.double())
+        for granularity in errors:
+            errors[granularity].append(rel_l2(R.attention(*R.dequantized_inputs(q, k, v, granularity=granularity)),
+                                              full))
+        if draw == 0:
+            for causal in (False, True):
+                for granularity in errors:
+                    deq, _ = _errors(q, k, v, causal, granularity)
+                    assert deq <= TOL_DEQUANT, f"{granularity}: relative L2 error {deq:.4f} against its reference"
+    block, head = (sum(errors[g]) / 16 for g in ("block", "head"))
+    assert block <= head * 1.15, f"per-block {block:.4f}, per-head {head:.4f} (mean over 16 draws)"
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -270,8 +374,8 @@ def test_massive_outliers_per_block_beats_per_head(causal: bool) -> None:
     """Where per-block K wins: the first three keys (attention-sink-like tokens) carry +-5e4 in 4 channels
     that the queries do not read (q = 0 there, so the full-precision logits stay moderate). Per head,
     the other keys then sit ~2^14 below the head's amax, in e4m3's subnormals; per block only the
-    first block's do. Measured (CPU, 8 seeds): per-head 6.9-8.1%, per-block 5.0-5.7% against full
-    precision (ratio 1.35-1.46)."""
+    first block's do. Measured (the references, 8 seeds, session 20's one-pass per-block quantization):
+    per-head 6.5-7.8%, per-block 4.3-5.1% against full precision (ratio >= 1.41)."""
     n_k = 1024
     q = randn([1, 2, 64, 64])
     q[..., :4] = 0.0
@@ -325,7 +429,7 @@ def _e4m3(b: int = 1, h: int = 2, hkv: int = 1, n_q: int = 70, n_k: int = 130, d
         (lambda z: dict(q_descale=z(1, 2, 2, 1), k_descale=z(1, 1), v_descale=z(1, 1)), ValueError,
          r"q_descale must have shape .*got \[1, 2, 2, 1\]"),
         (lambda z: dict(q_descale=z(1, 2), k_descale=z(1, 1), v_descale=z(1, 1, 3)), ValueError,
-         r"v_descale must have shape \[1, 1\].*per-block V scales are not supported.*cannot be factored out"),
+         r"v_descale must have shape \[1, 1\].*per-block V scales are not supported.*granularity='block'"),
         (lambda z: dict(q_descale=z(1, 2), k_descale=z(1, 1, 3).half(), v_descale=z(1, 1)), TypeError,
          r"k_descale must have dtype"),
         (lambda z: dict(q_descale=z(1, 2, 2), k_descale=z(1, 1, 3), v_descale=z(1, 1), granularity="block"),

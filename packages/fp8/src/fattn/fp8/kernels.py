@@ -40,6 +40,14 @@ P_SCALE_LOG2 = tl.constexpr(8.0)
 # Tokens per quantization block of the per-block granularity (op.QUANT_BLOCK): descales [B, H, ceil(N / 64)].
 # Every kernel tile is a power of two: a tile of <= 64 tokens lies inside one block, a 128 tile spans two.
 QUANT_BLOCK = tl.constexpr(64)
+# Tokens per V descale where the op quantizes V per block (granularity "block"): at least the largest key
+# tile, so that every tile's V shares one descale (op.V_QUANT_BLOCK; descales [B, Hkv, ceil(N / 128)]).
+V_QUANT_BLOCK = tl.constexpr(128)
+# A V block whose descale is this far (log2) below its head's largest has its P scaled by 2^-100 instead:
+# its values are below 2^-100 of the head's amax, and its share of the row sum stays a normal fp32 number.
+V_SHIFT_FLOOR = tl.constexpr(-100.0)
+# K's centre for the one-pass quantization: the channel medians of this many tokens spread evenly over the head.
+CENTRE_SAMPLE = tl.constexpr(64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,15 +98,25 @@ def _load_tile_t(base, offs_n, n_limit, offs_d, stride_n, stride_d, MASK: tl.con
     return tl.load(ptrs)
 
 
+@triton.jit
+def _block_descale_max(scales, n):
+    """The largest of the n descales at `scales` (at least 2^-100: an all-zero head's are all 0)."""
+    offs = tl.arange(0, 128)
+    best = tl.full([128], 2.0 ** -100, dtype=tl.float32)
+    for i in range(0, n, 128):
+        best = tl.maximum(best, tl.load(scales + i + offs, mask=i + offs < n, other=0.0))
+    return tl.max(best, 0)
+
+
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                K_desc, V_desc, k_row, v_row,
-               offs_m, offs_d, lo, hi, N_K, diag, qk_scale, k_scales, HEAD_DIM: tl.constexpr,
-               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, FP8: tl.constexpr,
-               TMA: tl.constexpr, K_BLOCK_SCALES: tl.constexpr):
+               offs_m, offs_d, lo, hi, N_K, diag, qk_scale, k_scales, v_scales, v_log2_max,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+               FP8: tl.constexpr, TMA: tl.constexpr, K_BLOCK_SCALES: tl.constexpr, V_BLOCK_SCALES: tl.constexpr):
     """Key tiles [lo, hi): MASK says whether they need the bounds / causal mask.
 
     m_i is the running max of the base-2 logits. With FP8, p and l_i carry a factor 2^8 (P_SCALE_LOG2)
@@ -112,9 +130,15 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
     2 * QUANT_BLOCK keys spans two: each half of the tile has its own row scale, picked per register by
     a split known at compile time (no per-logit multiply, no column vector: a loaded per-column descale
     vector spills at 128 x 128 / 8 warps and takes 54 more registers at 64 x 128 / 4 warps, sm_90).
+    V_BLOCK_SCALES: v_scales points at this (batch, KV head)'s V descales, powers of two, one per V_QUANT_BLOCK
+    keys (so one per tile), v_log2_max = log2 of their largest. The tile's P is scaled by its descale over that
+    largest (a power of two <= 1: P * 2^8 still fits e4m3 and rounds as before) through the exponent, and acc
+    keeps the units of the largest descale: no per-logit work; the row sum l_i takes the unscaled sum (one
+    multiply per row).
     """
     # Tiles are powers of two, so no tile straddles a block boundary except at its middle.
     tl.static_assert(not K_BLOCK_SCALES or BLOCK_N <= 2 * QUANT_BLOCK)
+    tl.static_assert(not V_BLOCK_SCALES or BLOCK_N <= V_QUANT_BLOCK)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if TMA:
@@ -153,11 +177,19 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         alpha = tl.math.exp2(m_i - m_ref)
         if FP8:
             m_ref = m_ref - P_SCALE_LOG2
+        if V_BLOCK_SCALES:
+            # log2(this tile's V descale / the head's largest) <= 0: folded into the exponent of p
+            # an integer (the descales are powers of two, 0 for an all-zero block): exact in the exponent
+            v_shift = tl.maximum(_log2_pow2(tl.load(v_scales + start_n // V_QUANT_BLOCK)) - v_log2_max, V_SHIFT_FLOOR)
+            m_ref = m_ref - v_shift
         if K_BLOCK_SCALES and BLOCK_N > QUANT_BLOCK:
             p = tl.math.exp2(s * tl.where(first_half, tile_scale[:, None], second_scale[:, None]) - m_ref[:, None])
         else:
             p = tl.math.exp2(s * tile_scale[:, None] - m_ref[:, None])  # one FMA and one exp2 per logit
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if V_BLOCK_SCALES:
+            l_i = l_i * alpha + tl.sum(p, 1) * tl.math.exp2(-v_shift)
+        else:
+            l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
         if TMA:
             v = V_desc.load([v_row, start_n]).T  # columns past N_K read as 0
@@ -235,13 +267,15 @@ def _fwd_prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
     for FP8 (the P @ V product needs a reduction of at least 32), tiles over 64 at D = 256 (they
     spill registers, ptxas sm_90), TMA configs when the launch has no descriptors, register-capped
     configs above their _CAP_MAX_HEAD_DIM or outside the FP8 forward (they spill there), and with
-    per-block K descales the pointer-load 128-key tiles and the capped ones from D = 128 (128 x 128 /
-    8 warps spills 64 bytes with e4m3 Q, sm_90, where per head it does not; capped 64 x 128 with bf16 Q
-    104-184 bytes)."""
+    per-block K descales the pointer-load 128-key tiles, and with per-block K or V descales and bf16 Q the
+    capped ones from D = 128 (128 x 128 / 8 warps spills 64 bytes with e4m3 Q, sm_90, where per head it
+    does not; capped 64 x 128 with bf16 Q 40-184 bytes, with e4m3 Q none)."""
     d = kwargs["HEAD_DIM"]
     fp8 = kwargs["FP8"]
     tma = bool(kwargs.get("KV_DESC", False))
     k_blocks = kwargs.get("K_BLOCK_SCALES", False)
+    v_blocks = kwargs.get("V_BLOCK_SCALES", False)
+    q_fp8 = named_args["Q"].element_size() == 1
     elem = 1 if fp8 else named_args["Q"].element_size()
     out = []
     for c in configs:
@@ -251,8 +285,8 @@ def _fwd_prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
             continue
         if k_blocks and bn > QUANT_BLOCK and d >= 128 and not c.kwargs.get("TMA", False):
             continue
-        if k_blocks and c.maxnreg is not None and d >= 128:  # capped at 168 with bf16 Q they spill 104-184 bytes
-            continue
+        if (k_blocks or v_blocks) and c.maxnreg is not None and d >= 128 and not q_fp8:
+            continue  # capped at 168 with bf16 Q they spill 40-184 bytes (with e4m3 Q none, sm_90)
         smem = bm * d * elem + c.num_stages * 2 * bn * d * elem  # Q, then K and V per pipeline stage
         # one warpgroup (4 warps) holds a 64-row tile: only for FP8 at D <= 128 (it spills beyond)
         one_wg_ok = c.num_warps == 8 or (fp8 and d <= 128)
@@ -269,7 +303,8 @@ def _fwd_prune(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
 # and two calls of one length bucket can differ there (Nk 4096 and 4090): a pick cached for one must
 # not be replayed on the other.
 @triton.autotune(configs=_fwd_configs(), key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "FP8", "BWD_PREP",
-                                              "Q_BLOCK_SCALES", "K_BLOCK_SCALES", "KV_DESC", "Q_ROW_SCALES"],
+                                              "Q_BLOCK_SCALES", "K_BLOCK_SCALES", "KV_DESC", "Q_ROW_SCALES",
+                                              "V_BLOCK_SCALES"],
                  prune_configs_by={"early_config_prune": _fwd_prune})
 @triton.jit
 def _attn_fwd_kernel(
@@ -284,6 +319,7 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr, FP8: tl.constexpr, BWD_PREP: tl.constexpr,
     K_desc=None, V_desc=None, KV_DESC: tl.constexpr = False, TMA: tl.constexpr = False,
     Q_BLOCK_SCALES: tl.constexpr = False, K_BLOCK_SCALES: tl.constexpr = False, Q_ROW_SCALES: tl.constexpr = False,
+    V_BLOCK_SCALES: tl.constexpr = False,
 ):
     """One program: BLOCK_M queries of one (batch, head).
 
@@ -291,7 +327,8 @@ def _attn_fwd_kernel(
     quantized per row here; writes Out. Q_BLOCK_SCALES (e4m3 Q) / K_BLOCK_SCALES: Q_descale
     [B, H, ceil(N_Q / 64)] / K_descale [B, Hkv, ceil(N_K / 64)], one descale per QUANT_BLOCK tokens
     (contiguous), instead of [B, H] / [B, Hkv]. Q_ROW_SCALES (e4m3 Q): Q_descale [B, H, N_Q], one per query
-    row (`_quant_rows_kernel`).
+    row (`_quant_rows_kernel`). V_BLOCK_SCALES: V_descale [B, Hkv, ceil(N_K / 128)], one per V_QUANT_BLOCK keys
+    (`_quant_blocks_kernel`; an all-zero block's is 0).
     BWD_PREP (full precision): writes Lse [B*H, N_Q] (natural log) and Delta = rowsum(dO * O).
     """
     tl.static_assert(not TMA or KV_DESC, "a TMA config needs the K / V tensor descriptors")
@@ -340,6 +377,12 @@ def _attn_fwd_kernel(
     k_scales = K_descale
     if K_BLOCK_SCALES:
         k_scales = K_descale + bhk.to(tl.int64) * tl.cdiv(N_K, QUANT_BLOCK)
+    v_scales = V_descale
+    v_log2_max = 0.0
+    if V_BLOCK_SCALES:
+        v_scales = V_descale + bhk.to(tl.int64) * tl.cdiv(N_K, V_QUANT_BLOCK)
+        v_max = _block_descale_max(v_scales, tl.cdiv(N_K, V_QUANT_BLOCK))
+        v_log2_max = _log2_pow2(v_max)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -358,16 +401,19 @@ def _attn_fwd_kernel(
     full_hi = (tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                K_desc, V_desc, k_row, v_row,
-                               offs_m, offs_d, 0, full_hi, N_K, diag, qk_scale, k_scales,
-                               HEAD_DIM, BLOCK_N, CAUSAL, False, FP8, TMA, K_BLOCK_SCALES)
+                               offs_m, offs_d, 0, full_hi, N_K, diag, qk_scale, k_scales, v_scales, v_log2_max,
+                               HEAD_DIM, BLOCK_N, CAUSAL, False, FP8, TMA, K_BLOCK_SCALES, V_BLOCK_SCALES)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                K_desc, V_desc, k_row, v_row,
-                               offs_m, offs_d, full_hi, hi, N_K, diag, qk_scale, k_scales,
-                               HEAD_DIM, BLOCK_N, CAUSAL, True, FP8, TMA, K_BLOCK_SCALES)
+                               offs_m, offs_d, full_hi, hi, N_K, diag, qk_scale, k_scales, v_scales, v_log2_max,
+                               HEAD_DIM, BLOCK_N, CAUSAL, True, FP8, TMA, K_BLOCK_SCALES, V_BLOCK_SCALES)
     out, lse = online_softmax_finalize(acc, m_i, l_i)
     row_ok = offs_m < N_Q
     if FP8:
-        out = out * tl.load(V_descale + b * hkv_total + hk)
+        if V_BLOCK_SCALES:
+            out = out * v_max  # acc is in units of the head's largest V descale (_fwd_inner)
+        else:
+            out = out * tl.load(V_descale + b * hkv_total + hk)
     if BWD_PREP:
         do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
                         offs_m, N_Q, offs_d, stride_don, stride_dod, True).to(tl.float32)
@@ -462,6 +508,123 @@ def _quant_rows_kernel(X, Y, Descale, H, N, stride_xb, stride_xh, stride_xn, str
     y_ptrs = Y + b * stride_yb + h * stride_yh + offs_n.to(tl.int64)[:, None] * stride_yn + offs_d[None, :] * stride_yd
     tl.store(y_ptrs, y, mask=row_ok[:, None])
     tl.store(Descale + pid_bh.to(tl.int64) * N + offs_n, descale, mask=row_ok)
+
+
+@triton.jit
+def _quant_centre_kernel(K, Centre, H, N, stride_kb, stride_kh, stride_kn, stride_kd, D: tl.constexpr):
+    """Per (batch*head): K's centre for the one-pass quantization -> Centre [BH, D] fp32, each channel's lower
+    median over CENTRE_SAMPLE tokens spread evenly over the head (token (i * N) // S for i < S = min(N, 64)).
+    Any centre leaves the softmax unchanged; a sample's medians remove per-channel offsets as well as the full
+    means, and a few outlier tokens in the sample (attention sinks, 30x keys) do not move them as they would
+    move a mean. One small program per head (a sort of D x 64 values), ahead of `_quant_blocks_kernel`."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_d = tl.arange(0, D)
+    n_sample = tl.minimum(N, CENTRE_SAMPLE)
+    offs_s = tl.arange(0, CENTRE_SAMPLE)
+    sample = (offs_s.to(tl.int64) * N) // tl.maximum(n_sample, 1)
+    head = K + b * stride_kb + h * stride_kh
+    x = tl.load(head + sample[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=(offs_s < n_sample)[:, None],
+                other=float("inf")).to(tl.float32)  # rows past the sample are +inf: they rank last
+    median_rank = (n_sample - 1) // 2
+    if INTERPRET:
+        # The same element by counting ranks (ties broken by position): the interpreter's tl.sort takes
+        # seconds per call, this milliseconds.
+        rank = tl.zeros([CENTRE_SAMPLE, D], dtype=tl.int32)
+        for j in range(CENTRE_SAMPLE):
+            token = (N.to(tl.int64) * j) // tl.maximum(n_sample, 1)
+            x_j = tl.load(head + token * stride_kn + offs_d * stride_kd, mask=(offs_d * 0 + j) < n_sample,
+                          other=float("inf")).to(tl.float32)[None, :]
+            rank += ((x_j < x) | ((x_j == x) & (j < offs_s[:, None]))).to(tl.int32)
+        centre = tl.sum(tl.where(rank == median_rank, x, 0.0), 0)
+    else:
+        ranked = tl.sort(tl.trans(x), dim=1)  # [D, CENTRE_SAMPLE]
+        centre = tl.sum(tl.where(offs_s[None, :] == median_rank, ranked, 0.0), 1)
+    tl.store(Centre + pid_bh.to(tl.int64) * D + offs_d, centre)
+
+
+@triton.jit
+def _quant_blocks_kernel(K, V, Centre, K8, V8, KDescale, VDescale, H, N,
+                         stride_kb, stride_kh, stride_kn, stride_kd,
+                         stride_vb, stride_vh, stride_vn, stride_vd,
+                         stride_k8b, stride_k8h, stride_k8n, stride_k8d,
+                         stride_v8b, stride_v8h, stride_v8n, stride_v8d,
+                         D: tl.constexpr):
+    """One pass over K and V with per-block scales (granularity "block"), per (batch*head, 128-token tile,
+    tensor):
+    - K (tensor 0): centred per channel on Centre [BH, D] (`_quant_centre_kernel`), then one descale per
+      64-token block (amax / 448, 1 for an all-zero block) -> KDescale [BH, ceil(N / 64)];
+    - V (tensor 1): one descale per 128-token block, amax / 448 rounded up to a power of two (0 for an
+      all-zero block) -> VDescale [BH, ceil(N / 128)], written through V8's strides (tokens-contiguous).
+    Each program reads its tokens once: no statistics pass, no finalize."""
+    pid_bh = tl.program_id(0)
+    t = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    # Two code paths rather than picked strides (as in _quant_apply_kernel): each store keeps its unit stride.
+    if tl.program_id(2) == 0:
+        _quant_k_blocks(K + b * stride_kb + h * stride_kh, stride_kn, stride_kd,
+                        K8 + b * stride_k8b + h * stride_k8h, stride_k8n, stride_k8d,
+                        KDescale + pid_bh.to(tl.int64) * tl.cdiv(N, QUANT_BLOCK), Centre + pid_bh.to(tl.int64) * D,
+                        t, N, D)
+    else:
+        _quant_v_block(V + b * stride_vb + h * stride_vh, stride_vn, stride_vd,
+                       V8 + b * stride_v8b + h * stride_v8h, stride_v8n, stride_v8d,
+                       VDescale + pid_bh.to(tl.int64) * tl.cdiv(N, V_QUANT_BLOCK) + t, t, N, D)
+
+
+@triton.jit
+def _quant_k_blocks(x_base, stride_xn, stride_xd, y_base, stride_yn, stride_yd, descales, centre_ptr, t, N,
+                    D: tl.constexpr):
+    """K's part of `_quant_blocks_kernel`: the two 64-token blocks of 128-token tile t."""
+    offs_d = tl.arange(0, D)
+    centre = tl.load(centre_ptr + offs_d)
+    n_blocks = tl.cdiv(N, QUANT_BLOCK)
+    for half in tl.static_range(V_QUANT_BLOCK // QUANT_BLOCK):
+        blk = t * (V_QUANT_BLOCK // QUANT_BLOCK) + half
+        offs_n = blk * QUANT_BLOCK + tl.arange(0, QUANT_BLOCK)
+        row_ok = (offs_n < N)[:, None]
+        x = _load_tile(x_base, offs_n, N, offs_d, stride_xn, stride_xd, True).to(tl.float32)
+        x = tl.where(row_ok, x - centre[None, :], 0.0)
+        amax = tl.max(tl.max(tl.abs(x), 1), 0)
+        descale = tl.where(amax > 0.0, amax / FP8_MAX, 1.0)
+        # clamp: x * (448 / amax) can land a rounding step above 448, and the cast does not saturate
+        y = _to_e4m3(tl.minimum(tl.maximum(x * (1.0 / descale), -FP8_MAX), FP8_MAX))
+        y_ptrs = y_base + offs_n.to(tl.int64)[:, None] * stride_yn + offs_d[None, :] * stride_yd
+        tl.store(y_ptrs, y, mask=row_ok)
+        tl.store(descales + blk, descale, mask=blk < n_blocks)
+
+
+@triton.jit
+def _quant_v_block(x_base, stride_xn, stride_xd, y_base, stride_yn, stride_yd, descale_ptr, t, N, D: tl.constexpr):
+    """V's part of `_quant_blocks_kernel`: 128-token block t."""
+    offs_d = tl.arange(0, D)
+    offs_n = t * V_QUANT_BLOCK + tl.arange(0, V_QUANT_BLOCK)
+    x = _load_tile(x_base, offs_n, N, offs_d, stride_xn, stride_xd, True).to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(x), 1), 0)
+    # A power of two (amax / 448 rounded up, exactly): the attention scales this block's P by its descale over
+    # the head's largest, and a power-of-two ratio leaves P's e4m3 rounding as it is (a dominant p of 1 stays
+    # exactly 2^8 * ratio). 0 for an all-zero block (the attention floors its P scale).
+    descale = _pow2_ceil(amax / FP8_MAX)
+    inv = tl.where(amax > 0.0, 1.0 / tl.maximum(descale, 1e-37), 0.0)
+    y = _to_e4m3(tl.minimum(tl.maximum(x * inv, -FP8_MAX), FP8_MAX))
+    y_ptrs = y_base + offs_n.to(tl.int64)[:, None] * stride_yn + offs_d[None, :] * stride_yd
+    tl.store(y_ptrs, y, mask=(offs_n < N)[:, None])
+    tl.store(descale_ptr, descale)
+
+
+@triton.jit
+def _pow2_ceil(x):
+    """The smallest power of two >= x, for x >= 0 a normal fp32 number or 0 (exact: on the bits)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x007FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _log2_pow2(x):
+    """log2 of a power of two x > 0, exactly (its exponent bits); 0 gives -127."""
+    return ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF).to(tl.float32) - 127.0
 
 
 @triton.jit

@@ -36,6 +36,8 @@ from fattn.fp8.kernels import (
     _attn_bwd_dq_kernel,
     _attn_fwd_kernel,
     _quant_apply_kernel,
+    _quant_blocks_kernel,
+    _quant_centre_kernel,
     _quant_finalize_kernel,
     _quant_rows_kernel,
     _quant_stats_kernel,
@@ -52,6 +54,9 @@ HEAD_DIMS = (32, 64, 128, 256)
 GRANULARITIES = ("head", "block")
 # Tokens per block of the per-block granularity (the kernels' QUANT_BLOCK): descales [B, H, ceil(N / 64)].
 QUANT_BLOCK: int = kernels.QUANT_BLOCK.value
+# Tokens per V descale when the op quantizes V per block (granularity "block"; kernels.V_QUANT_BLOCK): the
+# largest key tile, so that each tile of P @ V has one V scale. Internal: e4m3 V takes per-head descales.
+V_QUANT_BLOCK: int = kernels.V_QUANT_BLOCK.value
 
 
 def n_blocks(n: int) -> int:
@@ -151,6 +156,31 @@ def _quantize_launch(x0: torch.Tensor, x1: torch.Tensor | None, center0: bool, t
                                            *y0.stride(), *y1.stride()),
                  dict(D=d, BLOCK_N=block, CENTER0=center0, num_warps=4, **apply_extra)))
     return results
+
+
+def _quantize_blocks_launch(k: torch.Tensor, v: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K and V [B, Hkv, N, D] in one pass (`_quant_blocks_kernel`): (k8, k_descale [B, Hkv, ceil(N / 64)],
+    v8 tokens-contiguous, v_descale [B, Hkv, ceil(N / 128)]). K is centred per channel on a sample's medians
+    first (`_quant_centre_kernel`, 64 tokens per head); then one launch reads each token once, against three
+    launches and two reads of K and V for per-head scales."""
+    b, h, n, d = k.shape
+    k8 = _alloc_fp8(k.shape, False, k.device)
+    v8 = _alloc_fp8(k.shape, True, k.device)
+    kd = empty([b, h, n_blocks(n)], dtype=torch.float32, device=k.device)
+    vd = empty([b, h, cdiv(n, V_QUANT_BLOCK)], dtype=torch.float32, device=k.device)
+    if b * h == 0 or n == 0:
+        return k8, kd, v8, vd
+    centre = empty([b * h, d], dtype=torch.float32, device=k.device)
+    signature = call_signature(k, v)
+    launcher(_quant_centre_kernel).launch_planned(
+        signature, (k, centre), lambda: ((b * h,), (k, centre, h, n, *k.stride()), dict(D=d, num_warps=4)))
+    launcher(_quant_blocks_kernel).launch_planned(
+        signature, (k, v, centre, k8, v8, kd, vd),
+        lambda: ((b * h, cdiv(n, V_QUANT_BLOCK), 2),
+                 (k, v, centre, k8, v8, kd, vd, h, n, *k.stride(), *v.stride(), *k8.stride(), *v8.stride()),
+                 dict(D=d, num_warps=8)))
+    return k8, kd, v8, vd
 
 
 def _quantize_rows_launch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,8 +307,9 @@ def _fwd_launch(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, q_descale:
     k_desc, v_desc = _tma_descriptors(k8, v8)
     # Per-block descales ([B, H, ceil(N / 64)]; Q's only with e4m3 Q, else Q is quantized per row in the
     # kernel). Both flags always go in: they are part of the autotuner's key, which holds values, not names.
+    # V_BLOCK_SCALES: v_descale [B, Hkv, ceil(Nk / 128)], only from the op's own quantization (granularity "block").
     block_scales = dict(Q_BLOCK_SCALES=q8.dtype == FP8_DTYPE and q_descale.dim() == 3 and not q_rows,
-                        K_BLOCK_SCALES=k_descale.dim() == 3, Q_ROW_SCALES=q_rows)
+                        K_BLOCK_SCALES=k_descale.dim() == 3, Q_ROW_SCALES=q_rows, V_BLOCK_SCALES=v_descale.dim() == 3)
     tensors = (q8, k8, v8, q_descale, k_descale, v_descale, out, out, out, out)
     # Whether K and V go through TMA descriptors also depends on their addresses' 16-byte alignment.
     signature = call_signature(*tensors[:7], causal, scale, k8.data_ptr() % 16 == 0, v8.data_ptr() % 16 == 0, q_rows)
@@ -313,17 +344,21 @@ def fp8_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_descale: Option
     e4m3 inputs come with descales (q_descale [B, H] or [B, H, ceil(Nq / 64)], k_descale [B, Hkv] or
     [B, Hkv, ceil(Nk / 64)], v_descale [B, Hkv]; granularity is not used); full-precision inputs are
     quantized here: K and V per (batch, head) (K centred per channel first, V written tokens-contiguous),
-    or with granularity "block" K (still centred per (batch, head)) per 64-token block; Q per row inside
-    the attention kernel.
+    or with granularity "block" in one pass, K per 64-token block (centred on a sample's channel medians) and
+    V per 128-token block; Q per row inside the attention kernel.
     """
     if q.dtype == FP8_DTYPE:
         assert q_descale is not None and k_descale is not None and v_descale is not None
         return _fwd_launch(q, k, v, q_descale.float().contiguous(), k_descale.float().contiguous(),
                            v_descale.float().contiguous(), causal, scale, out_dtype)
     # Q is quantized per row, inside the attention kernel (or before it: FATTN_FP8_Q_PREQUANT); K and V
-    # here, per (batch, head) or K per block.
-    k8, kd, v8, vd = _quantize_launch(k, v, True, False, True, blocks0=granularity == "block")
-    assert v8 is not None and vd is not None
+    # here, per (batch, head) (two passes: the head's amax first) or per block (one pass).
+    if granularity == "block":
+        k8, kd, v8, vd = _quantize_blocks_launch(k, v)
+    else:
+        k8, kd, v8_or_none, vd_or_none = _quantize_launch(k, v, True, False, True)
+        assert v8_or_none is not None and vd_or_none is not None
+        v8, vd = v8_or_none, vd_or_none
     if _Q_PREQUANT:
         q8, qd = _quantize_rows_launch(q)
         return _fwd_launch(q8, k8, v8, qd, kd, vd, causal, scale, out_dtype, q_rows=True)
@@ -424,9 +459,9 @@ def _descale_reasons(name: str, t: object, expected: list[int], dims: str, n: in
     if blocks is None:
         if name == "v_descale" and t.dim() == 3:
             return [Reason(f"v_descale must have shape {format_shape(expected)} (descales [{dims}]), got {shape}: "
-                           "per-block V scales are not supported (out = P @ V sums over the keys of every "
-                           "block, so one scale per block of V cannot be factored out of the product; "
-                           "quantize v with granularity='head')")]
+                           "per-block V scales are not supported for float8_e4m3fn inputs (quantize v with "
+                           "granularity='head'; for per-block V scales pass full-precision q, k, v with "
+                           "granularity='block', and the op quantizes them itself)")]
         return shape_reasons(name, t, expected, f"({what})")
     return [Reason(f"{name} must have shape {format_shape(expected)} (descales [{dims}], per head) or "
                    f"{format_shape(blocks)} (descales [{dims}, ceil({n_name} / {QUANT_BLOCK})], one per "
@@ -523,12 +558,15 @@ def fp8_attention(
             logits = (q8 . k8) * q_descale * k_descale * scale; out = (P . v8) * v_descale.
             q_descale may also be [B, H, ceil(Nq / 64)] and k_descale [B, Hkv, ceil(Nk / 64)], one per
             64-token block (`quantize(x, granularity="block")`): token i uses descale[..., i // 64].
-            v_descale is per head only (a per-block V scale cannot be factored out of P @ V).
+            v_descale is per head only (per-block V scales: full-precision inputs with granularity "block").
         out_dtype: bf16, fp16 or fp32; default bf16 for e4m3 inputs and the input dtype otherwise.
-        granularity: for fp16/bf16/fp32 inputs, how finely K is quantized: "head" (one scale per batch
-            and head) or "block" (after the per-(batch, head) centring, one scale per 64-token block:
-            keys of very different magnitudes in one head keep their precision). V stays per head, Q
-            per row. e4m3 inputs take theirs from the descales' shapes (leave it at "head").
+        granularity: for fp16/bf16/fp32 inputs, how finely K and V are quantized: "head" (one scale
+            per batch and head each; K centred on its channel means; two passes over K and V) or
+            "block" (one pass: K centred on the channel medians of 64 tokens spread over the head, then
+            one scale per 64-token block; V one scale per 128-token block: tokens of very different
+            magnitudes in one head keep their precision, and the quantization reads K and V once).
+            Q is quantized per row either way. e4m3 inputs take theirs from the descales' shapes
+            (leave it at "head").
 
     Returns:
         [B, H, Nq, D] in out_dtype.
