@@ -17,6 +17,8 @@
 #   FATTN_PKG_TIMEOUT=120                      # seconds allowed to each package's tests / benchmarks
 #   FATTN_SANITIZE_K="not compile"             # pytest -k filter for the compute-sanitizer pass (one process:
 #                                              # under pytest-xdist, memcheck finished no package in 85 s)
+#   FATTN_SANITIZE_TOOL=racecheck              # compute-sanitizer's tool (default memcheck; racecheck,
+#                                              # synccheck, initcheck)
 #   FATTN_BENCH_K=""                           # pytest -k filter for benchmarks
 #   FATTN_BENCH_COMPARE=1                      # fail on a >25% median regression against the stored
 #                                              # baseline of this GPU model (benchmarks/baselines/<gpu>)
@@ -101,17 +103,18 @@ fi
 if has_step sanitize; then
   : >"$OUT/sanitize.log"
   for p in $PKGS; do
-    echo "=== compute-sanitizer memcheck: $p" | tee -a "$OUT/sanitize.log"
+    tool="${FATTN_SANITIZE_TOOL:-memcheck}"
+    echo "=== compute-sanitizer $tool: $p" | tee -a "$OUT/sanitize.log"
     start=$(date +%s)
-    ${FATTN_PKG_TIMEOUT:+timeout $FATTN_PKG_TIMEOUT} compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
+    ${FATTN_PKG_TIMEOUT:+timeout $FATTN_PKG_TIMEOUT} compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
       "$PY" -m pytest "$(test_path "$p")" -q -x -p no:cacheprovider -k "${FATTN_SANITIZE_K:-not compile}" \
       >"$OUT/last.log" 2>&1
     rc=$?
     cat "$OUT/last.log" >>"$OUT/sanitize.log"
-    errors=$(grep -c "Invalid\|ERROR SUMMARY: [1-9]" "$OUT/last.log")
+    errors=$(grep -cE "Invalid|ERROR SUMMARY: [1-9]|SUMMARY: [1-9][0-9]* hazard" "$OUT/last.log")
     line=$(grep -E "(passed|failed|error)" "$OUT/last.log" | tail -1)
-    summ=$(grep "ERROR SUMMARY" "$OUT/last.log" | tail -1)
-    echo "memchk $p  rc=$rc  $(( $(date +%s) - start ))s  ${summ:-no summary}  $line  (error lines: $errors)" >>"$SUMMARY"
+    summ=$(grep -E "(ERROR|RACECHECK) SUMMARY" "$OUT/last.log" | tail -1)
+    echo "${tool:0:6} $p  rc=$rc  $(( $(date +%s) - start ))s  ${summ:-no summary}  $line  (error lines: $errors)" >>"$SUMMARY"
   done
 fi
 
