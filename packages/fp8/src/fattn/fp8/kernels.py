@@ -178,8 +178,8 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         if FP8:
             m_ref = m_ref - P_SCALE_LOG2
         if V_BLOCK_SCALES:
-            # log2(this tile's V descale / the head's largest) <= 0: folded into the exponent of p
-            # an integer (the descales are powers of two, 0 for an all-zero block): exact in the exponent
+            # log2(this tile's V descale / the head's largest): an integer <= 0 (powers of two; an all-zero
+            # block's 0 gives the floor), folded exactly into the exponent of p
             v_shift = tl.maximum(_log2_pow2(tl.load(v_scales + start_n // V_QUANT_BLOCK)) - v_log2_max, V_SHIFT_FLOOR)
             m_ref = m_ref - v_shift
         if K_BLOCK_SCALES and BLOCK_N > QUANT_BLOCK:
