@@ -18,8 +18,9 @@ class FP8Attention(nn.Module):
     forward(q [B, H, Nq, D], k, v [B, Hkv, Nk, D]) -> [B, H, Nq, D] in q's dtype (fp16/bf16/fp32
     inputs; trains with full-precision gradients, straight-through over the quantization).
     Hkv may divide H (GQA/MQA), like SDPA's `enable_gqa=True`.
-    granularity: how finely K is quantized, "head" (one scale per batch and head) or "block" (one per
-    64 keys; for keys of very different magnitudes within a head), see `fp8_attention`.
+    granularity: how finely K and V are quantized, "head" (one scale per batch and head; two passes) or
+    "block" (one pass: one scale per 64 keys and per 128 values; for tokens of very different magnitudes
+    within a head), see `fp8_attention`.
     """
 
     def __init__(self, *, causal: bool = False, scale: float | None = None, granularity: str = "head") -> None:
