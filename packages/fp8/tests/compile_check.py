@@ -90,9 +90,11 @@ def backward(which: str, dtype: str, d: int, bm: int, bn: int, warps: int, stage
                     stages)
 
 
-def quantization(dtype: str, d: int, arch: int = 90, blocks: bool = False) -> list:  # type: ignore[type-arg]
-    """The three fused quantization kernels (K centred, V tokens-contiguous); blocks: K per 64-token block
-    (the apply kernel's BLOCK_SCALES0)."""
+def quantization(dtype: str, d: int, arch: int = 90) -> dict:  # type: ignore[type-arg]
+    """The quantization kernels, by name: per (batch, head) the statistics (as the op runs them: 512-token
+    spans, and one tile per program), finalize and apply kernels (K centred, V tokens-contiguous); per block
+    the centre and one-pass kernels (granularity "block"), `quantize(x, granularity="block")`'s kernel;
+    Q's rows kernel (FATTN_FP8_Q_PREQUANT)."""
     unit_in = ["stride_x0d", "stride_x1d"]
     stats = {"X0": f"*{dtype}", "X1": f"*{dtype}", "ColSum": "*fp32", "ColMax": "*fp32", "ColMin": "*fp32",
              "H": "i32", "N": "i32", "n_tiles": "i32", **_strides(["x0", "x1"], unit_in)}
@@ -103,29 +105,33 @@ def quantization(dtype: str, d: int, arch: int = 90, blocks: bool = False) -> li
             **_strides(["x", "y"], ["stride_xd", "stride_yd"])}
     final = {"ColSum": "*fp32", "ColMax": "*fp32", "ColMin": "*fp32", "Mean": "*fp32", "Descale": "*fp32",
              "N": "i32", "n_tiles": "i32"}
-    apply_consts: dict[str, object] = {"D": d, "BLOCK_N": 64, "CENTER0": True, **dict.fromkeys(unit_out, 1)}
-    if blocks:
-        apply.update(ColMax="*fp32", ColMin="*fp32", BlockDescale="*fp32")
-        apply_consts["BLOCK_SCALES0"] = True
-    else:
-        apply_consts.update(ColMax=None, ColMin=None, BlockDescale=None, BLOCK_SCALES0=False)
     centre = {"K": f"*{dtype}", "Centre": "*fp32", "H": "i32", "N": "i32", **_strides(["k"], ["stride_kd"])}
-    one_pass = {"K": f"*{dtype}", "V": f"*{dtype}", "Centre": "*fp32", "K8": "*fp8e4nv", "V8": "*fp8e4nv", "KDescale": "*fp32",
-                "VDescale": "*fp32", "H": "i32", "N": "i32", **_strides(["k", "v", "k8", "v8"], unit_blocks := [
-                    "stride_kd", "stride_vd", "stride_k8d", "stride_v8n"])}
-    return [
-        _compile(kernels._quant_blocks_kernel, one_pass, {"D": d, **dict.fromkeys(unit_blocks, 1)},
-                 f"quant one-pass blocks {dtype}", arch, 8, 1),
-        _compile(kernels._quant_centre_kernel, centre, {"D": d, "stride_kd": 1}, f"quant centre {dtype}", arch, 4, 1),
-        _compile(kernels._quant_stats_kernel, stats, {"D": d, "BLOCK_N": 64, "CENTER0": True, "TILES": 1,
-                                                      **dict.fromkeys(unit_in, 1)}, f"quant stats {dtype}", arch, 4, 1),
-        _compile(kernels._quant_finalize_kernel, final, {"D": d, "BLOCK_T": 32, "CENTER0": True},
-                 "quant finalize", arch, 4, 1),
-        _compile(kernels._quant_apply_kernel, apply, apply_consts,
-                 f"quant apply {dtype}{' blocks' if blocks else ''}", arch, 4, 1),
-        _compile(kernels._quant_rows_kernel, rows, {"D": d, "BLOCK_N": 64, "stride_xd": 1, "stride_yd": 1},
-                 f"quant rows {dtype}", arch, 4, 1),
-    ]
+    unit_blocks = ["stride_kd", "stride_vd", "stride_k8d", "stride_v8n"]
+    one_pass = {"K": f"*{dtype}", "V": f"*{dtype}", "Centre": "*fp32", "K8": "*fp8e4nv", "V8": "*fp8e4nv",
+                "KDescale": "*fp32", "VDescale": "*fp32", "H": "i32", "N": "i32",
+                **_strides(["k", "v", "k8", "v8"], unit_blocks)}
+    x_blocks = {"X": f"*{dtype}", "Y": "*fp8e4nv", "Descale": "*fp32", "H": "i32", "N": "i32",
+                **_strides(["x", "y"], ["stride_xd", "stride_yd"])}
+    stats_consts = {"D": d, "CENTER0": True, **dict.fromkeys(unit_in, 1)}
+    return {
+        "stats": _compile(kernels._quant_stats_kernel, stats, {**stats_consts, "BLOCK_N": 32, "TILES": 16},
+                          f"quant stats 512-token spans {dtype}", arch, 4, 1),
+        "stats_tile": _compile(kernels._quant_stats_kernel, stats, {**stats_consts, "BLOCK_N": 64, "TILES": 1},
+                               f"quant stats one tile {dtype}", arch, 4, 1),
+        "finalize": _compile(kernels._quant_finalize_kernel, final, {"D": d, "BLOCK_T": 32, "CENTER0": True},
+                             "quant finalize", arch, 4, 1),
+        "apply": _compile(kernels._quant_apply_kernel, apply, {"D": d, "BLOCK_N": 64, "CENTER0": True,
+                                                               **dict.fromkeys(unit_out, 1)},
+                          f"quant apply {dtype}", arch, 4, 1),
+        "centre": _compile(kernels._quant_centre_kernel, centre, {"D": d, "stride_kd": 1}, f"quant centre {dtype}",
+                           arch, 4, 1),
+        "one_pass": _compile(kernels._quant_blocks_kernel, one_pass, {"D": d, **dict.fromkeys(unit_blocks, 1)},
+                             f"quant one-pass K / V blocks {dtype}", arch, 8, 1),
+        "x_blocks": _compile(kernels._quant_x_blocks_kernel, x_blocks, {"D": d, "stride_xd": 1, "stride_yd": 1},
+                             f"quant x blocks {dtype}", arch, 8, 1),
+        "rows": _compile(kernels._quant_rows_kernel, rows, {"D": d, "BLOCK_N": 64, "stride_xd": 1, "stride_yd": 1},
+                         f"quant rows {dtype}", arch, 4, 1),
+    }
 
 
 def _check_forward(report, tma: bool = False) -> None:  # type: ignore[no-untyped-def]
@@ -175,8 +181,7 @@ def main(full: bool) -> None:
                 _check_forward(r, True)
                 assert r.n_spills == 0, str(r)
                 reports.append(r)
-        q = quantization("bf16", 128, blocks=True)
-        reports += [*q[:2], *q[4:]]  # one-pass blocks, centre, the apply kernel with K's per-block descales, rows
+        reports += list(quantization("bf16", 128).values())
     else:
         for d in (32, 64, 128, 256):
             for q_dtype in ("fp8e4nv", "bf16"):
@@ -210,8 +215,8 @@ def main(full: bool) -> None:
                         reports.append(backward(which, dtype, d, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
                                                 c.num_warps, c.num_stages))
         for dtype in ("bf16", "fp16", "fp32"):
-            reports += quantization(dtype, 128)
-            reports += quantization(dtype, 128, blocks=True)[4:]
+            for d in (64, 128, 256):
+                reports += list(quantization(dtype, d).values())
     for r in reports:
         assert r.shared_bytes <= SHARED_MEMORY_LIMIT, str(r)
         print(r, "SPILLS" if r.n_spills else "")

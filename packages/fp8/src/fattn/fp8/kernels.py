@@ -14,10 +14,10 @@ K and V (`_quant_stats_kernel`, `_quant_finalize_kernel`, `_quant_apply_kernel`)
 (batch, head), optionally after centring each channel on its mean over the tokens (used for K: it
 shifts every logit of a query row by the same amount, so the softmax is unchanged, and it removes
 the per-channel offsets that make outlier channels), in three deterministic launches that each
-handle K and V together (grid axis 2 picks the tensor). With BLOCK_SCALES0, tensor 0 (K) gets one
-amax per QUANT_BLOCK = 64 tokens instead (the token tiles are then the blocks); the forward reads
-such per-block descales for Q and K with Q_BLOCK_SCALES / K_BLOCK_SCALES (V's must stay per head:
-P @ V sums over keys of every block).
+handle K and V together (grid axis 2 picks the tensor). Per block of tokens (granularity "block"), one
+pass: `_quant_blocks_kernel` (K per QUANT_BLOCK = 64 tokens after `_quant_centre_kernel`'s centre, V per
+V_QUANT_BLOCK = 128), `_quant_x_blocks_kernel` (`quantize(x, granularity="block")`, no centre). The forward
+reads per-block descales with Q_BLOCK_SCALES / K_BLOCK_SCALES / V_BLOCK_SCALES.
 
 Backward (`_attn_bwd_dkdv_kernel`, `_attn_bwd_dq_kernel`): the flash-attention backward of the
 full-precision attention (straight-through over the quantization); one program per key block owns
@@ -449,8 +449,8 @@ def _quant_stats_kernel(X0, X1, ColSum, ColMax, ColMin, H, N, n_tiles,
     """Per (batch*head, part, tensor): per-channel max, min (and sum when CENTER0) of TILES consecutive
     BLOCK_N-token tiles -> [2, BH, n_tiles, D] (n_tiles: parts per head). TILES > 1 (the default, op's
     _STATS_TOKENS): fewer programs, each keeping elementwise running max / min / sum over its tiles and
-    reducing them across rows once (twice the bandwidth of one-tile programs on an H100). TILES = 1: per-block
-    descales need each 64-token tile's own max and min."""
+    reducing them across rows once (twice the bandwidth of one-tile programs on an H100). TILES = 1: one tile
+    per program (FATTN_FP8_STATS_TOKENS=0)."""
     pid_bh = tl.program_id(0)
     t = tl.program_id(1)
     which = tl.program_id(2)
@@ -576,10 +576,13 @@ def _quant_blocks_kernel(K, V, Centre, K8, V8, KDescale, VDescale, H, N,
 
 @triton.jit
 def _quant_k_blocks(x_base, stride_xn, stride_xd, y_base, stride_yn, stride_yd, descales, centre_ptr, t, N,
-                    D: tl.constexpr):
-    """K's part of `_quant_blocks_kernel`: the two 64-token blocks of 128-token tile t."""
+                    D: tl.constexpr, CENTRE: tl.constexpr = True):
+    """The two 64-token blocks of 128-token tile t, each with its own descale: K's part of
+    `_quant_blocks_kernel` (centred on centre_ptr's vector), or `_quant_x_blocks_kernel`'s (CENTRE off)."""
     offs_d = tl.arange(0, D)
-    centre = tl.load(centre_ptr + offs_d)
+    centre = tl.zeros([D], dtype=tl.float32)
+    if CENTRE:
+        centre = tl.load(centre_ptr + offs_d)
     n_blocks = tl.cdiv(N, QUANT_BLOCK)
     for half in tl.static_range(V_QUANT_BLOCK // QUANT_BLOCK):
         blk = t * (V_QUANT_BLOCK // QUANT_BLOCK) + half
@@ -594,6 +597,19 @@ def _quant_k_blocks(x_base, stride_xn, stride_xd, y_base, stride_yn, stride_yd, 
         y_ptrs = y_base + offs_n.to(tl.int64)[:, None] * stride_yn + offs_d[None, :] * stride_yd
         tl.store(y_ptrs, y, mask=row_ok)
         tl.store(descales + blk, descale, mask=blk < n_blocks)
+
+
+@triton.jit
+def _quant_x_blocks_kernel(X, Y, Descale, H, N, stride_xb, stride_xh, stride_xn, stride_xd,
+                           stride_yb, stride_yh, stride_yn, stride_yd, D: tl.constexpr):
+    """`quantize(x, granularity="block")` in one pass, per (batch*head, 128-token tile): one descale per
+    64-token block (amax / 448, 1 for an all-zero block) -> Descale [BH, ceil(N / 64)]."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    _quant_k_blocks(X + b * stride_xb + h * stride_xh, stride_xn, stride_xd, Y + b * stride_yb + h * stride_yh,
+                    stride_yn, stride_yd, Descale + pid_bh.to(tl.int64) * tl.cdiv(N, QUANT_BLOCK), Descale,
+                    tl.program_id(1), N, D, False)
 
 
 @triton.jit
@@ -661,16 +677,12 @@ def _quant_finalize_kernel(ColSum, ColMax, ColMin, Mean, Descale, N, n_tiles,
 
 @triton.jit
 def _quant_apply_tile(x_base, stride_xn, stride_xd, y_base, stride_yn, stride_yd, mean_ptr, descale_ptr,
-                      offs_n, N, D: tl.constexpr, CENTER0: tl.constexpr, descale=None):
-    """descale: the tile's descale as a value (per-block scales), else it is read at descale_ptr."""
+                      offs_n, N, D: tl.constexpr, CENTER0: tl.constexpr):
     offs_d = tl.arange(0, D)
     x = _load_tile(x_base, offs_n, N, offs_d, stride_xn, stride_xd, True).to(tl.float32)
     if CENTER0:
         x = x - tl.load(mean_ptr + offs_d)[None, :]
-    if descale is None:
-        inv = 1.0 / tl.load(descale_ptr)
-    else:
-        inv = 1.0 / descale
+    inv = 1.0 / tl.load(descale_ptr)
     # Clamp: x * (448 / amax) can land a rounding step above 448, and the cast does not saturate.
     y = tl.minimum(tl.maximum(x * inv, -FP8_MAX), FP8_MAX)
     y_ptrs = y_base + offs_n.to(tl.int64)[:, None] * stride_yn + offs_d[None, :] * stride_yd
@@ -683,13 +695,8 @@ def _quant_apply_kernel(X0, X1, Mean, Descale, Y0, Y1, H, N,
                         stride_x1b, stride_x1h, stride_x1n, stride_x1d,
                         stride_y0b, stride_y0h, stride_y0n, stride_y0d,
                         stride_y1b, stride_y1h, stride_y1n, stride_y1d,
-                        D: tl.constexpr, BLOCK_N: tl.constexpr, CENTER0: tl.constexpr,
-                        ColMax=None, ColMin=None, BlockDescale=None, BLOCK_SCALES0: tl.constexpr = False):
-    """Y = e4m3((X - mean) / descale), written through Y's strides (e.g. tokens-contiguous for V).
-
-    BLOCK_SCALES0: tensor 0 gets one descale per token tile instead (BLOCK_N = QUANT_BLOCK: tile t is
-    block t), amax / 448 of its tile's (centred) values from the stats kernel's per-tile channel max
-    and min, written to BlockDescale [BH, n_tiles]; tensor 1 keeps its per-(batch, head) descale."""
+                        D: tl.constexpr, BLOCK_N: tl.constexpr, CENTER0: tl.constexpr):
+    """Y = e4m3((X - mean) / descale), written through Y's strides (e.g. tokens-contiguous for V)."""
     pid_bh = tl.program_id(0)
     t = tl.program_id(1)
     which = tl.program_id(2)
@@ -700,36 +707,13 @@ def _quant_apply_kernel(X0, X1, Mean, Descale, Y0, Y1, H, N,
     # Two code paths rather than picked strides, so that each store keeps its known unit stride
     # (coalesced, vectorized stores also for the tokens-contiguous V layout).
     if which == 0:
-        if BLOCK_SCALES0:
-            descale0 = _quant_block_descale(ColMax, ColMin, Mean + slot * D, slot * tl.num_programs(1) + t,
-                                            D, CENTER0)
-            tl.store(BlockDescale + pid_bh.to(tl.int64) * tl.num_programs(1) + t, descale0)
-            _quant_apply_tile(X0 + b * stride_x0b + h * stride_x0h, stride_x0n, stride_x0d,
-                              Y0 + b * stride_y0b + h * stride_y0h, stride_y0n, stride_y0d,
-                              Mean + slot * D, Descale + slot, offs_n, N, D, CENTER0, descale0)
-        else:
-            _quant_apply_tile(X0 + b * stride_x0b + h * stride_x0h, stride_x0n, stride_x0d,
-                              Y0 + b * stride_y0b + h * stride_y0h, stride_y0n, stride_y0d,
-                              Mean + slot * D, Descale + slot, offs_n, N, D, CENTER0)
+        _quant_apply_tile(X0 + b * stride_x0b + h * stride_x0h, stride_x0n, stride_x0d,
+                          Y0 + b * stride_y0b + h * stride_y0h, stride_y0n, stride_y0d,
+                          Mean + slot * D, Descale + slot, offs_n, N, D, CENTER0)
     else:
         _quant_apply_tile(X1 + b * stride_x1b + h * stride_x1h, stride_x1n, stride_x1d,
                           Y1 + b * stride_y1b + h * stride_y1h, stride_y1n, stride_y1d,
                           Mean + slot * D, Descale + slot, offs_n, N, D, CENTER0)
-
-
-@triton.jit
-def _quant_block_descale(ColMax, ColMin, mean_ptr, tile, D: tl.constexpr, CENTER0: tl.constexpr):
-    """amax / 448 of one token tile's (centred) values, from its per-channel max and min (stats kernel;
-    rows past N were left out there); 1 for an all-zero tile."""
-    offs_d = tl.arange(0, D)
-    col_max = tl.load(ColMax + tile * D + offs_d)
-    col_min = tl.load(ColMin + tile * D + offs_d)
-    if CENTER0:
-        mean = tl.load(mean_ptr + offs_d)
-        col_max = col_max - mean
-        col_min = col_min - mean
-    amax = tl.max(tl.maximum(tl.abs(col_max), tl.abs(col_min)), 0)
-    return tl.where(amax > 0.0, amax / FP8_MAX, 1.0)
 
 
 # --------------------------------------------------------------------------------------------

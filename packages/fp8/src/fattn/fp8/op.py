@@ -41,6 +41,7 @@ from fattn.fp8.kernels import (
     _quant_finalize_kernel,
     _quant_rows_kernel,
     _quant_stats_kernel,
+    _quant_x_blocks_kernel,
 )
 
 __all__ = ["fp8_attention", "quantize", "not_supported_reasons", "scaled_dot_product_attention", "fp8_fwd", "fp8_bwd", "fp8_quantize",
@@ -67,7 +68,7 @@ def n_blocks(n: int) -> int:
 # K/V statistics programs cover spans of this many tokens (a multiple of 32) in 32-row chunks, reduced across
 # rows once at the end: 65 us against 130 for programs of one 64-token tile (three reductions each) at
 # B4-H16-N4096-D128 bf16, 2.1 against 1.0 TB/s (H100, session 19; 256 tokens: 78 us). FATTN_FP8_STATS_TOKENS=n
-# overrides it (0: one 64-token tile per program, the path per-block K descales always take).
+# overrides it (0: one 64-token tile per program).
 _STATS_TOKENS = env_int("FATTN_FP8_STATS_TOKENS", 512, "tokens per K/V statistics program; 0: one 64-token tile")
 
 
@@ -99,13 +100,12 @@ def _quant_block() -> int:
 # quantization
 # --------------------------------------------------------------------------------------------
 def _quantize_launch(x0: torch.Tensor, x1: torch.Tensor | None, center0: bool, tokens_contiguous0: bool,
-                     tokens_contiguous1: bool = False, blocks0: bool = False
+                     tokens_contiguous1: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Quantize x0 (and x1, same shape, e.g. K and V) [B, H, N, D], in one launch per pass.
+    """Quantize x0 (and x1, same shape, e.g. K and V) [B, H, N, D] per (batch, head), in one launch per pass.
 
     Returns (x0_8, descale0 [B, H], x1_8 or None, descale1 or None); x0 is centred per channel first
-    when center0 (x0 - mean ~= x0_8 * descale0). blocks0: descale0 is [B, H, ceil(N / 64)] instead, one
-    per QUANT_BLOCK tokens (after the centring: its mean is still per (batch, head)); x1 stays per head.
+    when center0 (x0 - mean ~= x0_8 * descale0).
     """
     b, h, n, d = x0.shape
     count = 1 if x1 is None else 2
@@ -113,28 +113,23 @@ def _quantize_launch(x0: torch.Tensor, x1: torch.Tensor | None, center0: bool, t
     y0 = _alloc_fp8(x0.shape, tokens_contiguous0, x0.device)
     y1 = _alloc_fp8(x0.shape, tokens_contiguous1, x0.device) if x1 is not None else y0
     descale = empty([count, b, h], dtype=torch.float32, device=x0.device)
-    # per-block: the token tiles below are the blocks (written by the apply kernel)
-    block_descale = empty([b, h, n_blocks(n)], dtype=torch.float32, device=x0.device) if blocks0 else None
-    results = (y0, descale[0] if block_descale is None else block_descale, y1 if x1 is not None else None,
-               descale[1] if x1 is not None else None)
+    results = (y0, descale[0], y1 if x1 is not None else None, descale[1] if x1 is not None else None)
     if b * h == 0:
         return results
     if n == 0:  # no tokens: nothing to quantize; a unit scale keeps descale finite
         descale.fill_(1.0)
         return results
-    # Per-block: 64-token tiles also under the interpreter (tile t is block t).
-    block = QUANT_BLOCK if blocks0 else _quant_block()
+    block = _quant_block()
     n_tiles = cdiv(n, block)
-    # Statistics programs: one token tile each (per-block descales need exactly that), or with
-    # FATTN_FP8_STATS_TOKENS a span of that many tokens in 32-row chunks.
-    stats_rows, tiles = (block, 1) if blocks0 or not _STATS_TOKENS else (32, max(1, _STATS_TOKENS // 32))
+    # Statistics programs: a span of _STATS_TOKENS tokens in 32-row chunks each, or one token tile.
+    stats_rows, tiles = (block, 1) if not _STATS_TOKENS else (32, max(1, _STATS_TOKENS // 32))
     n_parts = cdiv(n, stats_rows * tiles)
     col_max = empty([count, b * h, n_parts, d], dtype=torch.float32, device=x0.device)
     col_min = empty([count, b * h, n_parts, d], dtype=torch.float32, device=x0.device)
     col_sum = empty([count, b * h, n_parts, d], dtype=torch.float32, device=x0.device) if center0 else col_max
     mean = empty([count, b * h, d], dtype=torch.float32, device=x0.device) if center0 else descale
     # Every launch below is fixed by x0's and x1's metadata and the flags (FastLauncher.launch_planned).
-    signature = call_signature(x0, x1, center0, tokens_contiguous0, tokens_contiguous1, blocks0, _STATS_TOKENS)
+    signature = call_signature(x0, x1, center0, tokens_contiguous0, tokens_contiguous1, _STATS_TOKENS)
     block_t = 8 if interpreter_enabled() else 32
     launcher(_quant_stats_kernel).launch_planned(
         signature, (x0, x1_in, col_sum, col_max, col_min),
@@ -145,17 +140,26 @@ def _quantize_launch(x0: torch.Tensor, x1: torch.Tensor | None, center0: bool, t
         signature, (col_sum, col_max, col_min, mean, descale),
         lambda: ((b * h, count), (col_sum, col_max, col_min, mean, descale, n, n_parts),
                  dict(D=d, BLOCK_T=block_t, CENTER0=center0, num_warps=4)))
-    apply_tensors: tuple[torch.Tensor, ...] = (x0, x1_in, mean, descale, y0, y1)
-    apply_extra: dict[str, Any] = {}
-    if block_descale is not None:
-        apply_tensors += (col_max, col_min, block_descale)
-        apply_extra = dict(ColMax=col_max, ColMin=col_min, BlockDescale=block_descale, BLOCK_SCALES0=True)
     launcher(_quant_apply_kernel).launch_planned(
-        signature, apply_tensors,
+        signature, (x0, x1_in, mean, descale, y0, y1),
         lambda: ((b * h, n_tiles, count), (x0, x1_in, mean, descale, y0, y1, h, n, *x0.stride(), *x1_in.stride(),
                                            *y0.stride(), *y1.stride()),
-                 dict(D=d, BLOCK_N=block, CENTER0=center0, num_warps=4, **apply_extra)))
+                 dict(D=d, BLOCK_N=block, CENTER0=center0, num_warps=4)))
     return results
+
+
+def _quantize_x_blocks_launch(x: torch.Tensor, tokens_contiguous: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize(x, granularity="block")`: (x8, descale [B, H, ceil(N / 64)]) in one pass (`_quant_x_blocks_kernel`)."""
+    b, h, n, d = x.shape
+    y = _alloc_fp8(x.shape, tokens_contiguous, x.device)
+    descale = empty([b, h, n_blocks(n)], dtype=torch.float32, device=x.device)
+    if y.numel() == 0:
+        return y, descale
+    launcher(_quant_x_blocks_kernel).launch_planned(
+        call_signature(x, tokens_contiguous), (x, y, descale),
+        lambda: ((b * h, cdiv(n, V_QUANT_BLOCK)), (x, y, descale, h, n, *x.stride(), *y.stride()),
+                 dict(D=d, num_warps=8)))
+    return y, descale
 
 
 def _quantize_blocks_launch(k: torch.Tensor, v: torch.Tensor
@@ -221,7 +225,9 @@ def fp8_quantize(x: torch.Tensor, tokens_contiguous: bool,
                  granularity: str = "head") -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, H, N, D] -> (x8 [B, H, N, D] float8_e4m3fn, descale fp32) with x ~= x8 * descale: descale
     [B, H] for granularity "head", [B, H, ceil(N / 64)] (one per 64-token block) for "block"."""
-    x8, descale, _, _ = _quantize_launch(x, None, False, tokens_contiguous, blocks0=granularity == "block")
+    if granularity == "block":
+        return _quantize_x_blocks_launch(x, tokens_contiguous)
+    x8, descale, _, _ = _quantize_launch(x, None, False, tokens_contiguous)
     return x8, descale
 
 
