@@ -65,7 +65,7 @@ def n_blocks(n: int) -> int:
     return (n + QUANT_BLOCK - 1) // QUANT_BLOCK
 
 
-# K/V statistics programs cover spans of this many tokens (a multiple of 32) in 32-row chunks, reduced across
+# K/V statistics programs cover spans of this many tokens (a multiple of 32) in chunks (`stats_span`), reduced across
 # rows once at the end: 65 us against 130 for programs of one 64-token tile (three reductions each) at
 # B4-H16-N4096-D128 bf16, 2.1 against 1.0 TB/s (H100, session 19; 256 tokens: 78 us). FATTN_FP8_STATS_TOKENS=n
 # overrides it (0: one 64-token tile per program).
@@ -90,6 +90,16 @@ def q_prequant(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _Q_PREQUANT = previous
+
+
+def stats_span(d: int, element_size: int) -> tuple[int, int]:
+    """(rows per chunk, chunks) of a K/V statistics program over _STATS_TOKENS tokens: 32-row chunks up to
+    8 KB (bf16 at D <= 128, the measured path), fewer rows for wider ones (bf16 D 256, fp32 D >= 128), whose
+    unrolled 32-row chunks spilled 128 bytes to 10 KB (sm_90); (one 64-token tile, 1) with the spans off."""
+    if not _STATS_TOKENS:
+        return _quant_block(), 1
+    rows = max(8, min(32, 8192 // (d * element_size)))
+    return rows, max(1, _STATS_TOKENS // rows)
 
 
 def _quant_block() -> int:
@@ -121,8 +131,8 @@ def _quantize_launch(x0: torch.Tensor, x1: torch.Tensor | None, center0: bool, t
         return results
     block = _quant_block()
     n_tiles = cdiv(n, block)
-    # Statistics programs: a span of _STATS_TOKENS tokens in 32-row chunks each, or one token tile.
-    stats_rows, tiles = (block, 1) if not _STATS_TOKENS else (32, max(1, _STATS_TOKENS // 32))
+    # Statistics programs: a span of _STATS_TOKENS tokens in chunks each, or one token tile.
+    stats_rows, tiles = stats_span(d, x0.element_size())
     n_parts = cdiv(n, stats_rows * tiles)
     col_max = empty([count, b * h, n_parts, d], dtype=torch.float32, device=x0.device)
     col_min = empty([count, b * h, n_parts, d], dtype=torch.float32, device=x0.device)
