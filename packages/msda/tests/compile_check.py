@@ -60,7 +60,8 @@ def compile_fwd(dt: str, d: int, cfg: triton.Config, arch: int = 90, levels: int
     sig, consts = _common(dt, d, levels, cfg)
     sig |= {"out_ptr": f"*{dt}", "N": "i32", "NUM_SLOTS": "i32"}
     consts["OFFSETS_64"] = False  # int32 in-slice offsets: every realistic shape (op._needs_64bit_offsets)
-    consts["PAIRED_LOC"] = consts["PAIRED_ATTN"] = True  # contiguous inputs (op._paired_loads)
+    # contiguous inputs of 2- or 4-byte floats (op._paired_loads; never fp64)
+    consts["PAIRED_LOC"] = consts["PAIRED_ATTN"] = dt != "fp64"
     return _finish(kernels.msda_fwd_kernel.fn, sig, consts, "fwd", arch, cfg)
 
 

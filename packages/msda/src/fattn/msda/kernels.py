@@ -165,6 +165,8 @@ def _load_pair(ptr, pair_offset, mask, ACC: tl.constexpr):
     issues three scalar loads (x, y, weight) beside its four row gathers, each a separate L1 request
     per warp. Needs every pair aligned (decided on the host: op._paired_loads)."""
     elem: tl.constexpr = ptr.dtype.element_ty
+    tl.static_assert(elem.primitive_bitwidth == 32 or elem.primitive_bitwidth == 16,
+                     "paired loads take 2- or 4-byte floats (op._paired_loads never pairs fp64)")
     if elem.primitive_bitwidth == 32:
         bits = tl.load(ptr.to(tl.pointer_type(tl.int64)) + pair_offset, mask=mask, other=0)
         lo = bits.to(tl.int32).to(elem, bitcast=True)
