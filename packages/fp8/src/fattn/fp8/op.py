@@ -84,8 +84,10 @@ _Q_PREQUANT = env_flag("FATTN_FP8_Q_PREQUANT", False)
 def q_prequant(enabled: bool = True) -> Iterator[None]:
     """FATTN_FP8_Q_PREQUANT on (or off) inside a `with` block (the benchmark times both in one process)."""
     global _Q_PREQUANT
+    if not isinstance(enabled, bool):
+        raise TypeError(f"q_prequant: enabled must be a bool, got {type(enabled).__name__}")
     previous = _Q_PREQUANT
-    _Q_PREQUANT = bool(enabled)
+    _Q_PREQUANT = enabled
     try:
         yield
     finally:
@@ -200,7 +202,7 @@ def _quantize_blocks_launch(k: torch.Tensor, v: torch.Tensor
 def _quantize_rows_launch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, H, N, D] -> (x8 e4m3 [B, H, N, D], descale [B, H, N] fp32), one scale per token (row)."""
     b, h, n, d = x.shape
-    y = empty([b, h, n, d], dtype=FP8_DTYPE, device=x.device)
+    y = _alloc_fp8(x.shape, False, x.device)
     descale = empty([b, h, n], dtype=torch.float32, device=x.device)
     if y.numel() == 0:
         return y, descale
