@@ -113,11 +113,12 @@ def quantization(dtype: str, d: int, arch: int = 90) -> dict:  # type: ignore[ty
     x_blocks = {"X": f"*{dtype}", "Y": "*fp8e4nv", "Descale": "*fp32", "H": "i32", "N": "i32",
                 **_strides(["x", "y"], ["stride_xd", "stride_yd"])}
     stats_consts = {"D": d, "CENTER0": True, **dict.fromkeys(unit_in, 1)}
-    span_rows, chunks = op.stats_span(d, 4 if dtype == "fp32" else 2)  # what the op launches
+    span_rows, chunks, unroll = op.stats_span(d, 4 if dtype == "fp32" else 2)  # what the op launches
     return {
-        "stats": _compile(kernels._quant_stats_kernel, stats, {**stats_consts, "BLOCK_N": span_rows, "TILES": chunks},
+        "stats": _compile(kernels._quant_stats_kernel, stats, {**stats_consts, "BLOCK_N": span_rows, "TILES": chunks,
+                                                                "UNROLL": unroll},
                           f"quant stats {span_rows * chunks}-token spans {dtype} D{d}", arch, 4, 1),
-        "stats_tile": _compile(kernels._quant_stats_kernel, stats, {**stats_consts, "BLOCK_N": 64, "TILES": 1},
+        "stats_tile": _compile(kernels._quant_stats_kernel, stats, {**stats_consts, "BLOCK_N": 64, "TILES": 1, "UNROLL": 1},
                                f"quant stats one tile {dtype}", arch, 4, 1),
         "finalize": _compile(kernels._quant_finalize_kernel, final, {"D": d, "BLOCK_T": 32, "CENTER0": True},
                              "quant finalize", arch, 4, 1),

@@ -198,11 +198,11 @@ def test_quantize_matches_reference_and_bounds() -> None:
     assert (x8[1, 2].float() == 0).all()
 
 
-@pytest.mark.parametrize("tokens", [64, 96])
+@pytest.mark.parametrize("tokens", [64, 96, 256])
 def test_quantize_stats_spans(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Statistics programs over spans of tokens (the default, FATTN_FP8_STATS_TOKENS) give the one-tile
     path's descales and values: max and min exactly, K's channel means up to summation order. N = 150
-    leaves a partial last span."""
+    leaves a partial last span; 256 tokens take two loop steps of four unrolled chunks."""
     k, v = (randn([2, 3, 150, 64], torch.float16) for _ in range(2))
     k = k + 3.0 * torch.arange(64, device=k.device, dtype=k.dtype)  # per-channel offsets: the centring matters
     monkeypatch.setattr(op, "_STATS_TOKENS", 0)

@@ -94,14 +94,16 @@ def q_prequant(enabled: bool = True) -> Iterator[None]:
         _Q_PREQUANT = previous
 
 
-def stats_span(d: int, element_size: int) -> tuple[int, int]:
-    """(rows per chunk, chunks) of a K/V statistics program over _STATS_TOKENS tokens: 32-row chunks up to
-    8 KB (bf16 at D <= 128, the measured path), fewer rows for wider ones (bf16 D 256, fp32 D >= 128), whose
-    unrolled 32-row chunks spilled 128 bytes to 10 KB (sm_90); (one 64-token tile, 1) with the spans off."""
+def stats_span(d: int, element_size: int) -> tuple[int, int, int]:
+    """(rows per chunk, chunks, chunks unrolled per loop step) of a K/V statistics program over _STATS_TOKENS
+    tokens: 32-row chunks up to 8 KB (bf16 at D <= 128, the measured path), fewer rows for wider ones (bf16
+    D 256, fp32 D >= 128), whose 32-row chunks spilled 128 bytes to 10 KB (sm_90); four chunks per step (a
+    whole span unrolled spilled with Triton 3.9); (one 64-token tile, 1, 1) with the spans off."""
     if not _STATS_TOKENS:
-        return _quant_block(), 1
+        return _quant_block(), 1, 1
     rows = max(8, min(32, 8192 // (d * element_size)))
-    return rows, max(1, _STATS_TOKENS // rows)
+    chunks = max(1, _STATS_TOKENS // rows)
+    return rows, chunks, math.gcd(chunks, 4)
 
 
 def _quant_block() -> int:
@@ -134,7 +136,7 @@ def _quantize_launch(x0: torch.Tensor, x1: torch.Tensor | None, center0: bool, t
     block = _quant_block()
     n_tiles = cdiv(n, block)
     # Statistics programs: a span of _STATS_TOKENS tokens in chunks each, or one token tile.
-    stats_rows, tiles = stats_span(d, x0.element_size())
+    stats_rows, tiles, unroll = stats_span(d, x0.element_size())
     n_parts = cdiv(n, stats_rows * tiles)
     col_max = empty([count, b * h, n_parts, d], dtype=torch.float32, device=x0.device)
     col_min = empty([count, b * h, n_parts, d], dtype=torch.float32, device=x0.device)
@@ -147,7 +149,7 @@ def _quantize_launch(x0: torch.Tensor, x1: torch.Tensor | None, center0: bool, t
         signature, (x0, x1_in, col_sum, col_max, col_min),
         lambda: ((b * h, n_parts, count), (x0, x1_in, col_sum, col_max, col_min, h, n, n_parts, *x0.stride(),
                                            *x1_in.stride()),
-                 dict(D=d, BLOCK_N=stats_rows, CENTER0=center0, TILES=tiles, num_warps=4)))
+                 dict(D=d, BLOCK_N=stats_rows, CENTER0=center0, TILES=tiles, UNROLL=unroll, num_warps=4)))
     launcher(_quant_finalize_kernel).launch_planned(
         signature, (col_sum, col_max, col_min, mean, descale),
         lambda: ((b * h, count), (col_sum, col_max, col_min, mean, descale, n, n_parts),
