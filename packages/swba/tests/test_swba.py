@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from fattn.core.testing import (
     assert_deterministic,
@@ -17,6 +19,7 @@ from fattn.core.testing import (
     randn,
 )
 from fattn.swba import not_supported_reasons, swba_attention, swba_attention_reference, swba_mask
+from fattn.swba.kernels import tile_ranges
 from fattn.swba.op import swba_bwd, swba_fwd
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -289,8 +292,105 @@ def _largest_tile() -> int:
     per kernel), 128 on a GPU (the autotuner may pick any tiling of the tables)."""
     from fattn.swba import kernels
 
-    configs = (*kernels.FWD_CONFIGS, *kernels.DKDV_CONFIGS, *kernels.DQ_CONFIGS)
-    return max(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs)
+    return kernels.ALIGN
+
+
+@triton.jit
+def _tile_ranges_probe(Geometry, Out, n, BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr,
+                       KEY_TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """tile_ranges of n tiles at once: Geometry [5, n] int32 (tile, n_q, n_k, block_size, window) -> Out [4, n]."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    pid = tl.load(Geometry + i, mask=ok, other=0)
+    n_q = tl.load(Geometry + n + i, mask=ok, other=1)
+    n_k = tl.load(Geometry + 2 * n + i, mask=ok, other=1)
+    block_size = tl.load(Geometry + 3 * n + i, mask=ok, other=1)
+    window = tl.load(Geometry + 4 * n + i, mask=ok, other=1)
+    lo, full_lo, full_hi, hi = tile_ranges(pid, n_q, n_k, block_size, window, BLOCK_OWN, BLOCK_OTHER, KEY_TILE)
+    tl.store(Out + i, lo, mask=ok)
+    tl.store(Out + n + i, full_lo, mask=ok)
+    tl.store(Out + 2 * n + i, full_hi, mask=ok)
+    tl.store(Out + 3 * n + i, hi, mask=ok)
+
+
+@pytest.mark.parametrize("own, other", [(16, 128), (128, 16), (64, 64), (32, 128), (128, 64)])
+@pytest.mark.parametrize("key_tile", [False, True], ids=["query_tiles", "key_tiles"])
+def test_aligned_geometry_has_no_masked_tile(own: int, other: int, key_tile: bool) -> None:
+    """What ALIGNED rests on (kernels.is_aligned): with block_size, n_q and n_k multiples of every tile size,
+    the tiles a tile visits form one unmasked run ([lo, full_lo) and [full_hi, hi) are empty) and each is
+    wholly visible to it, for the tile sizes of the GPU tables, every tile of every geometry enumerated."""
+    align = 128
+    rows = []
+    for block_size in (align, 2 * align, 3 * align):
+        for n_k in (align, 2 * align, 5 * align):
+            for n_q in range(align, n_k + 1, align):
+                for window in (1, 2, 3, 16):
+                    # as the op clamps them (_geometry)
+                    bs, w = min(block_size, n_k), min(window, -(-n_k // min(block_size, n_k)))
+                    rows += [(t, n_q, n_k, bs, w) for t in range(-(-(n_k if key_tile else n_q) // own))]
+    geometry = torch.tensor(rows, dtype=torch.int32, device=device()).T.contiguous()
+    n = geometry.shape[1]
+    out = torch.full((4, n), -1, dtype=torch.int32, device=device())
+    _tile_ranges_probe[(triton.cdiv(n, 1024),)](geometry, out, n, own, other, key_tile, 1024)
+    for (t, n_q, n_k, bs, w), (lo, full_lo, full_hi, hi) in zip(rows, out.T.tolist()):
+        assert (lo, full_hi) == (full_lo, hi), f"masked tiles at tile {t}, n_q {n_q}, n_k {n_k}, block {bs}, window {w}"
+        q_off = n_k - n_q
+        for start in range(full_lo, full_hi, other):
+            # own rows [t * own, t * own + own) against the other side's [start, start + other), as positions
+            if key_tile:
+                keys, queries = (t * own, t * own + own - 1), (q_off + start, q_off + start + other - 1)
+                assert start + other <= n_q
+            else:
+                queries, keys = (q_off + t * own, q_off + t * own + own - 1), (start, start + other - 1)
+                assert start + other <= n_k
+            # every pair visible: the smallest and the largest block distance are in [0, window)
+            assert queries[0] // bs - keys[1] // bs >= 0 and queries[1] // bs - keys[0] // bs < w, (
+                f"tile {t} visits {start} unmasked, n_q {n_q}, n_k {n_k}, block {bs}, window {w}")
+
+
+ALIGNED_CASES = [  # in units of kernels.ALIGN (32 under the interpreter, 128 on a GPU)
+    _case(H=2, Nq=4, D=16, bs=1, w=2),  # training
+    _case(H=2, Nq=1, Nk=5, D=16, bs=2, w=2),  # KV cache: the last block of queries
+    _case(H=4, Hk=2, Nq=3, D=16, bs=1, w=1, dtype=F16),  # GQA, each block alone
+    _case(H=2, Nq=6, D=16, bs=3, w=16),  # window beyond the blocks: block-causal
+]
+
+
+ALIGNED_GPU_CASES = [
+    _case(B=2, H=4, Nq=8, D=64, bs=2, w=3, dtype=F16),
+    _case(H=4, Hk=2, Nq=2, Nk=6, D=128, bs=1, w=4, dtype=BF16),
+    _case(H=2, Nq=4, D=256, bs=1, w=2, dtype=BF16),  # D 256: dK/dV keeps its mask branch
+    _case(H=2, Nq=4, D=80, bs=2, w=2, dtype=F32),
+]
+
+
+@pytest.mark.parametrize("case", cases([*ALIGNED_CASES, *ALIGNED_GPU_CASES],
+                                       gpu_only_dims=lambda row: row in ALIGNED_GPU_CASES))
+def test_aligned_kernels(case, monkeypatch: pytest.MonkeyPatch, fresh_launch_plans) -> None:  # type: ignore[no-untyped-def]
+    """Aligned geometry runs the kernels without their masked loops (ALIGNED): against the reference, and bit
+    for bit against the general kernels forced on the same inputs (the same tiles, in the same order)."""
+    from fattn.swba import kernels, op
+
+    a = kernels.ALIGN
+    case = {**case, "Nq": case["Nq"] * a, "Nk": case["Nk"] * a, "bs": case["bs"] * a}
+    assert kernels.is_aligned(case["Nq"], case["Nk"], min(case["bs"], case["Nk"]))
+    _run_case(case)
+    inputs = [t.requires_grad_(True) for t in _inputs(case).values()]
+
+    def run() -> tuple[torch.Tensor, ...]:
+        out, lse = swba_attention(*inputs, case["bs"], case["w"], return_lse=True)
+        return (out, lse, *torch.autograd.grad((out.float() ** 2).sum() + lse.sum(), inputs))
+
+    aligned = run()
+    monkeypatch.setattr(op, "is_aligned", lambda n_q, n_k, block_size: False)
+    fresh_launch_plans()
+    general = run()
+    for name, x, y in zip(("out", "lse", "dq", "dk", "dv"), aligned, general):
+        if on_gpu():  # (the autotuner tunes each variant on its own)
+            torch.testing.assert_close(x, y, rtol=TOL, atol=TOL, msg=name)
+        else:
+            assert torch.equal(x, y), name
+
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the interpreter's max of NaN rows

@@ -22,10 +22,11 @@ def _passed(stdout: str) -> int:
 
 
 def test_default_configs_compile_for_sm90() -> None:
-    """The configs used when autotuning is off (fp16 D=64, bf16 D=128): ~12 s on 2 CPU cores."""
+    """The configs used when autotuning is off (fp16 D=64, bf16 D=128), each kernel also without its masks
+    (ALIGNED): ~20 s on 2 CPU cores."""
     pytest.importorskip("triton.backends.nvidia")
     res = run_compile_script(_SCRIPT, "--quick")
-    assert "FAIL" not in res.stdout and _passed(res.stdout) == 8, res.stdout
+    assert "FAIL" not in res.stdout and _passed(res.stdout) == 14, res.stdout
 
 
 @pytest.mark.slow_interpreter
@@ -33,4 +34,4 @@ def test_every_candidate_config_compiles_for_sm90() -> None:
     """Every config the autotuner may pick, for every dtype / head-dim class (~3 min: --fattn-full)."""
     pytest.importorskip("triton.backends.nvidia")
     res = run_compile_script(_SCRIPT, "--all")
-    assert "FAIL" not in res.stdout and _passed(res.stdout) >= 60, res.stdout
+    assert "FAIL" not in res.stdout and _passed(res.stdout) >= 100, res.stdout

@@ -40,9 +40,13 @@ __all__ = [
     "swba_bwd_dkdv_kernel",
     "swba_bwd_dq_kernel",
     "tile_bounds",
+    "tile_ranges",
     "autotune_enabled",
     "candidate_configs",
     "launch_config",
+    "ALIGN",
+    "is_aligned",
+    "DKDV_ALIGNED_MAX_BLOCK_D",
 ]
 
 # Hopper shared memory per block is 227 KB; leave room for the compiler's own buffers.
@@ -197,6 +201,26 @@ else:
     DKDV_CONFIGS = [c for cs in DKDV_TABLE.values() for c in cs]
     DQ_CONFIGS = [c for cs in DQ_TABLE.values() for c in cs]
 
+# The largest tile of any config. When block_size, n_q and n_k are multiples of it (training on clips of
+# 256- or 1024-token frames), every tile a kernel visits is wholly visible: tile_bounds leaves no masked
+# tile, and the kernels are compiled without their masked loops or branch (ALIGNED). Those cost registers
+# in the whole kernel: sm_90, fp16 D 64, forward 128 x 64 / 8 warps 167 -> 114 registers (two programs
+# per SM instead of one), dQ 64 x 128 / 4 warps 255 -> 194, dK/dV 64 x 64 / 4 warps 255 + 16 bytes of spill
+# -> 234 and none; bf16 D 128, forward 128 x 64 / 8 warps 235 -> 173, dK/dV 64 x 128 / 8 warps 480 -> 176
+# bytes of spill. (sm_90 compiles only; not yet timed.) tests/test_swba.py enumerates tile_ranges to check it.
+ALIGN = max(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in (*FWD_CONFIGS, *DKDV_CONFIGS, *DQ_CONFIGS))
+
+
+def is_aligned(n_q: int, n_k: int, block_size: int) -> bool:
+    """Whether the kernels may run without their window masks (ALIGNED; block_size as clamped by the op)."""
+    return block_size % ALIGN == 0 and n_q % ALIGN == 0 and n_k % ALIGN == 0
+
+
+# Past this padded head dim the dK/dV kernel keeps its mask branch even when aligned: without it, two of the
+# D 256 tiles spill on sm_90 (fp16 16 x 64 / 8 warps 708 bytes, fp32 16 x 32 / 8 warps 12; none with it).
+DKDV_ALIGNED_MAX_BLOCK_D = 128
+
+
 # Tuned per (bucketed) sequence lengths, window geometry and head dim; the length buckets keep a
 # growing KV cache from re-tuning on every decoding step.
 _KEY = ["q_bucket", "k_bucket", "block_size", "window", "HEAD_DIM"]
@@ -234,6 +258,29 @@ def tile_bounds(first, last, block_size, window, n_other, BLOCK: tl.constexpr, R
     empty = full_lo >= full_hi
     full_lo = tl.where(empty, hi, full_lo)
     full_hi = tl.where(empty, hi, full_hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def tile_ranges(pid, n_q, n_k, block_size, window, BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr,
+                KEY_TILE: tl.constexpr):
+    """(lo, full_lo, full_hi, hi) of the other side's tiles that tile `pid` of BLOCK_OWN rows visits, as in
+    tile_bounds. A query tile (KEY_TILE=False; forward, dQ) gets key positions; a key tile (dK/dV) gets query
+    indices (0..n_q), BLOCK_OTHER-aligned."""
+    q_off = n_k - n_q
+    if KEY_TILE:
+        first = pid * BLOCK_OWN
+        last = tl.minimum(pid * BLOCK_OWN + BLOCK_OWN, n_k) - 1
+        lo, full_lo, full_hi, hi = tile_bounds(first, last, block_size, window, n_k, BLOCK_OTHER, True)
+        # Absolute query positions -> query indices; tiles stay BLOCK_OTHER-aligned in query indices.
+        lo = (tl.maximum(lo - q_off, 0) // BLOCK_OTHER) * BLOCK_OTHER
+        hi = tl.maximum(hi - q_off, 0)
+        full_lo = tl.minimum(tl.cdiv(tl.maximum(full_lo - q_off, 0), BLOCK_OTHER) * BLOCK_OTHER, hi)
+        full_hi = tl.maximum(tl.minimum((tl.maximum(full_hi - q_off, 0) // BLOCK_OTHER) * BLOCK_OTHER, hi), full_lo)
+    else:
+        first = q_off + pid * BLOCK_OWN
+        last = q_off + tl.minimum(pid * BLOCK_OWN + BLOCK_OWN, n_q) - 1
+        lo, full_lo, full_hi, hi = tile_bounds(first, last, block_size, window, n_k, BLOCK_OTHER, False)
     return lo, full_lo, full_hi, hi
 
 
@@ -314,7 +361,7 @@ def _fwd_tiles(acc, m_i, l_i, q, q_blk, k_base, v_base, stride_kn, stride_kd, st
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune("fwd")})
+@triton.autotune(configs=FWD_CONFIGS, key=[*_KEY, "ALIGNED"], prune_configs_by={"early_config_prune": _prune("fwd")})
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def swba_fwd_kernel(
     Q, K, V, O, LSE,
@@ -324,10 +371,10 @@ def swba_fwd_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     n_heads, kv_group, n_q, n_k, block_size, window, qk_scale, q_bucket, k_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SCALE_NONNEG: tl.constexpr,
+    SCALE_NONNEG: tl.constexpr, ALIGNED: tl.constexpr = False,
 ):
     """Grid (B * H, cdiv(n_q, BLOCK_M)). Writes O [B, H, n_q, D] and LSE [B, H, n_q] (fp32, natural log).
-    SCALE_NONNEG: qk_scale >= 0 (always, unless a caller passes a negative scale)."""
+    SCALE_NONNEG: qk_scale >= 0 (always, unless a caller passes a negative scale). ALIGNED: `is_aligned`."""
     # Last query tiles first: with a window wider than the sequence so far (block-causal start)
     # they see the most keys, and starting the longest programs first balances the tail.
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -347,20 +394,20 @@ def swba_fwd_kernel(
     q = interp_upcast(tl.load(q_base + offsets_2d(offs_m, offs_d, stride_qn, stride_qd), mask=io_mask, other=0.0))
     q_blk = (q_off + offs_m) // block_size
 
-    first = q_off + pid_m * BLOCK_M
-    last = q_off + tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_q) - 1
-    lo, full_lo, full_hi, hi = tile_bounds(first, last, block_size, window, n_k, BLOCK_N, False)
+    lo, full_lo, full_hi, hi = tile_ranges(pid_m, n_q, n_k, block_size, window, BLOCK_M, BLOCK_N, False)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for_tiles = (q, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *for_tiles, lo, full_lo, n_k, block_size, window, qk_scale,
-                               BLOCK_N, HEAD_DIM, BLOCK_D, True, SCALE_NONNEG)
+    if not ALIGNED:  # (aligned: the masked runs are empty, and compiling them would cost registers)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *for_tiles, lo, full_lo, n_k, block_size, window, qk_scale,
+                                   BLOCK_N, HEAD_DIM, BLOCK_D, True, SCALE_NONNEG)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *for_tiles, full_lo, full_hi, n_k, block_size, window, qk_scale,
                                BLOCK_N, HEAD_DIM, BLOCK_D, False, SCALE_NONNEG)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *for_tiles, full_hi, hi, n_k, block_size, window, qk_scale,
-                               BLOCK_N, HEAD_DIM, BLOCK_D, True, SCALE_NONNEG)
+    if not ALIGNED:
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *for_tiles, full_hi, hi, n_k, block_size, window, qk_scale,
+                                   BLOCK_N, HEAD_DIM, BLOCK_D, True, SCALE_NONNEG)
     out, lse = online_softmax_finalize(acc, m_i, l_i)
 
     o_base = O + b * stride_ob + h * stride_oh
@@ -406,23 +453,27 @@ def swba_bwd_preprocess_kernel(
 def _dkdv_tiles(dk, dv, k, v, k_blk, q_base, do_base, lse_row, delta_row,
                 stride_qn, stride_qd, stride_don, stride_dod,
                 offs_d, lo, full_lo, full_hi, hi, n_q, q_off, block_size, window, qk_scale,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi) (relative query indices); only
     tiles outside [full_lo, full_hi) apply the window mask (a branch uniform over the block: one
-    loop keeps register pressure lower than three)."""
+    loop keeps register pressure lower than three). ALIGNED: no tile is outside (see ALIGN), and the
+    branch is compiled out."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = interp_upcast(_load_rows(q_base, start_m, n_q, stride_qn, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D, True))
+        q = interp_upcast(_load_rows(q_base, start_m, n_q, stride_qn, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D,
+                                     not ALIGNED))
         lse = tl.load(lse_row + offs_m, mask=offs_m < n_q, other=0.0)
         # Transposed scores: rows are keys, columns queries, so dK/dV accumulate without a transpose.
         s_t = tl.dot(k, tl.trans(q)) * qk_scale
         p_t = tl.math.exp2(s_t - (lse * LOG2E)[None, :])
-        if (start_m < full_lo) | (start_m >= full_hi):
-            # Padded query rows get block -1: behind every key block, so never visible.
-            q_blk = tl.where(offs_m < n_q, (q_off + offs_m) // block_size, -1)
-            p_t = tl.where((q_blk[None, :] - k_blk[:, None]).to(tl.uint32) < window, p_t, 0.0)
-        do = interp_upcast(_load_rows(do_base, start_m, n_q, stride_don, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D, True))
+        if not ALIGNED:
+            if (start_m < full_lo) | (start_m >= full_hi):
+                # Padded query rows get block -1: behind every key block, so never visible.
+                q_blk = tl.where(offs_m < n_q, (q_off + offs_m) // block_size, -1)
+                p_t = tl.where((q_blk[None, :] - k_blk[:, None]).to(tl.uint32) < window, p_t, 0.0)
+        do = interp_upcast(_load_rows(do_base, start_m, n_q, stride_don, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D,
+                                      not ALIGNED))
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         delta = tl.load(delta_row + offs_m, mask=offs_m < n_q, other=0.0)
         dp_t = tl.dot(v, tl.trans(do))
@@ -431,7 +482,7 @@ def _dkdv_tiles(dk, dv, k, v, k_blk, q_base, do_base, lse_row, delta_row,
     return dk, dv
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune("dkdv")})
+@triton.autotune(configs=DKDV_CONFIGS, key=[*_KEY, "ALIGNED"], prune_configs_by={"early_config_prune": _prune("dkdv")})
 @triton.jit(do_not_specialize=[*_NO_SPECIALIZE, "n_kv_heads", "n_splits"])
 def swba_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -443,11 +494,13 @@ def swba_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     n_heads, n_kv_heads, kv_group, n_splits, n_q, n_k, block_size, window, scale, qk_scale, q_bucket, k_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGNED: tl.constexpr = False,
 ):
     """Grid (B * Hk * n_splits, cdiv(n_k, BLOCK_N)). dK, dV of one key tile of one KV head, summed
     over the query tiles that see it and over kv_group / n_splits of the query heads sharing the KV
     head (no atomics). DK, DV are [B, Hk * n_splits, n_k, D]: with n_splits > 1 (GQA/MQA with too
-    few KV heads to fill the GPU) the caller sums the n_splits partial results, deterministically."""
+    few KV heads to fill the GPU) the caller sums the n_splits partial results, deterministically.
+    ALIGNED: block_size, n_q and n_k are multiples of ALIGN (`is_aligned`)."""
     pid_n = tl.program_id(1)
     pid_bh = tl.program_id(0)
     b = (pid_bh // (n_kv_heads * n_splits)).to(tl.int64)
@@ -467,14 +520,7 @@ def swba_bwd_dkdv_kernel(
     k_blk = offs_n // block_size
 
     q_off = n_k - n_q
-    first = pid_n * BLOCK_N
-    last = tl.minimum(pid_n * BLOCK_N + BLOCK_N, n_k) - 1
-    lo, full_lo, full_hi, hi = tile_bounds(first, last, block_size, window, n_k, BLOCK_M, True)
-    # Absolute query positions -> query indices; tiles stay BLOCK_M-aligned in query indices.
-    lo = (tl.maximum(lo - q_off, 0) // BLOCK_M) * BLOCK_M
-    hi = tl.maximum(hi - q_off, 0)
-    full_lo = tl.minimum(tl.cdiv(tl.maximum(full_lo - q_off, 0), BLOCK_M) * BLOCK_M, hi)
-    full_hi = tl.maximum(tl.minimum((tl.maximum(full_hi - q_off, 0) // BLOCK_M) * BLOCK_M, hi), full_lo)
+    lo, full_lo, full_hi, hi = tile_ranges(pid_n, n_q, n_k, block_size, window, BLOCK_N, BLOCK_M, True)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -484,7 +530,7 @@ def swba_bwd_dkdv_kernel(
         dk, dv = _dkdv_tiles(dk, dv, k, v, k_blk, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
                              LSE + row, DELTA + row, stride_qn, stride_qd, stride_don, stride_dod,
                              offs_d, lo, full_lo, full_hi, hi, n_q, q_off, block_size, window, qk_scale,
-                             BLOCK_M, HEAD_DIM, BLOCK_D)
+                             BLOCK_M, HEAD_DIM, BLOCK_D, ALIGNED)
 
     dk *= scale
     tl.store(DK + b * stride_dkb + out_h * stride_dkh + offsets_2d(offs_n, offs_d, stride_dkn, stride_dkd),
@@ -515,7 +561,7 @@ def _dq_tiles(dq, q, do, lse2, delta, q_blk, k_base, v_base, stride_kn, stride_k
     return dq
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
+@triton.autotune(configs=DQ_CONFIGS, key=[*_KEY, "ALIGNED"], prune_configs_by={"early_config_prune": _prune("dq")})
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def swba_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
@@ -526,8 +572,9 @@ def swba_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     n_heads, kv_group, n_q, n_k, block_size, window, scale, qk_scale, q_bucket, k_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGNED: tl.constexpr = False,
 ):
-    """Grid (B * H, cdiv(n_q, BLOCK_M)). dQ of one query tile over its visible key tiles."""
+    """Grid (B * H, cdiv(n_q, BLOCK_M)). dQ of one query tile over its visible key tiles. ALIGNED: `is_aligned`."""
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # longest programs first, as in the forward
     pid_bh = tl.program_id(0)
     b = (pid_bh // n_heads).to(tl.int64)
@@ -551,17 +598,17 @@ def swba_bwd_dq_kernel(
     delta = tl.load(DELTA + row, mask=m_mask, other=0.0)
     q_blk = (q_off + offs_m) // block_size
 
-    first = q_off + pid_m * BLOCK_M
-    last = q_off + tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_q) - 1
-    lo, full_lo, full_hi, hi = tile_bounds(first, last, block_size, window, n_k, BLOCK_N, False)
+    lo, full_lo, full_hi, hi = tile_ranges(pid_m, n_q, n_k, block_size, window, BLOCK_M, BLOCK_N, False)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _dq_tiles(dq, q, do, lse2, delta, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                   offs_d, lo, full_lo, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+    if not ALIGNED:  # as in the forward
+        dq = _dq_tiles(dq, q, do, lse2, delta, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                       offs_d, lo, full_lo, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True)
     dq = _dq_tiles(dq, q, do, lse2, delta, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                    offs_d, full_lo, full_hi, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, False)
-    dq = _dq_tiles(dq, q, do, lse2, delta, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                   offs_d, full_hi, hi, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+    if not ALIGNED:
+        dq = _dq_tiles(dq, q, do, lse2, delta, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                       offs_d, full_hi, hi, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True)
     dq *= scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offsets_2d(offs_m, offs_d, stride_dqn, stride_dqd),
              dq.to(DQ.dtype.element_ty), mask=io_mask)

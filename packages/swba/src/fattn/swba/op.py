@@ -24,7 +24,9 @@ from fattn.core import (
 from fattn.core.launch import launcher
 from fattn.core.runtime import cdiv, next_power_of_2, seq_bucket, sm_count
 from fattn.swba.kernels import (
+    DKDV_ALIGNED_MAX_BLOCK_D,
     autotune_enabled,
+    is_aligned,
     launch_config,
     swba_bwd_dkdv_kernel,
     swba_bwd_dq_kernel,
@@ -118,7 +120,8 @@ def swba_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
 
         args = (*tensors, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
                 h, h // h_kv, n_q, n_k, block_size, window, scale * _LOG2E, seq_bucket(n_q), seq_bucket(n_k))
-        return grid, args, dict(BLOCK_D=block_d, HEAD_DIM=d, SCALE_NONNEG=scale >= 0)
+        return grid, args, dict(BLOCK_D=block_d, HEAD_DIM=d, SCALE_NONNEG=scale >= 0,
+                                ALIGNED=is_aligned(n_q, n_k, block_size))
 
     _launch_planned(swba_fwd_kernel, "fwd", signature, tensors, build, q, block_d)
     return out, lse
@@ -180,7 +183,8 @@ def swba_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
         args = (*kv_tensors, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk_out),
                 *_strides(dv_out), h, h_kv, group, n_splits, *common)
-        return grid, args, dict(BLOCK_D=block_d, HEAD_DIM=d)
+        aligned = is_aligned(n_q, n_k, block_size) and block_d <= DKDV_ALIGNED_MAX_BLOCK_D
+        return grid, args, dict(BLOCK_D=block_d, HEAD_DIM=d, ALIGNED=aligned)
 
     _launch_planned(swba_bwd_dkdv_kernel, "dkdv", signature, kv_tensors, build_kv, q, block_d)
     if n_splits > 1:
@@ -195,7 +199,7 @@ def swba_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
             args = (*q_tensors, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
                     h, h // h_kv, *common)
-            return grid, args, dict(BLOCK_D=block_d, HEAD_DIM=d)
+            return grid, args, dict(BLOCK_D=block_d, HEAD_DIM=d, ALIGNED=is_aligned(n_q, n_k, block_size))
 
         _launch_planned(swba_bwd_dq_kernel, "dq", signature, q_tensors, build_q, q, block_d)
     return dq, dk, dv
