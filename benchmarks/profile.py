@@ -30,6 +30,7 @@ import torch
 
 from benchmarks.cases import DTYPES, PACKAGES, fattn_case, timed_calls
 from benchmarks.harness import sync
+from fattn.core.launch import clear_launch_caches
 
 
 def main() -> None:
@@ -55,7 +56,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="the package's tiny CPU shape (checks this tool)")
     parser.add_argument("--also", action="append", default=[], metavar="NAME=VALUE",
                         help="with --kernels: print the table again after setting this environment variable "
-                             "(repeatable; the op must read it per call, e.g. FATTN_FAST_LAUNCH=0)")
+                             "(repeatable; the op must read it per call or when it plans a call's launches, e.g. "
+                             "FATTN_FAST_LAUNCH=0, FATTN_SWBA_ALIGNED=0)")
     args = parser.parse_args()
     if args.kernels < 0:
         parser.error(f"--kernels must be a non-negative number of calls, got {args.kernels}")
@@ -94,6 +96,7 @@ def main() -> None:
         for setting in args.also:  # the same calls again with an environment variable changed
             name, _, value = setting.partition("=")
             os.environ[name] = value
+            clear_launch_caches()  # launch plans are built once per call signature: rebuild them with it
             once()
             torch.cuda.synchronize()
             print(f"--- {setting}")

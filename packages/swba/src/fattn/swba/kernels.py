@@ -20,6 +20,7 @@ tile accumulates dQ over its key tiles. A preprocess computes delta = rowsum(o *
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -212,7 +213,11 @@ ALIGN = max(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in (*FWD_CONFIGS
 
 
 def is_aligned(n_q: int, n_k: int, block_size: int) -> bool:
-    """Whether the kernels may run without their window masks (ALIGNED; block_size as clamped by the op)."""
+    """Whether the kernels may run without their window masks (ALIGNED; block_size as clamped by the op).
+    FATTN_SWBA_ALIGNED=0 turns the variant off (read when a call signature's launches are planned, for A/B
+    timings: `python -m benchmarks.profile swba --op fwd+bwd --kernels 10 --also FATTN_SWBA_ALIGNED=0`)."""
+    if os.environ.get("FATTN_SWBA_ALIGNED", "1") == "0":
+        return False
     return block_size % ALIGN == 0 and n_q % ALIGN == 0 and n_k % ALIGN == 0
 
 
