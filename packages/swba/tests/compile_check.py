@@ -118,8 +118,10 @@ def main() -> int:
             configs = kernels.candidate_configs(kind, block_d, elem, head_dim=d)  # no device: the Hopper budget
             for config in configs if args.all else configs[:1]:
                 ok &= check(kind, dtype, d, config, args.arch)
-                # the variant without masks (padded head dims compile it the same way), where the op uses it
-                if d == block_d and (kind != "dkdv" or block_d <= kernels.DKDV_ALIGNED_MAX_BLOCK_D):
+            # the variant without masks (padded head dims compile it the same way), where the op uses it
+            if d == block_d and (kind != "dkdv" or block_d <= kernels.DKDV_ALIGNED_MAX_BLOCK_D):
+                configs = kernels.candidate_configs(kind, block_d, elem, head_dim=d, aligned=True)
+                for config in configs if args.all else configs[:1]:
                     ok &= check(kind, dtype, d, config, args.arch, aligned=True)
         ok &= check_preprocess(dtype, d, args.arch)
     return 0 if ok else 1

@@ -187,6 +187,9 @@ EVERY_CONFIG_CASES = [
     _case(B=1, H=2, Nq=300, D=64, bs=50, w=3, dtype=F32),
     _case(B=1, H=2, Nq=300, D=128, bs=50, w=2, dtype=F32),
     _case(B=1, H=2, Nq=200, D=256, bs=50, w=2, dtype=F32),
+    # aligned (kernels.ALIGN): the kernels without masks, and the candidates of aligned launches only
+    _case(B=1, H=4, Hk=2, Nq=512, D=64, bs=256, w=2, dtype=F16),
+    _case(B=1, H=2, Nq=512, D=128, bs=128, w=3, dtype=BF16),
 ]
 
 
@@ -200,7 +203,9 @@ def test_every_tuned_config_is_correct(case, monkeypatch: pytest.MonkeyPatch, fr
     monkeypatch.setenv("FATTN_SWBA_AUTOTUNE_LIMIT", "1")
     elem = case["dtype"].itemsize
     block_d = max(16, 1 << (case["D"] - 1).bit_length())
-    tables = {kind: kernels.candidate_configs(kind, block_d, elem, device(), case["D"]) for kind in ("fwd", "dkdv", "dq")}
+    aligned = kernels.is_aligned(case["Nq"], case["Nk"], case["bs"])
+    tables = {kind: kernels.candidate_configs(kind, block_d, elem, device(), case["D"], aligned)
+              for kind in ("fwd", "dkdv", "dq")}
     for i in range(max(len(t) for t in tables.values())):
         chosen = {kind: t[i % len(t)] for kind, t in tables.items()}
         monkeypatch.setattr(op, "launch_config", lambda kind, block_d, q, chosen=chosen: chosen[kind])

@@ -122,6 +122,14 @@ DQ_TABLE = {
     (128, True): [_config(32, 32, 4, 2)],
     (256, True): [_config(32, 16, 4, 2)],
 }
+# Candidates of ALIGNED launches only (see ALIGN; the general kernels spill with them), inserted before each
+# list's last: sm_90, fp16 D 64 aligned forward 128 x 128 / 8 warps / 2 stages capped at 128 registers: no
+# spill, 80 KB of shared memory, two programs per SM (uncapped: 164 registers, one). Compiled only; untimed.
+ALIGNED_TABLES: dict[str, dict[tuple[int, bool], list[triton.Config]]] = {
+    "fwd": {(64, False): [_config(128, 128, 8, 2, maxnreg=128)]},
+    "dkdv": {},
+    "dq": {},
+}
 
 
 def spill_key(c: triton.Config) -> tuple[int, ...]:
@@ -157,13 +165,17 @@ _KIND = {"fwd": (FWD_TABLE, "M", 1), "dkdv": (DKDV_TABLE, "N", 2), "dq": (DQ_TAB
 
 
 def candidate_configs(kind: str, block_d: int, elem: int, device: torch.device | None = None,
-                      head_dim: int | None = None) -> list[triton.Config]:
+                      head_dim: int | None = None, aligned: bool = False) -> list[triton.Config]:
     """The configs `kind` ("fwd", "dkdv", "dq") may run with at this padded head dim and element size:
-    its class's list less those over the device's shared memory (at least the smallest is kept), and
-    less those that spill when `head_dim` (default: block_d) is padded up to block_d."""
+    its class's list (with its ALIGNED_TABLES entries for an aligned launch) less those over the device's
+    shared memory (at least the smallest is kept), and less those that spill when `head_dim` (default:
+    block_d) is padded up to block_d."""
     table, acc_rows, n_acc = _KIND[kind]
     head_class = _head_dim_class(block_d, elem)
     configs = table[head_class]
+    extra = ALIGNED_TABLES[kind].get(head_class, []) if aligned else []
+    if extra:
+        configs = [*configs[:-1], *extra, configs[-1]]
     if head_dim is not None and head_dim != block_d:
         spills = _SPILL_WHEN_PADDED.get((kind, head_class), set())
         configs = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
@@ -178,7 +190,8 @@ def _prune(kind: str):  # type: ignore[no-untyped-def]
         q = named_args["Q"]
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
         head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        kept = candidate_configs(kind, block_d, q.element_size(), getattr(q, "device", None), head_dim)
+        aligned = kwargs.get("ALIGNED", named_args.get("ALIGNED", False))
+        kept = candidate_configs(kind, block_d, q.element_size(), getattr(q, "device", None), head_dim, aligned)
         limit = autotune_limit("swba")
         return kept[:limit] if limit else kept
     return prune
@@ -198,9 +211,9 @@ if interpreter_enabled():
     DKDV_CONFIGS = [_config(32, 16, 1, 1)]
     DQ_CONFIGS = [_config(16, 32, 1, 1)]
 else:
-    FWD_CONFIGS = [c for cs in FWD_TABLE.values() for c in cs]
-    DKDV_CONFIGS = [c for cs in DKDV_TABLE.values() for c in cs]
-    DQ_CONFIGS = [c for cs in DQ_TABLE.values() for c in cs]
+    FWD_CONFIGS = [c for cs in (*FWD_TABLE.values(), *ALIGNED_TABLES["fwd"].values()) for c in cs]
+    DKDV_CONFIGS = [c for cs in (*DKDV_TABLE.values(), *ALIGNED_TABLES["dkdv"].values()) for c in cs]
+    DQ_CONFIGS = [c for cs in (*DQ_TABLE.values(), *ALIGNED_TABLES["dq"].values()) for c in cs]
 
 # The largest tile of any config. When block_size, n_q and n_k are multiples of it (training on clips of
 # 256- or 1024-token frames), every tile a kernel visits is wholly visible: tile_bounds leaves no masked
