@@ -202,7 +202,7 @@ def test_quantize_matches_reference_and_bounds() -> None:
 def test_quantize_stats_spans(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Statistics programs over spans of tokens (the default, FATTN_FP8_STATS_TOKENS) give the one-tile
     path's descales and values: max and min exactly, K's channel means up to summation order. N = 150
-    leaves a partial last span; 256 tokens take two loop steps of four unrolled chunks."""
+    leaves a partial last span; 256 tokens take four loop steps of two unrolled chunks."""
     k, v = (randn([2, 3, 150, 64], torch.float16) for _ in range(2))
     k = k + 3.0 * torch.arange(64, device=k.device, dtype=k.dtype)  # per-channel offsets: the centring matters
     monkeypatch.setattr(op, "_STATS_TOKENS", 0)

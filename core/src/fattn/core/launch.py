@@ -133,11 +133,16 @@ class _Plan:
         self.tensor_meta = tensor_meta
 
 
+def _padding(t: TensorDescriptor) -> str:
+    """A descriptor's padding mode (Triton 3.4's descriptors have none: their loads pad with zeros)."""
+    return getattr(t, "padding", "zero")
+
+
 def _slot_meta(t: torch.Tensor | TensorDescriptor) -> tuple[Any, ...]:
     """What a plan requires of the tensor (dtype, 16-byte alignment, device) or tensor descriptor
     (its base's dtype and device, its block shape and padding: what Triton compiled it as) in a slot."""
     if type(t) is TensorDescriptor:
-        return (TensorDescriptor, t.base.dtype, t.base.get_device(), tuple(t.block_shape), t.padding)
+        return (TensorDescriptor, t.base.dtype, t.base.get_device(), tuple(t.block_shape), _padding(t))
     return (t.dtype, t.data_ptr() % 16 == 0, t.get_device())
 
 
@@ -147,7 +152,7 @@ def _fixed_part(a: Any) -> Any:
     if isinstance(a, torch.Tensor):
         return torch.Tensor
     if type(a) is TensorDescriptor:
-        return (TensorDescriptor, a.base.dtype, tuple(a.shape), tuple(a.strides), tuple(a.block_shape), a.padding)
+        return (TensorDescriptor, a.base.dtype, tuple(a.shape), tuple(a.strides), tuple(a.block_shape), _padding(a))
     return a
 
 

@@ -97,13 +97,14 @@ def q_prequant(enabled: bool = True) -> Iterator[None]:
 def stats_span(d: int, element_size: int) -> tuple[int, int, int]:
     """(rows per chunk, chunks, chunks unrolled per loop step) of a K/V statistics program over _STATS_TOKENS
     tokens: 32-row chunks up to 8 KB (bf16 at D <= 128, the measured path), fewer rows for wider ones (bf16
-    D 256, fp32 D >= 128), whose 32-row chunks spilled 128 bytes to 10 KB (sm_90); four chunks per step (a
-    whole span unrolled spilled with Triton 3.9); (one 64-token tile, 1, 1) with the spans off."""
+    D 256, fp32 D >= 128), whose 32-row chunks spilled 128 bytes to 10 KB (sm_90); two chunks per step: a
+    whole span unrolled spilled with Triton 3.9 (160 bytes at bf16 D 128), four with 3.5 (28), two with none
+    of 3.4, 3.5, 3.6, 3.9; (one 64-token tile, 1, 1) with the spans off."""
     if not _STATS_TOKENS:
         return _quant_block(), 1, 1
     rows = max(8, min(32, 8192 // (d * element_size)))
     chunks = max(1, _STATS_TOKENS // rows)
-    return rows, chunks, math.gcd(chunks, 4)
+    return rows, chunks, math.gcd(chunks, 2)
 
 
 def _quant_block() -> int:
