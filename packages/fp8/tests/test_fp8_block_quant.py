@@ -349,10 +349,11 @@ def test_token_outliers_30x() -> None:
     30x larger), which the centre (the head's means, or a sample's medians) moves from draw to draw
     (per-block / per-head 0.74-1.40 on one draw, 1.035 on average over 30; CPU, D 64, 3 tokens 30x). So: the
     kernel within 3% of its dequantized reference for one draw, and per-block no worse than per-head on
-    average over 16 draws (the references: the quantization alone)."""
+    average over 48 draws (the references: the quantization alone; over 16 draws the mean ratio's spread,
+    about 0.04, reached the 1.15 bound once in session 21)."""
     c = dict(B=1, H=2, Hkv=1, Nq=150, Nk=199, D=64, dtype=torch.float16)
     errors: dict[str, list[float]] = {"head": [], "block": []}
-    for draw in range(16):
+    for draw in range(48):
         q, k, v = _qkv(c)
         k = k.clone()
         k[:, :, 150:153] *= 30.0
@@ -365,8 +366,8 @@ def test_token_outliers_30x() -> None:
                 for granularity in errors:
                     deq, _ = _errors(q, k, v, causal, granularity)
                     assert deq <= TOL_DEQUANT, f"{granularity}: relative L2 error {deq:.4f} against its reference"
-    block, head = (sum(errors[g]) / 16 for g in ("block", "head"))
-    assert block <= head * 1.15, f"per-block {block:.4f}, per-head {head:.4f} (mean over 16 draws)"
+    block, head = (sum(errors[g]) / 48 for g in ("block", "head"))
+    assert block <= head * 1.15, f"per-block {block:.4f}, per-head {head:.4f} (mean over 48 draws)"
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

@@ -515,16 +515,18 @@ def _quant_rows_kernel(X, Y, Descale, H, N, stride_xb, stride_xh, stride_xn, str
 
 
 @triton.jit
-def _quant_centre_kernel(K, Centre, H, N, stride_kb, stride_kh, stride_kn, stride_kd, D: tl.constexpr):
-    """Per (batch*head): K's centre for the one-pass quantization -> Centre [BH, D] fp32, each channel's lower
-    median over CENTRE_SAMPLE tokens spread evenly over the head (token (i * N) // S for i < S = min(N, 64)).
-    Any centre leaves the softmax unchanged; a sample's medians remove per-channel offsets as well as the full
-    means, and a few outlier tokens in the sample (attention sinks, 30x keys) do not move them as they would
-    move a mean. One small program per head (a sort of D x 64 values), ahead of `_quant_blocks_kernel`."""
+def _quant_centre_kernel(K, Centre, H, N, stride_kb, stride_kh, stride_kn, stride_kd, D: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """Per (batch*head, BLOCK_D channels): K's centre for the one-pass quantization -> Centre [BH, D] fp32, each
+    channel's lower median over CENTRE_SAMPLE tokens spread evenly over the head (token (i * N) // S for
+    i < S = min(N, 64)). Any centre leaves the softmax unchanged; a sample's medians remove per-channel offsets
+    as well as the full means, and a few outlier tokens in the sample (attention sinks, 30x keys) do not move
+    them as they would move a mean. Small programs (a sort of BLOCK_D x 64 values each; a whole D 128 head's
+    in one program spilled 1.9 KB with Triton 3.9), ahead of `_quant_blocks_kernel`."""
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_d = tl.arange(0, D)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     n_sample = tl.minimum(N, CENTRE_SAMPLE)
     offs_s = tl.arange(0, CENTRE_SAMPLE)
     sample = (offs_s.to(tl.int64) * N) // tl.maximum(n_sample, 1)
@@ -535,7 +537,7 @@ def _quant_centre_kernel(K, Centre, H, N, stride_kb, stride_kh, stride_kn, strid
     if INTERPRET:
         # The same element by counting ranks (ties broken by position): the interpreter's tl.sort takes
         # seconds per call, this milliseconds.
-        rank = tl.zeros([CENTRE_SAMPLE, D], dtype=tl.int32)
+        rank = tl.zeros([CENTRE_SAMPLE, BLOCK_D], dtype=tl.int32)
         for j in range(CENTRE_SAMPLE):
             token = (N.to(tl.int64) * j) // tl.maximum(n_sample, 1)
             x_j = tl.load(head + token * stride_kn + offs_d * stride_kd, mask=(offs_d * 0 + j) < n_sample,
@@ -543,7 +545,7 @@ def _quant_centre_kernel(K, Centre, H, N, stride_kb, stride_kh, stride_kn, strid
             rank += ((x_j < x) | ((x_j == x) & (j < offs_s[:, None]))).to(tl.int32)
         centre = tl.sum(tl.where(rank == median_rank, x, 0.0), 0)
     else:
-        ranked = tl.sort(tl.trans(x), dim=1)  # [D, CENTRE_SAMPLE]
+        ranked = tl.sort(tl.trans(x), dim=1)  # [BLOCK_D, CENTRE_SAMPLE]
         centre = tl.sum(tl.where(offs_s[None, :] == median_rank, ranked, 0.0), 1)
     tl.store(Centre + pid_bh.to(tl.int64) * D + offs_d, centre)
 
