@@ -61,6 +61,8 @@ def check(kind: str, dtype: str, head_dim: int, config: triton.Config, arch: int
     if kind == "fwd":
         consts["SCALE_NONNEG"] = True
     consts["ALIGNED"] = aligned
+    if kind != "fwd":  # as the op launches them
+        consts["BLOCK_IDS"] = kernels.block_id_masks(block_d, head_dim, _TORCH[dtype].itemsize)
     tiles = (f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
              + (f" cap{config.maxnreg}" if config.maxnreg else "") + (" aligned" if aligned else ""))
     rep = compile_kernel(kernel, sig, consts, arch=arch, num_warps=config.num_warps, num_stages=config.num_stages,

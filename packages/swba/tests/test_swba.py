@@ -400,8 +400,9 @@ def test_aligned_kernels(case, monkeypatch: pytest.MonkeyPatch, fresh_launch_pla
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the interpreter's max of NaN rows
+@pytest.mark.parametrize("dtype", [F32, F16], ids=["fp32", "fp16"])  # the backward's two mask forms (block_id_masks)
 @pytest.mark.parametrize("nan_keys", ["last", "first"])
-def test_out_of_window_tiles_are_never_read_in_training(nan_keys: str) -> None:
+def test_out_of_window_tiles_are_never_read_in_training(nan_keys: str, dtype: torch.dtype) -> None:
     """Training shape (Nq = Nk): NaN keys/values at the end (future tokens: the causal side) or at the start
     (behind every later window) reach no output or gradient outside their window's reach; what they cannot
     reach equals a run on clean inputs, bit for bit. A visited tile leaks NaN even where fully masked: p = 0
@@ -422,11 +423,11 @@ def test_out_of_window_tiles_are_never_read_in_training(nan_keys: str) -> None:
     else:
         nan = slice(0, 2 * t)  # blocks 0..3, seen by query blocks 0..5
         rows = keys = slice(3 * t, n)  # blocks 6 on: they see, and are seen by, blocks 4 on only
-    q = randn([1, 2, n, d])
-    k = randn([1, 1, n, d])  # MQA: dK/dV also sum over the query heads (split over two programs)
-    v = randn([1, 1, n, d])
+    q = randn([1, 2, n, d], dtype)
+    k = randn([1, 1, n, d], dtype)  # MQA: dK/dV also sum over the query heads (split over two programs)
+    v = randn([1, 1, n, d], dtype)
     g = torch.zeros_like(q)
-    g[:, :, rows] = randn([1, 2, rows.stop - rows.start, d])
+    g[:, :, rows] = randn([1, 2, rows.stop - rows.start, d], dtype)
 
     def run(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]

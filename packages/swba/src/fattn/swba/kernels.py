@@ -48,6 +48,7 @@ __all__ = [
     "ALIGN",
     "is_aligned",
     "DKDV_ALIGNED_MAX_BLOCK_D",
+    "block_id_masks",
 ]
 
 # Hopper shared memory per block is 227 KB; leave room for the compiler's own buffers.
@@ -234,6 +235,15 @@ def is_aligned(n_q: int, n_k: int, block_size: int) -> bool:
     return block_size % ALIGN == 0 and n_q % ALIGN == 0 and n_k % ALIGN == 0
 
 
+def block_id_masks(block_d: int, head_dim: int, elem: int) -> bool:
+    """Whether the backward kernels' masked tiles compare block ids (a division per column) rather than
+    positions with per-row bounds (`_keys_seen`, `_queries_seeing`; always in the forward). Positions take
+    fewer registers for 16-bit D <= 128 (sm_90, general kernels: dQ fp16 D 64 128 x 64 / 8 warps 178 -> 141,
+    64 x 128 / 4 warps 255 -> 217; dK/dV bf16 D 128 64 x 128 / 8 warps 480 -> 312 bytes of spill) but more
+    beyond: dQ fp16 D 256 64 x 64 / 8 warps spilled 480 bytes, dK/dV bf16 D 80 32 x 128 32, fp32 D 96 16 x 64 20."""
+    return block_d > 128 or head_dim != block_d or elem == 4
+
+
 # Past this padded head dim the dK/dV kernel keeps its mask branch even when aligned: without it, two of the
 # D 256 tiles spill on sm_90 (fp16 16 x 64 / 8 warps 708 bytes, fp32 16 x 32 / 8 warps 12; none with it).
 DKDV_ALIGNED_MAX_BLOCK_D = 128
@@ -338,17 +348,42 @@ def _load_rows(base, start, n_rows, stride_row, stride_d,
 
 
 @triton.jit
-def _visible(q_blk, k_blk, window):
-    """[rows, cols] visibility of key blocks k_blk [cols] from query blocks q_blk [rows]."""
+def _keys_seen(q_pos, n_k, block_size, window):
+    """The keys [lo, hi) (positions) that the queries at positions q_pos [rows] see.
+
+    The masked tiles compare positions with these per-row bounds: two compares per score, where block
+    ids (a division per column in the loop) took ~40 more registers in the whole kernel (sm_90, fp16 D 64
+    forward 128 x 64 / 8 warps: 167 -> 128, two programs per SM instead of one)."""
+    q_blk = q_pos // block_size
+    return tl.maximum(q_blk - window + 1, 0) * block_size, tl.minimum((q_blk + 1) * block_size, n_k)
+
+
+@triton.jit
+def _queries_seeing(k_pos, q_off, n_q, block_size, window):
+    """The query indices [lo, hi) (0..n_q) that see the keys at positions k_pos [rows]."""
+    k_blk = k_pos // block_size
+    return k_blk * block_size - q_off, tl.minimum((k_blk + window) * block_size - q_off, n_q)
+
+
+@triton.jit
+def _blocks_visible(q_blk, k_blk, window):
+    """[rows, cols] visibility of key blocks k_blk [cols] from query blocks q_blk [rows] (the backward kernels'
+    masks where position bounds cost more registers, see `block_id_masks`)."""
     return (k_blk[None, :] <= q_blk[:, None]) & (k_blk[None, :] > q_blk[:, None] - window)
+
+
+@triton.jit
+def _in_range(x, lo, hi):
+    """[rows, cols] mask: x [cols] in [lo, hi) of its row (lo, hi [rows])."""
+    return (x[None, :] >= lo[:, None]) & (x[None, :] < hi[:, None])
 
 
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-               offs_d, start, end, n_k, block_size, window, qk_scale,
+def _fwd_tiles(acc, m_i, l_i, q, k_lo, k_hi, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+               offs_d, start, end, n_k, qk_scale,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
                SCALE_NONNEG: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
@@ -358,8 +393,7 @@ def _fwd_tiles(acc, m_i, l_i, q, q_blk, k_base, v_base, stride_kn, stride_kd, st
                                      MASKED))
         qk = tl.dot(q, tl.trans(k))
         if MASKED:
-            vis = _visible(q_blk, offs_n // block_size, window) & (offs_n < n_k)[None, :]
-            s = tl.where(vis, qk * qk_scale, float("-inf"))
+            s = tl.where(_in_range(offs_n, k_lo, k_hi), qk * qk_scale, float("-inf"))
             m_i, l_i, p, alpha = online_softmax_update(m_i, l_i, s)
         elif SCALE_NONNEG:
             # Interior tile: every score is finite, so the running max is finite after it and needs no
@@ -410,21 +444,21 @@ def swba_fwd_kernel(
     m_mask = offs_m < n_q
     io_mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = interp_upcast(tl.load(q_base + offsets_2d(offs_m, offs_d, stride_qn, stride_qd), mask=io_mask, other=0.0))
-    q_blk = (q_off + offs_m) // block_size
+    k_lo, k_hi = _keys_seen(q_off + offs_m, n_k, block_size, window)
 
     lo, full_lo, full_hi, hi = tile_ranges(pid_m, n_q, n_k, block_size, window, BLOCK_M, BLOCK_N, False)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for_tiles = (q, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d)
+    for_tiles = (q, k_lo, k_hi, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d)
     if not ALIGNED:  # (aligned: the masked runs are empty, and compiling them would cost registers)
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *for_tiles, lo, full_lo, n_k, block_size, window, qk_scale,
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *for_tiles, lo, full_lo, n_k, qk_scale,
                                    BLOCK_N, HEAD_DIM, BLOCK_D, True, SCALE_NONNEG)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *for_tiles, full_lo, full_hi, n_k, block_size, window, qk_scale,
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *for_tiles, full_lo, full_hi, n_k, qk_scale,
                                BLOCK_N, HEAD_DIM, BLOCK_D, False, SCALE_NONNEG)
     if not ALIGNED:
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *for_tiles, full_hi, hi, n_k, block_size, window, qk_scale,
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, *for_tiles, full_hi, hi, n_k, qk_scale,
                                    BLOCK_N, HEAD_DIM, BLOCK_D, True, SCALE_NONNEG)
     out, lse = online_softmax_finalize(acc, m_i, l_i)
 
@@ -468,10 +502,11 @@ def swba_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, k_blk, q_base, do_base, lse_row, delta_row,
+def _dkdv_tiles(dk, dv, k, v, q_lo, q_hi, q_base, do_base, lse_row, delta_row,
                 stride_qn, stride_qd, stride_don, stride_dod,
                 offs_d, lo, full_lo, full_hi, hi, n_q, q_off, block_size, window, qk_scale,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr,
+                BLOCK_IDS: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi) (relative query indices); only
     tiles outside [full_lo, full_hi) apply the window mask (a branch uniform over the block: one
     loop keeps register pressure lower than three). ALIGNED: no tile is outside (see ALIGN), and the
@@ -487,9 +522,11 @@ def _dkdv_tiles(dk, dv, k, v, k_blk, q_base, do_base, lse_row, delta_row,
         p_t = tl.math.exp2(s_t - (lse * LOG2E)[None, :])
         if not ALIGNED:
             if (start_m < full_lo) | (start_m >= full_hi):
-                # Padded query rows get block -1: behind every key block, so never visible.
-                q_blk = tl.where(offs_m < n_q, (q_off + offs_m) // block_size, -1)
-                p_t = tl.where((q_blk[None, :] - k_blk[:, None]).to(tl.uint32) < window, p_t, 0.0)
+                if BLOCK_IDS:  # q_lo holds the keys' block ids; padded query rows get block -1 (never visible)
+                    q_blk = tl.where(offs_m < n_q, (q_off + offs_m) // block_size, -1)
+                    p_t = tl.where((q_blk[None, :] - q_lo[:, None]).to(tl.uint32) < window, p_t, 0.0)
+                else:
+                    p_t = tl.where(_in_range(offs_m, q_lo, q_hi), p_t, 0.0)  # (q_hi <= n_q: padded rows out)
         do = interp_upcast(_load_rows(do_base, start_m, n_q, stride_don, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D,
                                       not ALIGNED))
         dv = tl.dot(p_t.to(do.dtype), do, dv)
@@ -512,13 +549,13 @@ def swba_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     n_heads, n_kv_heads, kv_group, n_splits, n_q, n_k, block_size, window, scale, qk_scale, q_bucket, k_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ALIGNED: tl.constexpr = False,
+    ALIGNED: tl.constexpr = False, BLOCK_IDS: tl.constexpr = False,
 ):
     """Grid (B * Hk * n_splits, cdiv(n_k, BLOCK_N)). dK, dV of one key tile of one KV head, summed
     over the query tiles that see it and over kv_group / n_splits of the query heads sharing the KV
     head (no atomics). DK, DV are [B, Hk * n_splits, n_k, D]: with n_splits > 1 (GQA/MQA with too
     few KV heads to fill the GPU) the caller sums the n_splits partial results, deterministically.
-    ALIGNED: block_size, n_q and n_k are multiples of ALIGN (`is_aligned`)."""
+    ALIGNED: block_size, n_q and n_k are multiples of ALIGN (`is_aligned`); BLOCK_IDS: `block_id_masks`."""
     pid_n = tl.program_id(1)
     pid_bh = tl.program_id(0)
     b = (pid_bh // (n_kv_heads * n_splits)).to(tl.int64)
@@ -535,9 +572,10 @@ def swba_bwd_dkdv_kernel(
     v = interp_upcast(tl.load(V + b * stride_vb + hk * stride_vh + offsets_2d(offs_n, offs_d, stride_vn, stride_vd),
                               mask=kv_mask, other=0.0))
     # Padded keys (offs_n >= n_k) only feed their own (unstored) dK/dV rows: no key mask needed.
-    k_blk = offs_n // block_size
-
-    q_off = n_k - n_q
+    if BLOCK_IDS:
+        q_lo, q_hi = offs_n // block_size, offs_n  # (q_hi unused)
+    else:
+        q_lo, q_hi = _queries_seeing(offs_n, n_k - n_q, n_q, block_size, window)
     lo, full_lo, full_hi, hi = tile_ranges(pid_n, n_q, n_k, block_size, window, BLOCK_N, BLOCK_M, True)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -545,10 +583,10 @@ def swba_bwd_dkdv_kernel(
     for g in range(0, heads_per_split):
         h = first_head + g
         row = (b * n_heads + h) * n_q
-        dk, dv = _dkdv_tiles(dk, dv, k, v, k_blk, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_lo, q_hi, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
                              LSE + row, DELTA + row, stride_qn, stride_qd, stride_don, stride_dod,
-                             offs_d, lo, full_lo, full_hi, hi, n_q, q_off, block_size, window, qk_scale,
-                             BLOCK_M, HEAD_DIM, BLOCK_D, ALIGNED)
+                             offs_d, lo, full_lo, full_hi, hi, n_q, n_k - n_q, block_size, window, qk_scale,
+                             BLOCK_M, HEAD_DIM, BLOCK_D, ALIGNED, BLOCK_IDS)
 
     dk *= scale
     tl.store(DK + b * stride_dkb + out_h * stride_dkh + offsets_2d(offs_n, offs_d, stride_dkn, stride_dkd),
@@ -558,9 +596,10 @@ def swba_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+def _dq_tiles(dq, q, do, lse2, delta, k_lo, k_hi, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
               offs_d, start, end, n_k, block_size, window, qk_scale,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+              BLOCK_IDS: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -571,7 +610,10 @@ def _dq_tiles(dq, q, do, lse2, delta, q_blk, k_base, v_base, stride_kn, stride_k
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
-            vis = _visible(q_blk, offs_n // block_size, window) & (offs_n < n_k)[None, :]
+            if BLOCK_IDS:  # k_lo holds the queries' block ids
+                vis = _blocks_visible(k_lo, offs_n // block_size, window) & (offs_n < n_k)[None, :]
+            else:
+                vis = _in_range(offs_n, k_lo, k_hi)
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -590,9 +632,10 @@ def swba_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     n_heads, kv_group, n_q, n_k, block_size, window, scale, qk_scale, q_bucket, k_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ALIGNED: tl.constexpr = False,
+    ALIGNED: tl.constexpr = False, BLOCK_IDS: tl.constexpr = False,
 ):
-    """Grid (B * H, cdiv(n_q, BLOCK_M)). dQ of one query tile over its visible key tiles. ALIGNED: `is_aligned`."""
+    """Grid (B * H, cdiv(n_q, BLOCK_M)). dQ of one query tile over its visible key tiles. ALIGNED: `is_aligned`;
+    BLOCK_IDS: `block_id_masks`."""
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # longest programs first, as in the forward
     pid_bh = tl.program_id(0)
     b = (pid_bh // n_heads).to(tl.int64)
@@ -614,19 +657,25 @@ def swba_bwd_dq_kernel(
     # Padded rows get lse = +inf, so their probabilities are 0 even in unmasked tiles.
     lse2 = tl.load(LSE + row, mask=m_mask, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + row, mask=m_mask, other=0.0)
-    q_blk = (q_off + offs_m) // block_size
+    if BLOCK_IDS:
+        k_lo, k_hi = (q_off + offs_m) // block_size, offs_m  # (k_hi unused)
+    else:
+        k_lo, k_hi = _keys_seen(q_off + offs_m, n_k, block_size, window)
 
     lo, full_lo, full_hi, hi = tile_ranges(pid_m, n_q, n_k, block_size, window, BLOCK_M, BLOCK_N, False)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if not ALIGNED:  # as in the forward
-        dq = _dq_tiles(dq, q, do, lse2, delta, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       offs_d, lo, full_lo, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True)
-    dq = _dq_tiles(dq, q, do, lse2, delta, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                   offs_d, full_lo, full_hi, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, False)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_lo, k_hi, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                       offs_d, lo, full_lo, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True,
+                       BLOCK_IDS)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_lo, k_hi, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                   offs_d, full_lo, full_hi, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+                   BLOCK_IDS)
     if not ALIGNED:
-        dq = _dq_tiles(dq, q, do, lse2, delta, q_blk, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       offs_d, full_hi, hi, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_lo, k_hi, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                       offs_d, full_hi, hi, n_k, block_size, window, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True,
+                       BLOCK_IDS)
     dq *= scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offsets_2d(offs_m, offs_d, stride_dqn, stride_dqd),
              dq.to(DQ.dtype.element_ty), mask=io_mask)

@@ -26,6 +26,7 @@ from fattn.core.runtime import cdiv, next_power_of_2, seq_bucket, sm_count
 from fattn.swba.kernels import (
     DKDV_ALIGNED_MAX_BLOCK_D,
     autotune_enabled,
+    block_id_masks,
     is_aligned,
     launch_config,
     swba_bwd_dkdv_kernel,
@@ -163,6 +164,7 @@ def swba_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
         launcher(swba_bwd_preprocess_kernel).launch_planned(signature, pre_tensors, build_pre)
     common = (n_q, n_k, block_size, window, scale, scale * _LOG2E, seq_bucket(n_q), seq_bucket(n_k))
+    block_ids = block_id_masks(block_d, d, q.element_size())
 
     group = h // h_kv
     n_splits = _kv_group_splits(b, h_kv, n_k, group, q.device)
@@ -184,7 +186,7 @@ def swba_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         args = (*kv_tensors, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk_out),
                 *_strides(dv_out), h, h_kv, group, n_splits, *common)
         aligned = is_aligned(n_q, n_k, block_size) and block_d <= DKDV_ALIGNED_MAX_BLOCK_D
-        return grid, args, dict(BLOCK_D=block_d, HEAD_DIM=d, ALIGNED=aligned)
+        return grid, args, dict(BLOCK_D=block_d, HEAD_DIM=d, ALIGNED=aligned, BLOCK_IDS=block_ids)
 
     _launch_planned(swba_bwd_dkdv_kernel, "dkdv", signature, kv_tensors, build_kv, q, block_d)
     if n_splits > 1:
@@ -199,7 +201,8 @@ def swba_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
             args = (*q_tensors, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
                     h, h // h_kv, *common)
-            return grid, args, dict(BLOCK_D=block_d, HEAD_DIM=d, ALIGNED=is_aligned(n_q, n_k, block_size))
+            return grid, args, dict(BLOCK_D=block_d, HEAD_DIM=d, ALIGNED=is_aligned(n_q, n_k, block_size),
+                                    BLOCK_IDS=block_ids)
 
         _launch_planned(swba_bwd_dq_kernel, "dq", signature, q_tensors, build_q, q, block_d)
     return dq, dk, dv
