@@ -353,7 +353,7 @@ def _keys_seen(q_pos, n_k, block_size, window):
 
     The masked tiles compare positions with these per-row bounds: two compares per score, where block
     ids (a division per column in the loop) took ~40 more registers in the whole kernel (sm_90, fp16 D 64
-    forward 128 x 64 / 8 warps: 167 -> 128, two programs per SM instead of one)."""
+    forward 128 x 64 / 8 warps: 167 -> 126, two programs per SM instead of one)."""
     q_blk = q_pos // block_size
     return tl.maximum(q_blk - window + 1, 0) * block_size, tl.minimum((q_blk + 1) * block_size, n_k)
 
