@@ -292,14 +292,6 @@ def test_out_of_window_tiles_are_never_read() -> None:
     assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
 
 
-def _largest_tile() -> int:
-    """The largest BLOCK_M or BLOCK_N any kernel may run with here: 32 under the interpreter (its one config
-    per kernel), 128 on a GPU (the autotuner may pick any tiling of the tables)."""
-    from fattn.swba import kernels
-
-    return kernels.ALIGN
-
-
 @triton.jit
 def _tile_ranges_probe(Geometry, Out, n, BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr,
                        KEY_TILE: tl.constexpr, BLOCK: tl.constexpr):
@@ -389,6 +381,10 @@ def test_aligned_kernels(case, monkeypatch: pytest.MonkeyPatch, fresh_launch_pla
     aligned = run()
     monkeypatch.setenv("FATTN_SWBA_ALIGNED", "0")  # the general kernels, as for an A/B timing
     assert not kernels.is_aligned(case["Nq"], case["Nk"], min(case["bs"], case["Nk"]))
+    monkeypatch.setenv("FATTN_SWBA_ALIGNED", "of")  # a typo: refused, not read as on
+    with pytest.raises(ValueError, match="FATTN_SWBA_ALIGNED='of': expected 1 or 0"):
+        kernels.is_aligned(case["Nq"], case["Nk"], case["bs"])
+    monkeypatch.setenv("FATTN_SWBA_ALIGNED", "0")
     fresh_launch_plans()
     general = run()
     for name, x, y in zip(("out", "lse", "dq", "dk", "dv"), aligned, general):
@@ -413,7 +409,11 @@ def test_out_of_window_tiles_are_never_read_in_training(nan_keys: str, dtype: to
     The output gradient is 0 on rows that see NaN; their lse and delta are NaN all the same, which is why
     the keys they see (not only the NaN ones) get NaN dK/dV legitimately.
     """
-    t = _largest_tile()  # interpreter: fwd/dQ tiles 16 x 32, dK/dV 32 x 16: 10 to 19 tiles a side
+    from fattn.swba import kernels
+
+    # the largest tile any kernel may run with: 32 under the interpreter (fwd/dQ tiles 16 x 32, dK/dV 32 x 16:
+    # 10 to 19 tiles a side), 128 on a GPU (any tiling of the tables)
+    t = kernels.ALIGN
     bs, w, d = t // 2, 3, 16
     n = 9 * t + 13  # 301 under the interpreter: ragged in every tile size
     if nan_keys == "last":

@@ -523,6 +523,7 @@ def _quant_centre_kernel(K, Centre, H, N, stride_kb, stride_kh, stride_kn, strid
     as well as the full means, and a few outlier tokens in the sample (attention sinks, 30x keys) do not move
     them as they would move a mean. Small programs (a sort of BLOCK_D x 64 values each; a whole D 128 head's
     in one program spilled 1.9 KB with Triton 3.9), ahead of `_quant_blocks_kernel`."""
+    tl.static_assert(D % BLOCK_D == 0, "the grid's BLOCK_D-channel programs must cover D exactly")
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)

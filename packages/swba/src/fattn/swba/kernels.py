@@ -20,13 +20,12 @@ tile accumulates dQ over its key tiles. A preprocess computes delta = rowsum(o *
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from fattn.core.runtime import autotune_limit, interpreter_enabled
+from fattn.core.runtime import autotune_limit, env_flag, interpreter_enabled
 from fattn.core.triton_helpers import (
     LOG2E,
     interp_upcast,
@@ -230,7 +229,7 @@ def is_aligned(n_q: int, n_k: int, block_size: int) -> bool:
     """Whether the kernels may run without their window masks (ALIGNED; block_size as clamped by the op).
     FATTN_SWBA_ALIGNED=0 turns the variant off (read when a call signature's launches are planned, for A/B
     timings: `python -m benchmarks.profile swba --op fwd+bwd --kernels 10 --also FATTN_SWBA_ALIGNED=0`)."""
-    if os.environ.get("FATTN_SWBA_ALIGNED", "1") == "0":
+    if not env_flag("FATTN_SWBA_ALIGNED", True):
         return False
     return block_size % ALIGN == 0 and n_q % ALIGN == 0 and n_k % ALIGN == 0
 

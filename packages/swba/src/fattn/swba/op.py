@@ -164,7 +164,6 @@ def swba_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
         launcher(swba_bwd_preprocess_kernel).launch_planned(signature, pre_tensors, build_pre)
     common = (n_q, n_k, block_size, window, scale, scale * _LOG2E, seq_bucket(n_q), seq_bucket(n_k))
-    block_ids = block_id_masks(block_d, d, q.element_size())
 
     group = h // h_kv
     n_splits = _kv_group_splits(b, h_kv, n_k, group, q.device)
@@ -186,7 +185,8 @@ def swba_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         args = (*kv_tensors, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk_out),
                 *_strides(dv_out), h, h_kv, group, n_splits, *common)
         aligned = is_aligned(n_q, n_k, block_size) and block_d <= DKDV_ALIGNED_MAX_BLOCK_D
-        return grid, args, dict(BLOCK_D=block_d, HEAD_DIM=d, ALIGNED=aligned, BLOCK_IDS=block_ids)
+        return grid, args, dict(BLOCK_D=block_d, HEAD_DIM=d, ALIGNED=aligned,
+                                BLOCK_IDS=block_id_masks(block_d, d, q.element_size()))
 
     _launch_planned(swba_bwd_dkdv_kernel, "dkdv", signature, kv_tensors, build_kv, q, block_d)
     if n_splits > 1:
@@ -202,7 +202,7 @@ def swba_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
             args = (*q_tensors, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
                     h, h // h_kv, *common)
             return grid, args, dict(BLOCK_D=block_d, HEAD_DIM=d, ALIGNED=is_aligned(n_q, n_k, block_size),
-                                    BLOCK_IDS=block_ids)
+                                    BLOCK_IDS=block_id_masks(block_d, d, q.element_size()))
 
         _launch_planned(swba_bwd_dq_kernel, "dq", signature, q_tensors, build_q, q, block_d)
     return dq, dk, dv
