@@ -44,7 +44,8 @@ SWEEP_SHAPES = [_shape(1, 12, n, 64, F16, 256, 16) for n in (4096, 8192, 32768, 
 VIDEO_SHAPE = _shape(2, 16, 196 * 32, 64, BF16, 196, 8)
 SHAPES = [*KEY_SHAPES, NAIVE_SHAPE, *SWEEP_SHAPES[1:], VIDEO_SHAPE]
 SMOKE = _shape(1, 2, 70, 16, F32, 8, 3)
-IMPLS = ["fattn", "flex", "naive", "sdpa_mask"]
+# fattn-hopper: the Gluon forward for Hopper (fattn.swba.hopper, opt-in FATTN_SWBA_HOPPER=1) beside the default.
+IMPLS = ["fattn", "fattn-hopper", "flex", "naive", "sdpa_mask"]
 OPS = ["fwd", "fwd+bwd"]
 # Dense peers materialize N x N scores (or an N x N mask): cap them so the run does not go out of memory.
 DENSE_MAX_N = {"naive": 8192, "sdpa_mask": 16384}
@@ -57,7 +58,7 @@ def _cases() -> list:
     if FULL:
         pairs = [(s, i) for s in SHAPES for i in IMPLS if not (i in DENSE_MAX_N and s["N"] > DENSE_MAX_N[i])]
     else:
-        pairs = [(s, i) for s in KEY_SHAPES for i in ("fattn", "flex")]
+        pairs = [(s, i) for s in KEY_SHAPES for i in ("fattn", "fattn-hopper", "flex")]
         pairs += [(NAIVE_SHAPE, "fattn"), (NAIVE_SHAPE, "naive"), (SWEEP_SHAPES[-1], "fattn")]
     return [pytest.param(s, i, id=f"{s['name']}-{i}") for s, i in pairs]
 
@@ -102,7 +103,7 @@ def _flex_block_mask(n: int, bs: int, w: int, dev: torch.device):  # type: ignor
 
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("shape, impl", _cases())
-def test_swba(measure, smoke, shape, impl, op) -> None:  # type: ignore[no-untyped-def]
+def test_swba(measure, smoke, shape, impl, op, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     if smoke:
         if shape is not KEY_SHAPES[0] and shape is not NAIVE_SHAPE:
             pytest.skip("smoke run: first shapes only")
@@ -116,7 +117,13 @@ def test_swba(measure, smoke, shape, impl, op) -> None:  # type: ignore[no-untyp
     grad = torch.randn(b, h, n, d, device=dev, dtype=dtype)
     info = {}
 
-    if impl == "fattn":
+    if impl == "fattn-hopper":
+        from fattn.swba import hopper
+
+        if smoke or not hopper.supported(q, k, v, 1.0 / math.sqrt(d), bs) or not hopper.HAVE_GLUON:
+            pytest.skip("the Gluon forward needs an sm_90 GPU, Gluon and aligned geometry")
+        monkeypatch.setenv("FATTN_SWBA_HOPPER", "1")
+    if impl in ("fattn", "fattn-hopper"):
         def attn():  # type: ignore[no-untyped-def]
             return swba_attention(q, k, v, bs, w)
     elif impl == "flex":
@@ -150,8 +157,8 @@ def test_swba(measure, smoke, shape, impl, op) -> None:  # type: ignore[no-untyp
     elem = q.element_size()
     bytes_moved = b * h * n * d * elem * (4 if not backward else 11)
     tuned = None
-    if impl == "fattn":
-        tuned = {"fwd": swba_kernels.swba_fwd_kernel}
+    if impl in ("fattn", "fattn-hopper"):
+        tuned = {} if impl == "fattn-hopper" else {"fwd": swba_kernels.swba_fwd_kernel}
         if backward:
             tuned.update(dkdv=swba_kernels.swba_bwd_dkdv_kernel, dq=swba_kernels.swba_bwd_dq_kernel)
     measure.run(fn, op=f"swba {op}", impl=impl, shape=shape["name"], size=n, flops=flops, bytes_moved=bytes_moved,

@@ -22,7 +22,7 @@ import torch
 import triton
 
 from fattn.core.compile_check import SHARED_MEMORY_LIMIT, compile_kernel
-from fattn.swba import kernels
+from fattn.swba import hopper, kernels
 
 _IO = ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")
 _FP32_IO = ("LSE", "DELTA", "DLSE")
@@ -91,6 +91,37 @@ def check_preprocess(dtype: str, head_dim: int, arch: int) -> bool:
     return ok
 
 
+def check_hopper(dtype: str, head_dim: int, arch: int) -> bool:
+    """The Gluon forward (fattn.swba.hopper): no spill, and its overlap intact, i.e. the PTX waits for all but
+    one warpgroup MMA group inside the loop (`wgmma.wait_group 1`; a wait for 0 there would serialize it)."""
+    import re
+
+    if arch != 90 or not hopper.HAVE_GLUON:
+        print(f"skip hopper {dtype} D{head_dim}: " + ("sm_90 only" if arch != 90 else "no Gluon in this Triton"))
+        return True
+    kernel = hopper.swba_fwd_hopper_kernel
+    sig: dict[str, str] = {}
+    for name in kernel.arg_names:
+        if name in ("Q", "K", "V", "O"):
+            sig[name] = f"*{dtype}"
+        elif name == "LSE":
+            sig[name] = "*fp32"
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        elif not name.isupper() and name != "num_warps":
+            sig[name] = "i32"
+    block_m, block_n, warps = hopper.FWD_TILES[head_dim]
+    consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": hopper.STAGES,
+              "num_warps": warps}
+    div16 = tuple(n for n, t in sig.items() if t.startswith("*") or n.startswith("stride_"))
+    rep = compile_kernel(kernel, sig, consts, arch=arch, num_warps=warps, num_stages=1, divisible_by_16=div16,
+                         name=f"hopper fwd {dtype} D{head_dim} {block_m}x{block_n} w{warps}")
+    waits = re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", rep.ptx)
+    ok = rep.n_spills == 0 and rep.shared_bytes <= SHARED_MEMORY_LIMIT and waits.count("1") >= 3
+    print(("ok   " if ok else "FAIL ") + str(rep) + f", wgmma waits {' '.join(waits)}", flush=True)
+    return ok
+
+
 class _Probe:
     """What candidate_configs reads of q, for a device with H100's shared memory."""
 
@@ -126,6 +157,8 @@ def main() -> int:
                 for config in configs if args.all else configs[:1]:
                     ok &= check(kind, dtype, d, config, args.arch, aligned=True)
         ok &= check_preprocess(dtype, d, args.arch)
+        if d in hopper.FWD_TILES and dtype != "fp32":
+            ok &= check_hopper(dtype, d, args.arch)
     return 0 if ok else 1
 
 

@@ -15,6 +15,7 @@ from fattn.core.testing import (
     check_custom_op,
     check_forward_backward,
     device,
+    make_noncontiguous,
     on_gpu,
     randn,
 )
@@ -393,6 +394,74 @@ def test_aligned_kernels(case, monkeypatch: pytest.MonkeyPatch, fresh_launch_pla
         else:
             assert torch.equal(x, y), name
 
+
+
+HOPPER_CASES = [  # in units of 128 tokens (the Gluon forward's alignment)
+    _case(B=2, H=4, Nq=8, D=64, bs=2, w=3, dtype=F16),  # training
+    _case(H=4, Hk=2, Nq=2, Nk=10, D=128, bs=1, w=4, dtype=BF16),  # KV cache, GQA
+    _case(H=2, Nq=4, D=64, bs=1, w=1, dtype=BF16),  # each block alone: two key tiles, the fewest
+    _case(H=3, Hk=1, Nq=6, D=128, bs=3, w=16, dtype=F16),  # window beyond the blocks: block-causal, MQA
+    _case(H=2, Nq=3, Nk=7, D=64, bs=4, w=2, dtype=F16),  # KV cache with a partial last block
+]
+
+
+def _hopper_gluon() -> bool:
+    from fattn.swba import hopper
+
+    return on_gpu() and hopper.HAVE_GLUON and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", cases(HOPPER_CASES))
+def test_hopper_forward(case, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The Gluon forward for Hopper (FATTN_SWBA_HOPPER=1): forward, lse and (through the Triton backward, which
+    reads its lse) every gradient against the float64 reference; the same bits for q, k and v taken as views
+    of packed projections (other strides); and every call of the test launched it."""
+    if not _hopper_gluon():
+        pytest.skip("needs an sm_90 GPU and a Triton with Gluon")
+    from fattn.swba import hopper
+
+    a = 128
+    case = {**case, "Nq": case["Nq"] * a, "Nk": case["Nk"] * a, "bs": case["bs"] * a}
+    launches = []
+    launch = hopper.launch_fwd
+    monkeypatch.setattr(hopper, "launch_fwd", lambda *args: (launches.append(1), launch(*args))[1])
+    monkeypatch.setenv("FATTN_SWBA_HOPPER", "1")
+    _run_case(case, noncontiguous=False)
+    assert launches, "the Gluon forward did not run"
+
+    b, h, hk, nq, nk, d, dtype = (case[x] for x in ("B", "H", "Hk", "Nq", "Nk", "D", "dtype"))
+    q, k, v = _inputs(case, noncontiguous=False).values()
+    # Views of [B, N, H, D] / [B, N, 2, Hk, D] projections, as a fused qkv linear layer gives them.
+    q_packed = q.transpose(1, 2).contiguous().transpose(1, 2)
+    kv = torch.stack([k.transpose(1, 2), v.transpose(1, 2)], dim=2)
+    k_packed, v_packed = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    assert not q_packed.is_contiguous() and not k_packed.is_contiguous()
+    n = len(launches)
+    out, lse = swba_attention(q, k, v, case["bs"], case["w"], return_lse=True)
+    out_p, lse_p = swba_attention(q_packed, k_packed, v_packed, case["bs"], case["w"], return_lse=True)
+    assert len(launches) == n + 2
+    assert torch.equal(out, out_p) and torch.equal(lse, lse_p)
+    # A unit stride along D is required: anything else runs the Triton forward.
+    assert hopper.supported(q, k, v, 1.0, case["bs"])
+    assert not hopper.supported(make_noncontiguous(q), k, v, 1.0, case["bs"])
+
+
+def test_hopper_flag_runs_the_triton_forward_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FATTN_SWBA_HOPPER=1 where the Gluon forward does not apply (the CPU, a ragged geometry on a GPU): the
+    Triton kernels run, the same bits as without the flag; a typo in the flag is refused."""
+    from fattn.swba import hopper
+
+    case = _case(H=2, Nq=45, D=32, bs=8, w=3, dtype=F16)
+    inputs = _inputs(case)
+    want = swba_attention(*inputs.values(), 8, 3)
+    launches = []
+    monkeypatch.setattr(hopper, "launch_fwd", lambda *args: launches.append(1))
+    monkeypatch.setenv("FATTN_SWBA_HOPPER", "1")
+    assert torch.equal(swba_attention(*inputs.values(), 8, 3), want) and not launches
+    monkeypatch.setenv("FATTN_SWBA_HOPPER", "yse")
+    with pytest.raises(ValueError, match="FATTN_SWBA_HOPPER='yse'"):
+        swba_attention(*inputs.values(), 8, 3)
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the interpreter's max of NaN rows

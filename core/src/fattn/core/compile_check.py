@@ -70,7 +70,9 @@ def compile_kernel(
     16-byte-aligned pointers and strides at run time (it enables vector loads). unit_strides:
     arguments the launcher would specialize to the constant 1 (contiguous last-dim strides); without
     these two, the compiled code has scalar loads and misleading register counts. maxnreg: a register
-    cap per thread (triton.Config's maxnreg), as a launch with that config would compile.
+    cap per thread (triton.Config's maxnreg), as a launch with that config would compile. Gluon kernels
+    (`triton.experimental.gluon.jit`) compile the same way; a `num_warps` parameter of theirs goes in
+    `constexprs`.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -86,7 +88,12 @@ def compile_kernel(
     if missing:
         raise ValueError(f"compile_kernel: no signature entry for {', '.join(missing)}")
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in divisible_by_16}
-    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
+    if getattr(fn, "is_gluon", lambda: False)():  # a Gluon kernel (triton.experimental.gluon.jit)
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        src = GluonASTSource(fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
+    else:
+        src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
     options: dict[str, Any] = {"num_warps": num_warps, "num_stages": num_stages}
     if maxnreg is not None:
         options["maxnreg"] = maxnreg

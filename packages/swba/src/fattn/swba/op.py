@@ -23,6 +23,7 @@ from fattn.core import (
 )
 from fattn.core.launch import launcher
 from fattn.core.runtime import cdiv, next_power_of_2, seq_bucket, sm_count
+from fattn.swba import hopper
 from fattn.swba.kernels import (
     DKDV_ALIGNED_MAX_BLOCK_D,
     autotune_enabled,
@@ -111,6 +112,9 @@ def swba_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
         return out, lse
     signature = call_signature(q, k, v, block_size, window, scale)
     block_size, window = _geometry(n_k, block_size, window)
+    if hopper.enabled() and hopper.supported(q, k, v, scale, block_size):
+        hopper.launch_fwd(q, k, v, out, lse, block_size, window, scale * _LOG2E)
+        return out, lse
     block_d = max(16, next_power_of_2(d))
     tensors = (q, k, v, out, lse)
 
