@@ -91,7 +91,7 @@ def check_preprocess(dtype: str, head_dim: int, arch: int) -> bool:
     return ok
 
 
-def check_hopper(dtype: str, head_dim: int, arch: int) -> bool:
+def check_hopper(dtype: str, head_dim: int, tile: tuple[int, int, int], arch: int) -> bool:
     """The Gluon forward (fattn.swba.hopper): no spill, and its overlap intact, i.e. the PTX waits for all but
     one warpgroup MMA group inside the loop (`wgmma.wait_group 1`; a wait for 0 there would serialize it)."""
     import re
@@ -110,7 +110,7 @@ def check_hopper(dtype: str, head_dim: int, arch: int) -> bool:
             sig[name] = "fp32"
         elif not name.isupper() and name != "num_warps":
             sig[name] = "i32"
-    block_m, block_n, warps = hopper.FWD_TILES[head_dim]
+    block_m, block_n, warps = tile
     consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": hopper.STAGES,
               "num_warps": warps}
     div16 = tuple(n for n, t in sig.items() if t.startswith("*") or n.startswith("stride_"))
@@ -157,8 +157,9 @@ def main() -> int:
                 for config in configs if args.all else configs[:1]:
                     ok &= check(kind, dtype, d, config, args.arch, aligned=True)
         ok &= check_preprocess(dtype, d, args.arch)
-        if d in hopper.FWD_TILES and dtype != "fp32":
-            ok &= check_hopper(dtype, d, args.arch)
+        if d in hopper.HEAD_DIMS and dtype != "fp32":
+            for tile in hopper.TILES:
+                ok &= check_hopper(dtype, d, tile, args.arch)
     return 0 if ok else 1
 
 

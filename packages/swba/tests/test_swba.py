@@ -412,16 +412,19 @@ def _hopper_gluon() -> bool:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tile", ["64x64w4", "128x64w8"])
 @pytest.mark.parametrize("case", cases(HOPPER_CASES))
-def test_hopper_forward(case, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    """The Gluon forward for Hopper (FATTN_SWBA_HOPPER=1): forward, lse and (through the Triton backward, which
-    reads its lse) every gradient against the float64 reference; the same bits for q, k and v taken as views
-    of packed projections (other strides); and every call of the test launched it."""
+def test_hopper_forward(case, tile: str, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The Gluon forward for Hopper (FATTN_SWBA_HOPPER=1), each tile: forward, lse and (through the Triton
+    backward, which reads its lse) every gradient against the float64 reference; the same bits for q, k and v
+    taken as views of packed projections (other strides); and every call of the test launched it."""
     if not _hopper_gluon():
         pytest.skip("needs an sm_90 GPU and a Triton with Gluon")
     from fattn.swba import hopper
 
-    a = 128
+    forced = next(t for t in hopper.TILES if f"{t[0]}x{t[1]}w{t[2]}" == tile)
+    monkeypatch.setattr(hopper, "FORCE_TILE", forced)
+    a = hopper.ALIGN
     case = {**case, "Nq": case["Nq"] * a, "Nk": case["Nk"] * a, "bs": case["bs"] * a}
     launches = []
     launch = hopper.launch_fwd

@@ -10,8 +10,10 @@ while the warps run tile j's softmax:
     tile j:  wait(1) -> S_j ready (PV_{j-1} may run);  issue S_{j+1};  softmax(S_j);
              wait(1) -> PV_{j-1} done (S_{j+1} may run);  O *= alpha;  issue PV_j
 
-K and V tiles come through cp.async into three-slot rings, one iteration ahead, and the CTA meets once
-per iteration (the slots' reuse and the copies' visibility to the tensor cores).
+K and V tiles come through cp.async into three-slot rings, one iteration ahead, and the CTA meets at a
+barrier each iteration (the slots' reuse and the copies' visibility to the tensor cores): with one
+warpgroup per CTA (the default tile) that barrier holds one warpgroup only, and the several CTAs of an SM
+run out of phase, the softmax of one beside the products of another.
 
 Scope (`supported`): aligned geometry only (block_size, Nq and Nk multiples of 128: every visited tile is
 wholly visible, so nothing is masked), fp16 / bf16, head dims 64 and 128, unit stride along D (any other
@@ -25,8 +27,9 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
 
-from fattn.core.runtime import env_flag
+from fattn.core.runtime import env_flag, seq_bucket
 
 try:  # Gluon is experimental; its API moves between Triton releases (checked: 3.6)
     from triton.experimental import gluon
@@ -42,13 +45,19 @@ try:  # Gluon is experimental; its API moves between Triton releases (checked: 3
 except ImportError:  # pragma: no cover - older Triton
     HAVE_GLUON = False
 
-__all__ = ["HAVE_GLUON", "enabled", "supported", "launch_fwd", "FWD_TILES"]
+__all__ = ["ALIGN", "HAVE_GLUON", "TILES", "enabled", "launch_fwd", "supported"]
 
-# (BLOCK_M, BLOCK_N, num_warps) per head dim. Two warpgroups of 64 query rows each; three K and three V
-# slots of BLOCK_N rows (D 64: 16 + 48 KiB of shared memory; D 128: 32 + 96). BLOCK_N <= 64 also gives
-# every query tile at least two key tiles (visible runs are multiples of 128 keys), which the pipeline needs.
-FWD_TILES = {64: (128, 64, 8), 128: (128, 64, 8)}
+# (BLOCK_M, BLOCK_N, num_warps) candidates, the default first. BLOCK_N 64 gives every query tile at least two
+# key tiles (visible runs are multiples of 128 keys), which the pipeline needs. sm_90, fp16 D 64 / bf16 D 128:
+#   64 x 64 / 4 warps: 128 / 168 registers, 56 / 112 KiB shared memory: four / two programs per SM, each one
+#     warpgroup, out of phase with the others (the CTA barrier of each iteration holds one warpgroup only);
+#   128 x 64 / 8 warps: 128 / 164 registers, 64 / 128 KiB: two / one program per SM, two warpgroups in step.
+TILES = ((64, 64, 4), (128, 64, 8))
+HEAD_DIMS = (64, 128)
+ALIGN = 128  # block_size, Nq and Nk: multiples of every tile's rows
 STAGES = 3
+# A tile forced for every launch (tests, A/B timings); None: autotuned, or the first when autotuning is off.
+FORCE_TILE: tuple[int, int, int] | None = None
 
 
 @functools.cache
@@ -63,12 +72,10 @@ def enabled() -> bool:
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, block_size: int) -> bool:
     """Whether this call may run the Gluon forward (see the module docstring); block_size as clamped by the op."""
-    d = q.shape[-1]
-    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d in FWD_TILES and scale >= 0):
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in HEAD_DIMS and scale >= 0):
         return False
-    tile = max(FWD_TILES[d][:2])
     n_q, n_k = q.shape[2], k.shape[2]
-    return (block_size % tile == 0 and n_q % tile == 0 and n_k % tile == 0 and n_q > 0
+    return (block_size % ALIGN == 0 and n_q % ALIGN == 0 and n_k % ALIGN == 0 and n_q > 0
             and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
             and _device_ok(q.device.index if q.device.index is not None else torch.cuda.current_device()))
 
@@ -100,12 +107,13 @@ if HAVE_GLUON:
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_ob, stride_oh, stride_on,
-        n_heads, kv_group, n_q, n_k, block_size, window, qk_scale,
+        n_heads, kv_group, n_q, n_k, block_size, window, qk_scale, q_bucket, k_bucket,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         """Grid (B * H, n_q // BLOCK_M); writes O [B, H, n_q, D] and LSE [B, H, n_q] (fp32, natural log).
-        Aligned geometry: BLOCK_M and BLOCK_N divide block_size, n_q and n_k."""
+        Aligned geometry: BLOCK_M and BLOCK_N divide block_size, n_q and n_k. q_bucket, k_bucket: autotuning
+        keys only (seq_bucket of n_q, n_k)."""
         gl.static_assert(STAGES == 3, "the slot-reuse argument below holds for three slots")
         dtype: gl.constexpr = Q.dtype.element_ty
         # Last query tiles first (they see the most keys at a block-causal start).
@@ -214,19 +222,36 @@ if HAVE_GLUON:
         gl.store(LSE + pid_bh.to(gl.int64) * n_q + rows_s, lse)
 
 
+def _config(tile: tuple[int, int, int]) -> triton.Config:
+    block_m, block_n, warps = tile
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=1)
+
+
+if HAVE_GLUON:
+    swba_fwd_hopper_tuned = triton.autotune(
+        configs=[_config(t) for t in TILES],
+        key=["q_bucket", "k_bucket", "block_size", "window", "HEAD_DIM"],
+    )(swba_fwd_hopper_kernel)
+
+
 def launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                block_size: int, window: int, qk_scale: float) -> None:
-    """Launch the Gluon forward (the caller checked `supported`)."""
+    """Launch the Gluon forward (the caller checked `supported`): autotuned over TILES unless FORCE_TILE is
+    set or the package's autotune limit is 1 (then the first tile)."""
+    from fattn.swba.kernels import autotune_enabled
+
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
-    block_m, block_n, warps = FWD_TILES[d]
-    with torch.cuda.device(q.device):
-        swba_fwd_hopper_kernel[(b * h, n_q // block_m)](
-            q, k, v, out, lse,
+    args = (q, k, v, out, lse,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            h, h // h_kv, n_q, n_k, block_size, window, qk_scale,
-            HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=STAGES, num_warps=warps,
-        )
+            h, h // h_kv, n_q, n_k, block_size, window, qk_scale, seq_bucket(n_q), seq_bucket(n_k))
+    with torch.cuda.device(q.device):
+        if FORCE_TILE is None and autotune_enabled():
+            swba_fwd_hopper_tuned[lambda meta: (b * h, n_q // meta["BLOCK_M"])](*args, HEAD_DIM=d, STAGES=STAGES)
+        else:
+            block_m, block_n, warps = FORCE_TILE or TILES[0]
+            swba_fwd_hopper_kernel[(b * h, n_q // block_m)](*args, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                           STAGES=STAGES, num_warps=warps)
