@@ -395,7 +395,6 @@ def test_aligned_kernels(case, monkeypatch: pytest.MonkeyPatch, fresh_launch_pla
             assert torch.equal(x, y), name
 
 
-
 HOPPER_CASES = [  # in units of 128 tokens (the Gluon forward's alignment)
     _case(B=2, H=4, Nq=8, D=64, bs=2, w=3, dtype=F16),  # training
     _case(H=4, Hk=2, Nq=2, Nk=10, D=128, bs=1, w=4, dtype=BF16),  # KV cache, GQA
@@ -433,7 +432,6 @@ def test_hopper_forward(case, tile: str, monkeypatch: pytest.MonkeyPatch) -> Non
     _run_case(case, noncontiguous=False)
     assert launches, "the Gluon forward did not run"
 
-    b, h, hk, nq, nk, d, dtype = (case[x] for x in ("B", "H", "Hk", "Nq", "Nk", "D", "dtype"))
     q, k, v = _inputs(case, noncontiguous=False).values()
     # Views of [B, N, H, D] / [B, N, 2, Hk, D] projections, as a fused qkv linear layer gives them.
     q_packed = q.transpose(1, 2).contiguous().transpose(1, 2)
