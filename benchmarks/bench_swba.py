@@ -158,7 +158,12 @@ def test_swba(measure, smoke, shape, impl, op, monkeypatch) -> None:  # type: ig
     bytes_moved = b * h * n * d * elem * (4 if not backward else 11)
     tuned = None
     if impl in ("fattn", "fattn-hopper"):
-        tuned = {} if impl == "fattn-hopper" else {"fwd": swba_kernels.swba_fwd_kernel}
+        if impl == "fattn-hopper":
+            from fattn.swba import hopper
+
+            tuned = {"fwd-gluon": hopper.swba_fwd_hopper_tuned}  # the tile the autotuner picked, and each one's time
+        else:
+            tuned = {"fwd": swba_kernels.swba_fwd_kernel}
         if backward:
             tuned.update(dkdv=swba_kernels.swba_bwd_dkdv_kernel, dq=swba_kernels.swba_bwd_dq_kernel)
     measure.run(fn, op=f"swba {op}", impl=impl, shape=shape["name"], size=n, flops=flops, bytes_moved=bytes_moved,
