@@ -11,7 +11,8 @@ while the warps run tile j's softmax:
              wait(1) -> PV_{j-1} done (S_{j+1} may run);  O *= alpha;  issue PV_j
 
 K and V tiles come through cp.async into three-slot rings, one iteration ahead, and the CTA meets at a
-barrier each iteration (the slots' reuse and the copies' visibility to the tensor cores): with one
+barrier each iteration (the slots' reuse and the copies' visibility to the tensor cores; Triton adds
+one between the copies into a ring and the next product that reads it): with one
 warpgroup per CTA (the default tile) that barrier holds one warpgroup only, and the several CTAs of an SM
 run out of phase, the softmax of one beside the products of another.
 
@@ -31,7 +32,7 @@ import triton
 
 from fattn.core.runtime import env_flag, seq_bucket
 
-try:  # Gluon is experimental; its API moves between Triton releases (checked: 3.6)
+try:  # Gluon is experimental; its API moves between Triton releases (compiled here: 3.5.1, 3.6.0, 3.9.0)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
@@ -42,7 +43,7 @@ try:  # Gluon is experimental; its API moves between Triton releases (checked: 3
     # A barrier of the whole CTA: `thread_barrier` became `barrier` in Triton 3.9.
     _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
     HAVE_GLUON = True
-except ImportError:  # pragma: no cover - older Triton
+except (ImportError, AttributeError):  # pragma: no cover - Triton 3.4 has no Gluon Hopper module
     HAVE_GLUON = False
 
 __all__ = ["ALIGN", "HAVE_GLUON", "TILES", "enabled", "launch_fwd", "supported"]
