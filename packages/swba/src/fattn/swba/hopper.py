@@ -30,7 +30,9 @@ import functools
 import torch
 import triton
 
+from fattn.core.launch import launcher
 from fattn.core.runtime import env_flag, seq_bucket
+from fattn.swba.kernels import autotune_enabled
 
 try:  # Gluon is experimental; its API moves between Triton releases (compiled here: 3.5.1, 3.6.0, 3.9.0)
     from triton.experimental import gluon
@@ -236,23 +238,30 @@ if HAVE_GLUON:
 
 
 def launch_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-               block_size: int, window: int, qk_scale: float) -> None:
-    """Launch the Gluon forward (the caller checked `supported`): autotuned over TILES unless FORCE_TILE is
-    set or the package's autotune limit is 1 (then the first tile)."""
-    from fattn.swba.kernels import autotune_enabled
-
+               block_size: int, window: int, qk_scale: float, signature: tuple | None) -> None:
+    """Launch the Gluon forward (the caller checked `supported`) through fattn.core's planned launches, built
+    once per call `signature` like the Triton kernels': autotuned over TILES unless FORCE_TILE is set or the
+    package's autotune limit is 1 (then the first tile)."""
+    if FORCE_TILE is not None and FORCE_TILE not in TILES:  # another tile may need what the kernel assumes
+        raise ValueError(f"fattn.swba.hopper.FORCE_TILE must be one of {TILES} or None, got {FORCE_TILE!r}")
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
-    args = (q, k, v, out, lse,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            h, h // h_kv, n_q, n_k, block_size, window, qk_scale, seq_bucket(n_q), seq_bucket(n_k))
-    with torch.cuda.device(q.device):
-        if FORCE_TILE is None and autotune_enabled():
-            swba_fwd_hopper_tuned[lambda meta: (b * h, n_q // meta["BLOCK_M"])](*args, HEAD_DIM=d, STAGES=STAGES)
-        else:
-            block_m, block_n, warps = FORCE_TILE or TILES[0]
-            swba_fwd_hopper_kernel[(b * h, n_q // block_m)](*args, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                           STAGES=STAGES, num_warps=warps)
+    tensors = (q, k, v, out, lse)
+    tuned = FORCE_TILE is None and autotune_enabled()
+
+    def build() -> tuple:
+        args = (*tensors,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                out.stride(0), out.stride(1), out.stride(2),
+                h, h // h_kv, n_q, n_k, block_size, window, qk_scale, seq_bucket(n_q), seq_bucket(n_k))
+        if tuned:
+            return (lambda meta: (b * h, n_q // meta["BLOCK_M"])), args, dict(HEAD_DIM=d, STAGES=STAGES)
+        block_m, block_n, warps = FORCE_TILE or TILES[0]
+        return (b * h, n_q // block_m), args, dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=STAGES,
+                                                   num_warps=warps)
+
+    kernel = swba_fwd_hopper_tuned if tuned else swba_fwd_hopper_kernel
+    # (a forced tile is part of what the plan launches)
+    launcher(kernel).launch_planned(None if signature is None else (signature, FORCE_TILE), tensors, build)

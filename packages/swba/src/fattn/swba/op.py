@@ -113,7 +113,7 @@ def swba_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
     signature = call_signature(q, k, v, block_size, window, scale)
     block_size, window = _geometry(n_k, block_size, window)
     if hopper.enabled() and hopper.supported(q, k, v, scale, block_size):
-        hopper.launch_fwd(q, k, v, out, lse, block_size, window, scale * _LOG2E)
+        hopper.launch_fwd(q, k, v, out, lse, block_size, window, scale * _LOG2E, signature)
         return out, lse
     block_d = max(16, next_power_of_2(d))
     tensors = (q, k, v, out, lse)
